@@ -1,0 +1,30 @@
+# Two commands set up a fresh machine:
+#   make demo   install, generate the offline demo, run it end to end, print the table
+#   make test   install and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that this project pins; installed first so nothing pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/dpr-hpc generate-demo data/demo
+	$(BIN)/dpr-hpc submit jobs/demo.yaml --backend local
+	$(BIN)/dpr-hpc collect jobs/demo.yaml --median
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs data/demo results/*.csv results/*.md

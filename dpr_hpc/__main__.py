@@ -1,0 +1,3 @@
+from dpr_hpc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""Local backend: the stage graph on this machine, in dependency order, one job at a time.
+
+Each job runs in its own process through submitit's LocalExecutor, as it would on a node:
+its peak memory is its own and its log lands beside its result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import submitit
+from filelock import FileLock, Timeout
+
+from dpr_hpc.errors import UsageError
+from dpr_hpc.layout import RunLayout
+from dpr_hpc.plan import Plan, StageJob
+from dpr_hpc.results import is_complete, load_record
+from dpr_hpc.runstate import save_plan
+from dpr_hpc.stages.runner import run_stage_job
+from dpr_hpc.status import headline
+
+DEFAULT_TIMEOUT_MIN = 48 * 60  # the cluster's job limit, the same bound here
+
+
+@dataclass
+class SubmitReport:
+    ran: list[StageJob] = field(default_factory=list)
+    skipped: list[StageJob] = field(default_factory=list)
+    failed: list[StageJob] = field(default_factory=list)
+    blocked: list[StageJob] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.blocked
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.ran)} ran, {len(self.skipped)} already complete (skipped), "
+            f"{len(self.failed)} failed, {len(self.blocked)} blocked"
+        )
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, layout: RunLayout, plan: Plan, echo: Callable[[str], None] = print, timeout_min: int = DEFAULT_TIMEOUT_MIN) -> None:
+        self.layout = layout
+        self.plan = plan
+        self.echo = echo
+        self.timeout_min = timeout_min
+
+    def submit(self, grid_file: Path) -> SubmitReport:
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(str(self.layout.submit_lock), timeout=0):
+                save_plan(self.layout, self.plan, grid_file)
+                return self._run_all()
+        except Timeout:
+            raise UsageError(f"{self.layout.root}: another submit is running on this run folder") from None
+
+    def _run_all(self) -> SubmitReport:
+        report = SubmitReport()
+        jobs = list(self.plan.jobs())
+        width = len(str(len(jobs)))
+        for number, job in enumerate(jobs, start=1):
+            tag = f"[{number:>{width}}/{len(jobs)}] {job.stage:<5} r{job.repeat} {job.cell_id}"
+            cell = self.plan.cell(job.cell_id)
+            if is_complete(self.layout.stage(job).result, cell, job):
+                report.skipped.append(job)
+                continue
+            lost = [dep for dep in self.plan.dependencies(job) if dep in report.failed or dep in report.blocked]
+            if lost:
+                report.blocked.append(job)
+                self.echo(f"{tag}  BLOCKED ({lost[0].stage} failed)")
+                continue
+            self._run_one(job, tag, report)
+        self.echo(f"local: {report.summary()}")
+        return report
+
+    def _run_one(self, job: StageJob, tag: str, report: SubmitReport) -> None:
+        paths = self.layout.stage(job)
+        executor = submitit.LocalExecutor(folder=paths.jobs)
+        executor.update_parameters(timeout_min=self.timeout_min)
+        self.echo(f"{tag}  running")
+        started = time.perf_counter()
+        handle = executor.submit(run_stage_job, str(self.layout.root), job.cell_id, job.stage, job.repeat)
+        try:
+            while not handle.done():
+                time.sleep(0.2)
+            handle.result()
+        except KeyboardInterrupt:
+            handle.cancel(check=False)
+            paths.running.unlink(missing_ok=True)
+            raise
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
+            report.failed.append(job)
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            self.echo(f"{tag}  FAILED after {time.perf_counter() - started:.1f}s: {reason[:200]}")
+            self.echo(f"{' ' * len(tag)}  log: {handle.paths.stderr}")
+            return
+        report.ran.append(job)
+        record = load_record(paths.result, self.plan.cell(job.cell_id), job)
+        self.echo(f"{tag}  done in {time.perf_counter() - started:.1f}s  {headline(record)}")

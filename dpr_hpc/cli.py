@@ -1,0 +1,200 @@
+"""dpr-hpc's command line. Exit codes: 0 success, 1 a stage job failed, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from dpr_hpc.errors import DprHpcError, UsageError
+from dpr_hpc.layout import DEFAULT_RUNS_ROOT, RunLayout
+
+DESCRIPTION = """\
+Run the grid of "Improving Efficiency in Dense Passage Retrieval" (DPR bi-encoders with BERT,
+DistilBERT, TinyBERT and ELECTRA at several embedding sizes) as batch jobs: every grid cell
+becomes a train, an index and an infer stage job, each writing a result record tagged with
+the node it ran on; collect merges them into the paper's tables.
+
+typical use:
+  dpr-hpc plan jobs/paper.yaml          what would run, nothing started
+  dpr-hpc submit jobs/paper.yaml        run every stage not yet complete
+  dpr-hpc status                        where every cell and stage stands
+  dpr-hpc collect --median              one table, medians over repeats
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except DprHpcError as error:
+        print(f"dpr-hpc: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("dpr-hpc: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as other command-line tools do.
+        sys.stderr.close()
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpr-hpc", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    runs_root = argparse.ArgumentParser(add_help=False)
+    runs_root.add_argument(
+        "--runs-root", type=Path, default=Path(os.environ.get("DPR_HPC_RUNS", DEFAULT_RUNS_ROOT)),
+        help="folder holding one run folder per grid name (default: $DPR_HPC_RUNS or ./runs)",
+    )
+
+    plan = commands.add_parser("plan", help="print the cells and stage jobs a grid expands to; runs nothing")
+    plan.add_argument("grid", type=Path, help="grid file (YAML)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(handler=_plan)
+
+    submit = commands.add_parser(
+        "submit", parents=[runs_root], help="run every stage job of a grid that is not complete yet",
+        description="Run every stage job whose result record is missing or invalid; complete ones are skipped, "
+        "so running submit again resumes a grid.",
+    )
+    submit.add_argument("grid", type=Path, help="grid file (YAML)")
+    submit.add_argument("--backend", choices=("local",), default="local", help="where jobs run (default: local, on this machine)")
+    submit.set_defaults(handler=_submit)
+
+    status = commands.add_parser("status", parents=[runs_root], help="show every cell x stage x repeat with its state")
+    status.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
+
+    collect = commands.add_parser("collect", parents=[runs_root], help="merge result records into one table (CSV and Markdown)")
+    collect.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
+    collect.add_argument("--median", action="store_true", help="one row per cell: median over repeats, with count and spread")
+    collect.add_argument("--out", type=Path, default=Path("results"), help="where the CSV and Markdown files go (default: results/)")
+    collect.add_argument("--json", action="store_true", help="print the table as JSON records instead of Markdown")
+    collect.set_defaults(handler=_collect)
+
+    demo = commands.add_parser("generate-demo", help="write the offline demo's data, tokenizer and tiny models")
+    demo.add_argument("out", type=Path, nargs="?", default=Path("data/demo"), help="output folder (default: data/demo)")
+    demo.set_defaults(handler=_generate_demo)
+    return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from dpr_hpc.grid import load_grid
+    from dpr_hpc.plan import make_plan
+
+    grid = load_grid(args.grid, require_data=False)
+    plan = make_plan(grid)
+    if args.json:
+        print(json.dumps({**plan.to_json(), "missing_data": list(grid.missing_data)}, indent=2))
+        return 0
+    jobs = list(plan.jobs())
+    print(f"grid {grid.name} ({args.grid}): {len(plan.cells)} cells, {len(jobs)} stage jobs")
+    rows = [
+        [c.cell_id, c.group, c.encoder_label, str(c.embedding_size), str(c.batch_size or "-"),
+         " ".join(f"{s}x{c.repeats.of(s)}" for s in c.stages)]
+        for c in plan.cells
+    ]
+    print(_columns(["CELL", "GROUP", "ENCODER", "ES", "BS", "STAGE JOBS"], rows))
+    for missing in grid.missing_data:
+        print(f"note: data file not found here (needed before submit): {missing}", file=sys.stderr)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from dpr_hpc.backends.local import LocalBackend
+    from dpr_hpc.grid import load_grid
+    from dpr_hpc.plan import make_plan
+
+    grid = load_grid(args.grid)
+    plan = make_plan(grid)
+    layout = RunLayout.for_grid(grid.name, args.runs_root)
+    print(f"grid {grid.name}: {len(plan.cells)} cells, {len(list(plan.jobs()))} stage jobs -> {layout.root}", flush=True)
+    report = LocalBackend(layout, plan, echo=lambda line: print(line, flush=True)).submit(args.grid)
+    return 0 if report.ok else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from dpr_hpc.runstate import load_plan
+    from dpr_hpc.status import disk_states, summary_line
+
+    everything = []
+    for layout in _layouts(args.target, args.runs_root):
+        plan = load_plan(layout)
+        states = disk_states(layout, plan)
+        if args.json:
+            everything.append({"grid": plan.grid_name, "run_dir": str(layout.root), "jobs": [s.to_json() for s in states], "summary": summary_line(states)})
+            continue
+        print(f"grid {plan.grid_name} ({layout.root})")
+        rows = [[s.job.cell_id, s.job.stage, str(s.job.repeat), s.state, s.node, s.detail + (f"  log: {s.log}" if s.state == "FAILED" and s.log else "")] for s in states]
+        print(_columns(["CELL", "STAGE", "R", "STATE", "NODE", "DETAIL"], rows))
+        print(summary_line(states))
+    if args.json:
+        print(json.dumps(everything, indent=2))
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from dpr_hpc.collect import collect_table, markdown, write_table
+    from dpr_hpc.runstate import load_plan
+
+    outputs = []
+    for layout in _layouts(args.target, args.runs_root):
+        plan = load_plan(layout)
+        table = collect_table(layout, plan, median=args.median)
+        stem = f"{plan.grid_name}-median" if args.median else plan.grid_name
+        csv_path, md_path = write_table(table, args.out, stem)
+        if args.json:
+            outputs.append({"grid": plan.grid_name, "csv": str(csv_path), "rows": json.loads(table.to_json(orient="records"))})
+            continue
+        print(f"grid {plan.grid_name}: {len(table)} rows -> {csv_path}, {md_path}")
+        print(markdown(table))
+    if args.json:
+        print(json.dumps(outputs, indent=2))
+    return 0
+
+
+def _generate_demo(args: argparse.Namespace) -> int:
+    from dpr_hpc.demo.generate import generate_demo
+    from dpr_hpc.stages.runner import quiet_libraries
+
+    quiet_libraries()
+    summary = generate_demo(args.out)
+    print(f"demo data in {args.out}: {summary['train']} training questions, {summary['dev']} dev questions, "
+          f"{summary['passages']} passages; models: {', '.join(summary['models'])}")
+    return 0
+
+
+def _layouts(target: str | None, runs_root: Path) -> list[RunLayout]:
+    """A grid file's run folder, a run folder given directly, or every run under the runs root."""
+    if target is None:
+        found = sorted(p.parent for p in Path(runs_root).glob("*/plan.json"))
+        if not found:
+            raise UsageError(f"no runs under {runs_root}; run 'dpr-hpc submit GRID' first or name a run folder")
+        return [RunLayout(p.resolve()) for p in found]
+    path = Path(target)
+    if path.is_file():
+        from dpr_hpc.grid import load_grid
+
+        return [RunLayout.for_grid(load_grid(path, require_data=False).name, runs_root)]
+    if (path / "plan.json").is_file():
+        return [RunLayout(path.resolve())]
+    raise UsageError(f"{target}: neither a grid file nor a run folder with plan.json")
+
+
+def _columns(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header] + rows]
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from dpr_hpc import __version__
+
+    return __version__

@@ -1,0 +1,111 @@
+"""Result records -> one table with the paper's columns and the node behind every figure.
+
+One row per repeat (train figures repeat along, index and infer figures are their repeat's),
+or with `median=True` one row per cell: the median over repeats, their count and spread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dpr_hpc.errors import ResultInvalidError
+from dpr_hpc.layout import RunLayout
+from dpr_hpc.plan import Plan, StageJob
+from dpr_hpc.provenance import node_label
+from dpr_hpc.results import load_record
+
+CELL_COLUMNS = ["cell_id", "group", "encoder", "embedding_size", "batch_size", "projection"]
+FIGURE_COLUMNS = [
+    "ttt_s", "pei_s", "encode_s", "index_build_s", "ita_mean_ms", "ita_sd_ms",
+    "acc@1", "acc@20", "acc@100", "mrr@100", "answer_acc@1", "answer_acc@20", "answer_acc@100",
+]
+NODE_COLUMNS = ["train_node", "index_node", "infer_node"]
+SPREAD_OF = {"pei_s": "pei_spread_s", "ita_mean_ms": "ita_mean_spread_ms"}
+
+
+def collect_table(layout: RunLayout, plan: Plan, median: bool = False) -> pd.DataFrame:
+    rows = [row for cell in plan.cells for row in _cell_rows(layout, plan, cell.cell_id)]
+    table = pd.DataFrame(rows, columns=CELL_COLUMNS + ["repeat"] + FIGURE_COLUMNS + NODE_COLUMNS)
+    return _median_per_cell(table) if median else table
+
+
+def _cell_rows(layout: RunLayout, plan: Plan, cell_id: str) -> list[dict[str, Any]]:
+    cell = plan.cell(cell_id)
+    train = _record(layout, plan, StageJob(cell_id, "train", 0)) if not cell.evaluate_only else None
+    base: dict[str, Any] = {
+        "cell_id": cell_id,
+        "group": cell.group,
+        "encoder": cell.encoder_label,
+        "embedding_size": cell.embedding_size,
+        "batch_size": cell.batch_size,
+        "projection": (train or {}).get("details", {}).get("projection"),
+        "ttt_s": train["timings"]["ttt_s"] if train else None,
+        "train_node": node_label(train["node"]) if train else None,
+    }
+    rows = []
+    for repeat in range(max(cell.repeats.index, cell.repeats.infer)):
+        row = {**base, "repeat": repeat}
+        index = _record(layout, plan, StageJob(cell_id, "index", repeat)) if repeat < cell.repeats.index else None
+        infer = _record(layout, plan, StageJob(cell_id, "infer", repeat)) if repeat < cell.repeats.infer else None
+        if index:
+            row.update({k: index["timings"][k] for k in ("pei_s", "encode_s", "index_build_s")})
+            row["index_node"] = node_label(index["node"])
+        if infer:
+            row.update({k: infer["timings"][k] for k in ("ita_mean_ms", "ita_sd_ms")})
+            row.update({k: v for k, v in infer["metrics"].items() if k in FIGURE_COLUMNS})
+            row["infer_node"] = node_label(infer["node"])
+        rows.append(row)
+    return rows
+
+
+def _record(layout: RunLayout, plan: Plan, job: StageJob) -> dict[str, Any] | None:
+    try:
+        return load_record(layout.stage(job).result, plan.cell(job.cell_id), job)
+    except ResultInvalidError:
+        return None
+
+
+def _median_per_cell(table: pd.DataFrame) -> pd.DataFrame:
+    out = []
+    for cell_id, group in table.groupby("cell_id", sort=False):
+        row: dict[str, Any] = {c: group[c].iloc[0] for c in CELL_COLUMNS}
+        for column in FIGURE_COLUMNS:
+            values = pd.to_numeric(group[column], errors="coerce").dropna()
+            row[column] = values.median() if len(values) else None
+        row["n_index"] = int(group["pei_s"].notna().sum())
+        row["n_infer"] = int(group["ita_mean_ms"].notna().sum())
+        for column, spread in SPREAD_OF.items():
+            values = pd.to_numeric(group[column], errors="coerce").dropna()
+            row[spread] = values.max() - values.min() if len(values) else None
+        for column in NODE_COLUMNS:
+            row[column.replace("_node", "_nodes")] = ",".join(sorted({str(v) for v in group[column].dropna()})) or None
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def write_table(table: pd.DataFrame, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
+    table.to_csv(csv_path, index=False)
+    md_path.write_text(markdown(table) + "\n")
+    return csv_path, md_path
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A Markdown table without extra dependencies; figures rounded for reading, not for the CSV."""
+    header = [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_cell_text(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _cell_text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)

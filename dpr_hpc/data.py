@@ -1,0 +1,104 @@
+"""DPR's biencoder JSON format: training triples, the evaluation passage pool, dev questions.
+
+Each record: {"question", "answers", "positive_ctxs", "negative_ctxs", "hard_negative_ctxs"},
+each context {"title", "text", "passage_id"} (DPR's own files sometimes say "psg_id").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Passage:
+    passage_id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """A question with its gold passage and one negative (hard if there is one), as in DPR."""
+
+    question: str
+    positive: Passage
+    negative: Passage | None
+
+
+@dataclass(frozen=True)
+class DevQuestion:
+    question: str
+    answers: tuple[str, ...]
+    gold_id: str
+
+
+class DataFormatError(ValueError):
+    """The file is not in DPR's biencoder format; the message names the record and key."""
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    with Path(path).open() as handle:
+        records = json.load(handle)
+    if not isinstance(records, list):
+        raise DataFormatError(f"{path}: expected a JSON list of question records")
+    return records
+
+
+def training_examples(records: list[dict[str, Any]], source: str = "data") -> list[TrainingExample]:
+    """One example per question that has a positive; DPR skips the others too."""
+    examples = []
+    for i, record in enumerate(records):
+        positives = _contexts(record, "positive_ctxs", source, i)
+        if not positives:
+            continue
+        negatives = _contexts(record, "hard_negative_ctxs", source, i) or _contexts(record, "negative_ctxs", source, i)
+        examples.append(TrainingExample(_question(record, source, i), positives[0], negatives[0] if negatives else None))
+    return examples
+
+
+def dev_questions(records: list[dict[str, Any]], source: str = "data") -> list[DevQuestion]:
+    questions = []
+    for i, record in enumerate(records):
+        positives = _contexts(record, "positive_ctxs", source, i)
+        if not positives:
+            continue
+        answers = record.get("answers", [])
+        questions.append(DevQuestion(_question(record, source, i), tuple(str(a) for a in answers), positives[0].passage_id))
+    return questions
+
+
+def evaluation_pool(records: list[dict[str, Any]], source: str = "data") -> list[Passage]:
+    """Each dev question's first positive plus all its hard and plain negatives, each passage once.
+
+    The paper's code appended duplicates; a duplicated passage would occupy several ranks.
+    """
+    pool: dict[str, Passage] = {}
+    for i, record in enumerate(records):
+        positives = _contexts(record, "positive_ctxs", source, i)
+        if not positives:
+            continue
+        candidates = positives[:1] + _contexts(record, "hard_negative_ctxs", source, i) + _contexts(record, "negative_ctxs", source, i)
+        for passage in candidates:
+            pool.setdefault(passage.passage_id, passage)
+    return list(pool.values())
+
+
+def _question(record: dict[str, Any], source: str, index: int) -> str:
+    question = record.get("question") if isinstance(record, dict) else None
+    if not isinstance(question, str):
+        raise DataFormatError(f"{source}: record {index}: expected a 'question' string")
+    return question
+
+
+def _contexts(record: dict[str, Any], key: str, source: str, index: int) -> list[Passage]:
+    raw = record.get(key) or []
+    passages = []
+    for j, ctx in enumerate(raw):
+        pid = ctx.get("passage_id", ctx.get("psg_id")) if isinstance(ctx, dict) else None
+        if pid is None or "text" not in ctx:
+            raise DataFormatError(f"{source}: record {index}: {key}[{j}]: expected 'passage_id' and 'text'")
+        passages.append(Passage(str(pid), str(ctx.get("title", "")), str(ctx["text"])))
+    return passages

@@ -1,0 +1,144 @@
+"""The offline demo: a small DPR-format dataset, a tokenizer trained on it, and tiny models of
+the paper's four encoder families, all built here with no download.
+
+The data is a made-up world of places, each with facts (capital, founder, river, ...). Each
+question is answerable from exactly one passage; its hard negatives share words with it (the
+same place's other facts, or the same fact of another place), as BM25 negatives do in DPR.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SYLLABLES = ["ka", "lo", "mi", "ze", "ru", "tan", "vor", "el", "dri", "so", "quin", "bar", "fe", "nu", "gal", "to", "shi", "por", "da", "wen"]
+FILLERS = [
+    "It is known for its {a} {n}.",
+    "Travellers praise the {a} {n} there.",
+    "Old records mention its {a} {n}.",
+    "Many songs tell of the {a} {n}.",
+]
+ADJECTIVES = ["quiet", "ancient", "bright", "green", "stormy", "golden", "narrow", "busy"]
+NOUNS = ["markets", "harbours", "valleys", "bridges", "festivals", "forests", "towers", "roads"]
+
+
+@dataclass(frozen=True)
+class Fact:
+    key: str
+    questions: tuple[str, ...]
+    statement: str
+
+
+FACTS = (
+    Fact("capital", ("what is the capital of {e}?", "which city is the capital of {e}?"), "The capital of {e} is {v}."),
+    Fact("founder", ("who founded {e}?", "who was the founder of {e}?"), "{e} was founded by {v}."),
+    Fact("river", ("which river flows through {e}?", "what is the main river of {e}?"), "The {v} river flows through {e}."),
+    Fact("currency", ("what currency is used in {e}?", "what money do people in {e} use?"), "People in {e} pay with the {v}."),
+    Fact("language", ("what language is spoken in {e}?", "what do people in {e} speak?"), "Most people in {e} speak {v}."),
+    Fact("mountain", ("what is the highest mountain in {e}?", "which peak is the tallest in {e}?"), "Mount {v} is the highest peak of {e}."),
+    Fact("animal", ("what is the national animal of {e}?", "which animal is the symbol of {e}?"), "The national animal of {e} is the {v}."),
+    Fact("year", ("when was {e} founded?", "in what year was {e} established?"), "{e} was established in {v}."),
+)
+
+# Tiny configs with each family's shape: DistilBERT's own config class, ELECTRA with its
+# embedding size below its hidden size, TinyBERT's 4 layers and 12 heads.
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny-bert": {"family": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
+    "tiny-distilbert": {"family": "distilbert", "dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 256},
+    "tiny-tinybert": {"family": "bert", "hidden_size": 48, "num_hidden_layers": 4, "num_attention_heads": 12, "intermediate_size": 192},
+    "tiny-electra": {"family": "electra", "embedding_size": 32, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
+}
+
+
+def generate_demo(out_dir: Path, places: int = 60, dev_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
+    """Write train.json, dev.json and models/<name>/ under out_dir; returns a summary."""
+    out_dir = Path(out_dir)
+    rng = random.Random(seed)
+    names = _unique_words(rng, places, 3)
+    passages = {(p, f.key): _passage(rng, names[p], p, f) for p in range(places) for f in FACTS}
+    pairs = sorted(passages)
+    rng.shuffle(pairs)
+    n_dev = int(len(pairs) * dev_fraction)
+    splits = {"dev": pairs[:n_dev], "train": pairs[n_dev:]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, split_pairs in splits.items():
+        records = [_record(rng, names, passages, pair, places) for pair in split_pairs]
+        (out_dir / f"{split}.json").write_text(json.dumps(records, indent=1))
+    corpus = [p["title"] + " " + p["text"] for p in passages.values()]
+    corpus += [q.format(e=name) for name in names for f in FACTS for q in f.questions]
+    tokenizer = build_tokenizer(corpus)
+    for name, spec in MODEL_CONFIGS.items():
+        build_model(out_dir / "models" / name, spec, tokenizer, seed)
+    return {"train": len(splits["train"]), "dev": len(splits["dev"]), "passages": len(passages), "models": sorted(MODEL_CONFIGS)}
+
+
+def _unique_words(rng: random.Random, count: int, syllables: int) -> list[str]:
+    words: set[str] = set()
+    while len(words) < count:
+        words.add("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, syllables))))
+    return sorted(words)
+
+
+def _passage(rng: random.Random, place: str, place_index: int, fact: Fact) -> dict[str, str]:
+    value = str(rng.randint(900, 1900)) if fact.key == "year" else "".join(rng.choice(SYLLABLES) for _ in range(3))
+    filler = rng.choice(FILLERS).format(a=rng.choice(ADJECTIVES), n=rng.choice(NOUNS))
+    text = fact.statement.format(e=place.capitalize(), v=value.capitalize()) + " " + filler
+    return {"title": place.capitalize(), "text": text, "passage_id": f"{place_index}-{fact.key}", "answer": value.capitalize()}
+
+
+def _record(rng: random.Random, names: list[str], passages: dict, pair: tuple[int, str], places: int) -> dict[str, Any]:
+    place, key = pair
+    fact = next(f for f in FACTS if f.key == key)
+    same_place = [passages[(place, f.key)] for f in rng.sample([f for f in FACTS if f.key != key], 2)]
+    other = rng.choice([p for p in range(places) if p != place])
+    hard = same_place + [passages[(other, key)]]
+    plain = [passages[(rng.randrange(places), rng.choice(FACTS).key)] for _ in range(2)]
+    plain = [p for p in plain if p["passage_id"] != passages[pair]["passage_id"]]
+    return {
+        "question": rng.choice(fact.questions).format(e=names[place]),
+        "answers": [passages[pair]["answer"]],
+        "positive_ctxs": [_context(passages[pair])],
+        "hard_negative_ctxs": [_context(p) for p in hard],
+        "negative_ctxs": [_context(p) for p in plain],
+    }
+
+
+def _context(passage: dict[str, str]) -> dict[str, str]:
+    return {"title": passage["title"], "text": passage["text"], "passage_id": passage["passage_id"]}
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 2000):
+    """A lower-casing WordPiece tokenizer trained on the corpus, wrapped for transformers."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    )
+
+
+def build_model(folder: Path, spec: dict[str, Any], tokenizer, seed: int) -> None:
+    """A randomly initialised model saved like a hub checkpoint: both towers start from it, as
+    DPR's two towers start from the same pre-trained weights."""
+    import torch
+    from transformers import AutoModel, BertConfig, DistilBertConfig, ElectraConfig
+
+    config_class = {"bert": BertConfig, "distilbert": DistilBertConfig, "electra": ElectraConfig}[spec["family"]]
+    fields = {k: v for k, v in spec.items() if k != "family"}
+    config = config_class(vocab_size=len(tokenizer), max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id, **fields)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,183 @@
+"""Typed configuration of one grid cell: what the stages receive instead of raw YAML.
+
+The defaults are the paper's (section 4.5), so a grid file only states what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("train", "index", "infer")
+INDEX_TYPES = ("hnsw_flat", "flat")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning hyper-parameters; DPR's and the paper's values by default."""
+
+    epochs: int = 40
+    batch_size: int = 16
+    learning_rate: float = 1e-5
+    optimizer: str = "adamw"
+    scheduler: str = "linear"
+    warmup_steps: int = 100
+    dropout: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 2.0
+    seed: int = 12345
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """How questions and passages become tokens; shared by training and both encoding stages."""
+
+    max_length: int = 256
+    embed_title: bool = True
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """FAISS index: HNSW-Flat over inner product as in DPR, or exact IndexFlatIP."""
+
+    type: str = "hnsw_flat"
+    hnsw_m: int = 512
+    ef_construction: int = 200
+    ef_search: int = 128
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """How many times each timing stage runs; training runs once because its checkpoint feeds the rest."""
+
+    index: int = 1
+    infer: int = 1
+
+    def of(self, stage: str) -> int:
+        return 1 if stage == "train" else getattr(self, stage)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Paths in DPR's biencoder JSON format, as written in the grid (so they enter the cell id
+    the same way on every machine); `CellConfig.data_path` resolves them."""
+
+    train: str | None
+    dev: str
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """One row of the paper's tables: an encoder pair at one embedding size with its settings.
+
+    `train is None` marks an evaluation-only cell (pre-trained encoders, no train stage).
+    """
+
+    group: str
+    question_encoder: str
+    passage_encoder: str
+    embedding_size: int
+    train: TrainConfig | None
+    text: TextConfig
+    index: IndexConfig
+    encode_batch_size: int
+    top_k: int
+    data: DataConfig
+    repeats: Repeats
+    base_dir: Path = field(default=Path("."), compare=False)
+
+    def data_path(self, split: str) -> Path:
+        """The train or dev file on this machine, relative paths taken from the grid's folder."""
+        written = getattr(self.data, split)
+        if written is None:
+            raise ValueError(f"cell {self.cell_id} has no {split} data")
+        return (self.base_dir / Path(written).expanduser()).resolve()
+
+    def model_path(self, name: str) -> str:
+        """A hub name stays as it is; './x', '../x', '/x' and '~/x' are local folders."""
+        if name.startswith(("./", "../", "/", "~")):
+            return str((self.base_dir / Path(name).expanduser()).resolve())
+        return name
+
+    @property
+    def evaluate_only(self) -> bool:
+        return self.train is None
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return STAGES[1:] if self.evaluate_only else STAGES
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.train is None else self.train.batch_size
+
+    @property
+    def encoder_label(self) -> str:
+        """The encoder as a table shows it: one name, or 'question | passage' for a pair."""
+        if self.question_encoder == self.passage_encoder:
+            return self.question_encoder
+        return f"{self.question_encoder} | {self.passage_encoder}"
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes a result; group and repeats do not, so they are left out."""
+        return {
+            "question_encoder": self.question_encoder,
+            "passage_encoder": self.passage_encoder,
+            "embedding_size": self.embedding_size,
+            "train": None if self.train is None else dataclasses.asdict(self.train),
+            "text": dataclasses.asdict(self.text),
+            "index": dataclasses.asdict(self.index),
+            "encode_batch_size": self.encode_batch_size,
+            "top_k": self.top_k,
+            "data": dataclasses.asdict(self.data),
+        }
+
+    @property
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def cell_id(self) -> str:
+        """Readable and stable: the same config gives the same id on any machine, any day."""
+        slug = _slug(self.question_encoder)
+        size = f"es{self.embedding_size}"
+        batch = "eval" if self.train is None else f"bs{self.train.batch_size}"
+        return f"{slug}-{size}-{batch}-{self.config_hash[:8]}"
+
+    def to_json(self) -> dict[str, Any]:
+        record = self.identity()
+        record["group"] = self.group
+        record["repeats"] = dataclasses.asdict(self.repeats)
+        record["cell_id"] = self.cell_id
+        record["base_dir"] = str(self.base_dir)
+        return record
+
+
+def _slug(model_name: str) -> str:
+    """'huawei-noah/TinyBERT_General_4L_312D' -> 'tinybert_general_4l_312d'."""
+    last = model_name.rstrip("/").split("/")[-1].lower()
+    return re.sub(r"[^a-z0-9_.]+", "-", last).strip("-.") or "model"
+
+
+def cell_from_json(record: dict[str, Any]) -> CellConfig:
+    """Rebuild a cell from `to_json` output: how a stage job reads its config from the run folder."""
+    return CellConfig(
+        group=record["group"],
+        question_encoder=record["question_encoder"],
+        passage_encoder=record["passage_encoder"],
+        embedding_size=record["embedding_size"],
+        train=None if record["train"] is None else TrainConfig(**record["train"]),
+        text=TextConfig(**record["text"]),
+        index=IndexConfig(**record["index"]),
+        encode_batch_size=record["encode_batch_size"],
+        top_k=record["top_k"],
+        data=DataConfig(**record["data"]),
+        repeats=Repeats(**record["repeats"]),
+        base_dir=Path(record["base_dir"]),
+    )

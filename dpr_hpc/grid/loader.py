@@ -1,0 +1,339 @@
+"""YAML grid file -> validated `Grid`: the only place that reads raw YAML.
+
+Every error names the file, the key path and what was expected, and is raised before anything
+runs. Settings merge in three levels: `defaults` <- block <- cell.
+
+    name: paper
+    data: {train: nq-train.json, dev: nq-dev.json}
+    defaults: {train: {...}, text: {...}, index: {...}, encode_batch_size: 512, top_k: 100}
+    blocks:
+      - name: table1-bert
+        encoder: bert-base-uncased
+        embedding_sizes: [1536, 768]
+        train: {batch_size: 16}
+        cells:                       # cells with their own overrides
+          - {embedding_size: 384, repeats: {index: 5, infer: 5}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from dpr_hpc.errors import GridError
+from dpr_hpc.grid.config import (
+    INDEX_TYPES,
+    CellConfig,
+    DataConfig,
+    IndexConfig,
+    Repeats,
+    TextConfig,
+    TrainConfig,
+)
+
+SECTIONS: dict[str, type] = {
+    "train": TrainConfig,
+    "text": TextConfig,
+    "index": IndexConfig,
+    "repeats": Repeats,
+}
+SCALARS = ("encode_batch_size", "top_k")
+TOP_LEVEL_KEYS = ("name", "description", "data", "defaults", "blocks")
+DEFAULTS_KEYS = tuple(SECTIONS) + SCALARS
+CELL_KEYS = (
+    ("encoder", "question_encoder", "passage_encoder", "evaluate_only", "data", "embedding_size")
+    + DEFAULTS_KEYS
+)
+BLOCK_KEYS = tuple(k for k in CELL_KEYS if k != "embedding_size") + ("name", "embedding_sizes", "cells")
+
+# Per-field constraints beyond the type; a field absent here accepts any value of its type.
+_Check = tuple[Callable[[Any], bool], str]
+_POSITIVE: _Check = (lambda v: v > 0, "a positive number")
+_NON_NEGATIVE: _Check = (lambda v: v >= 0, "a number >= 0")
+FIELD_CHECKS: dict[str, _Check] = {
+    "train.epochs": _POSITIVE,
+    "train.batch_size": _POSITIVE,
+    "train.learning_rate": _POSITIVE,
+    "train.optimizer": (lambda v: v == "adamw", "'adamw' (the paper's optimizer)"),
+    "train.scheduler": (lambda v: v == "linear", "'linear' (linear decay after warm-up)"),
+    "train.warmup_steps": _NON_NEGATIVE,
+    "train.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.max_grad_norm": _POSITIVE,
+    "text.max_length": (lambda v: 8 <= v <= 8192, "a token count between 8 and 8192"),
+    "index.type": (lambda v: v in INDEX_TYPES, f"one of {', '.join(INDEX_TYPES)}"),
+    "index.hnsw_m": _POSITIVE,
+    "index.ef_construction": _POSITIVE,
+    "index.ef_search": _POSITIVE,
+    "repeats.index": _POSITIVE,
+    "repeats.infer": _POSITIVE,
+    "encode_batch_size": _POSITIVE,
+    "top_k": (lambda v: 1 <= v <= 2048, "an integer between 1 and 2048 (FAISS's HNSW limit)"),
+}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A loaded grid: its cells in file order and the data files it names that are absent here."""
+
+    name: str
+    path: Path
+    cells: tuple[CellConfig, ...]
+    missing_data: tuple[str, ...]
+
+
+def load_grid(path: str | Path, require_data: bool = True) -> Grid:
+    """Read and validate a grid file; `require_data=False` lets `plan` run where data is absent."""
+    path = Path(path)
+    where = str(path)
+    raw = _read_yaml(path)
+    _check_mapping(raw, where, "", TOP_LEVEL_KEYS)
+    name = _name(raw.get("name"), where, "name")
+
+    defaults = raw.get("defaults", {})
+    _check_mapping(defaults, where, "defaults", DEFAULTS_KEYS)
+    base = _parse_settings(defaults, where, "defaults")
+    if "data" in raw:
+        base["data"] = _parse_data(raw["data"], where, "data")
+
+    blocks = raw.get("blocks")
+    if not isinstance(blocks, list) or not blocks:
+        raise GridError(where, "blocks", "expected a non-empty list of blocks (encoders with their sizes)")
+    cells: list[tuple[str, CellConfig]] = []
+    for i, block in enumerate(blocks):
+        cells.extend(_expand_block(block, base, where, f"blocks[{i}]", path.parent.resolve()))
+
+    _reject_duplicates(cells, where)
+    missing = _missing_data([c for _, c in cells])
+    if require_data and missing:
+        key, file = missing[0]
+        raise GridError(where, key, f"data file not found: {file}")
+    return Grid(name, path, tuple(c for _, c in cells), tuple(sorted({f for _, f in missing})))
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise GridError(str(path), "", "grid file not found") from None
+    except OSError as exc:
+        raise GridError(str(path), "", f"cannot read the grid file ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise GridError(str(path), at, f"YAML syntax error: {problem}") from None
+
+
+def _check_mapping(value: Any, where: str, key_path: str, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, dict):
+        raise GridError(where, key_path or "(top level)", f"expected a mapping, got {_type_name(value)}")
+    for key in value:
+        if key not in allowed:
+            raise GridError(where, _join(key_path, str(key)), f"unknown key{_suggest(str(key), allowed)}")
+
+
+def _suggest(key: str, allowed: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; expected one of {', '.join(allowed)}"
+
+
+def _parse_settings(raw: dict, where: str, key_path: str) -> dict[str, Any]:
+    """Validate the overridable settings of one level into {section: {field: value}, scalar: value}."""
+    parsed: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        if section in raw:
+            parsed[section] = _parse_section(raw[section], cls, section, where, _join(key_path, section))
+    for scalar in SCALARS:
+        if scalar in raw:
+            parsed[scalar] = _typed(raw[scalar], int, scalar, where, _join(key_path, scalar))
+    return parsed
+
+
+def _parse_section(raw: Any, cls: type, section: str, where: str, key_path: str) -> dict[str, Any]:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_mapping(raw, where, key_path, tuple(fields))
+    return {
+        key: _typed(value, type(fields[key].default), f"{section}.{key}", where, _join(key_path, key))
+        for key, value in raw.items()
+    }
+
+
+def _typed(value: Any, kind: type, field_key: str, where: str, key_path: str) -> Any:
+    """Check one scalar's type (YAML's '1e-5' string is accepted as a float) and its constraint."""
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise GridError(where, key_path, f"expected {_kind_name(kind)}, got {_type_name(value)} {value!r}")
+    check = FIELD_CHECKS.get(field_key)
+    if check and not check[0](value):
+        raise GridError(where, key_path, f"expected {check[1]}, got {value!r}")
+    return value
+
+
+def _parse_data(raw: Any, where: str, key_path: str) -> dict[str, str | None]:
+    _check_mapping(raw, where, key_path, ("train", "dev"))
+    parsed: dict[str, str | None] = {}
+    for key, value in raw.items():
+        if value is not None and not (isinstance(value, str) and value):
+            raise GridError(where, _join(key_path, key), f"expected a file path, got {_type_name(value)}")
+        parsed[key] = value
+    return parsed
+
+
+def _expand_block(
+    block: Any, base: dict[str, Any], where: str, key_path: str, base_dir: Path
+) -> list[tuple[str, CellConfig]]:
+    _check_mapping(block, where, key_path, BLOCK_KEYS)
+    group = _name(block.get("name"), where, _join(key_path, "name"))
+    block_settings = _merge(base, _parse_level(block, where, key_path))
+    sizes = block.get("embedding_sizes", [])
+    listed = block.get("cells", [])
+    if not isinstance(sizes, list):
+        raise GridError(where, _join(key_path, "embedding_sizes"), f"expected a list of integers, got {_type_name(sizes)}")
+    if not isinstance(listed, list):
+        raise GridError(where, _join(key_path, "cells"), f"expected a list of cells, got {_type_name(listed)}")
+    if not sizes and not listed:
+        raise GridError(where, _join(key_path, "embedding_sizes"), "expected a non-empty list of embedding sizes (or a 'cells' list)")
+
+    cells = []
+    for j, size in enumerate(sizes):
+        size_path = f"{key_path}.embedding_sizes[{j}]"
+        cells.append((size_path, _build_cell(group, block_settings, size, where, size_path, base_dir)))
+    for j, raw_cell in enumerate(listed):
+        cell_path = f"{key_path}.cells[{j}]"
+        _check_mapping(raw_cell, where, cell_path, CELL_KEYS)
+        if "embedding_size" not in raw_cell:
+            raise GridError(where, _join(cell_path, "embedding_size"), "missing; expected a positive integer")
+        settings = _merge(block_settings, _parse_level(raw_cell, where, cell_path))
+        size = raw_cell["embedding_size"]
+        cells.append((cell_path, _build_cell(group, settings, size, where, _join(cell_path, "embedding_size"), base_dir)))
+    return cells
+
+
+def _parse_level(raw: dict, where: str, key_path: str) -> dict[str, Any]:
+    """The settings a block or a cell may set: the defaults' sections plus encoders and data."""
+    parsed = _parse_settings(raw, where, key_path)
+    for key in ("encoder", "question_encoder", "passage_encoder"):
+        if key in raw:
+            parsed[key] = _name(raw[key], where, _join(key_path, key))
+    if "evaluate_only" in raw:
+        parsed["evaluate_only"] = _typed(raw["evaluate_only"], bool, "evaluate_only", where, _join(key_path, "evaluate_only"))
+    if "data" in raw:
+        parsed["data"] = _parse_data(raw["data"], where, _join(key_path, "data"))
+    # The model keys say where they came from, so a conflict can be reported at the right level.
+    parsed["_at"] = key_path
+    return parsed
+
+
+def _merge(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(lower)
+    for key, value in upper.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        elif key in ("encoder", "question_encoder", "passage_encoder"):
+            # A more specific level naming a model replaces the whole encoder choice.
+            for model_key in ("encoder", "question_encoder", "passage_encoder"):
+                if model_key not in upper:
+                    merged.pop(model_key, None)
+            merged[key] = value
+        else:
+            merged[key] = value
+    return merged
+
+
+def _build_cell(
+    group: str, settings: dict[str, Any], size: Any, where: str, size_path: str, base_dir: Path
+) -> CellConfig:
+    at = settings.get("_at", size_path)
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise GridError(where, size_path, f"expected a positive integer embedding size, got {size!r}")
+    question, passage = _encoders(settings, where, at)
+    evaluate_only = settings.get("evaluate_only", False)
+    data = {"train": None, "dev": None, **settings.get("data", {})}
+    if not data["dev"]:
+        raise GridError(where, "data.dev", "missing; expected the dev file in DPR's biencoder JSON format")
+    if not evaluate_only and not data["train"]:
+        raise GridError(where, "data.train", "missing; expected the training file (or 'evaluate_only: true')")
+    return CellConfig(
+        group=group,
+        question_encoder=question,
+        passage_encoder=passage,
+        embedding_size=size,
+        train=None if evaluate_only else TrainConfig(**settings.get("train", {})),
+        text=TextConfig(**settings.get("text", {})),
+        index=IndexConfig(**settings.get("index", {})),
+        encode_batch_size=settings.get("encode_batch_size", 512),
+        top_k=settings.get("top_k", 100),
+        data=DataConfig(train=None if evaluate_only else data["train"], dev=data["dev"]),
+        repeats=Repeats(**settings.get("repeats", {})),
+        base_dir=base_dir,
+    )
+
+
+def _encoders(settings: dict[str, Any], where: str, at: str) -> tuple[str, str]:
+    if "encoder" in settings:
+        if "question_encoder" in settings or "passage_encoder" in settings:
+            raise GridError(where, _join(at, "encoder"), "expected either 'encoder' or a 'question_encoder'/'passage_encoder' pair, not both")
+        return settings["encoder"], settings["encoder"]
+    if "question_encoder" in settings and "passage_encoder" in settings:
+        return settings["question_encoder"], settings["passage_encoder"]
+    if "question_encoder" in settings or "passage_encoder" in settings:
+        missing = "passage_encoder" if "question_encoder" in settings else "question_encoder"
+        raise GridError(where, _join(at, missing), "missing; a question/passage pair needs both encoders")
+    raise GridError(where, _join(at, "encoder"), "missing; expected a Hugging Face model name or a local folder")
+
+
+def _reject_duplicates(cells: list[tuple[str, CellConfig]], where: str) -> None:
+    seen: dict[str, str] = {}
+    for key_path, cell in cells:
+        if cell.cell_id in seen:
+            raise GridError(
+                where, key_path, f"duplicate cell: resolves to the same config as {seen[cell.cell_id]} ({cell.cell_id})"
+            )
+        seen[cell.cell_id] = key_path
+
+
+def _missing_data(cells: list[CellConfig]) -> list[tuple[str, str]]:
+    missing = []
+    for cell in cells:
+        for split in ("train", "dev"):
+            if getattr(cell.data, split) is not None and not cell.data_path(split).is_file():
+                missing.append((f"data.{split}", str(cell.data_path(split))))
+    return missing
+
+
+def _name(value: Any, where: str, key_path: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise GridError(where, key_path, f"expected a non-empty string, got {_type_name(value)}")
+    return value
+
+
+def _join(key_path: str, key: str) -> str:
+    return f"{key_path}.{key}" if key_path else key
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number"}.get(
+        type(value), type(value).__name__
+    )

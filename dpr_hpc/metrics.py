@@ -1,0 +1,74 @@
+"""Retrieval metrics, the paper's (Acc@k and MRR@100 against the gold passage id) and DPR's
+answer-string top-k accuracy, so figures compare with both.
+
+A ranking is read as distinct passages: a passage id that appears again further down is
+ignored, so duplicates neither push the gold down nor count twice.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Sequence
+
+PAPER_KS = (1, 20, 100)
+
+
+def distinct(ranking: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    return [pid for pid in ranking if not (pid in seen or seen.add(pid))]
+
+
+def gold_rank(ranking: Sequence[str], gold_id: str) -> int | None:
+    """1-based rank of the gold passage among distinct passages, None when it is absent."""
+    for rank, pid in enumerate(distinct(ranking), start=1):
+        if pid == gold_id:
+            return rank
+    return None
+
+
+def retrieval_metrics(rankings: Sequence[Sequence[str]], gold_ids: Sequence[str], top_k: int) -> dict[str, float]:
+    """Acc@k for the paper's k up to top_k, and MRR@top_k (reciprocal rank 0 when not retrieved)."""
+    if len(rankings) != len(gold_ids):
+        raise ValueError("one ranking per gold id expected")
+    if not rankings:
+        raise ValueError("no questions to score")
+    ranks = [gold_rank(list(r)[:top_k], g) for r, g in zip(rankings, gold_ids)]
+    n = len(ranks)
+    metrics = {f"acc@{k}": sum(1 for r in ranks if r is not None and r <= k) / n for k in PAPER_KS if k <= top_k}
+    metrics[f"mrr@{top_k}"] = sum(1.0 / r for r in ranks if r is not None) / n
+    return metrics
+
+
+def answer_accuracy(ranked_texts: Sequence[Sequence[str]], answers: Sequence[Sequence[str]], top_k: int) -> dict[str, float]:
+    """DPR's top-k accuracy: a question counts when a top-k passage contains one of its answers."""
+    hits = [_first_hit(texts[:top_k], ans) for texts, ans in zip(ranked_texts, answers)]
+    n = len(hits)
+    return {f"answer_acc@{k}": sum(1 for h in hits if h is not None and h <= k) / n for k in PAPER_KS if k <= top_k}
+
+
+def has_answer(text: str, answers: Sequence[str]) -> bool:
+    """True when the passage's normalised tokens contain an answer's tokens as a contiguous run."""
+    tokens = _tokens(text)
+    for answer in answers:
+        needle = _tokens(answer)
+        if needle and any(tokens[i : i + len(needle)] == needle for i in range(len(tokens) - len(needle) + 1)):
+            return True
+    return False
+
+
+def _first_hit(texts: Sequence[str], answers: Sequence[str]) -> int | None:
+    for rank, text in enumerate(texts, start=1):
+        if has_answer(text, answers):
+            return rank
+    return None
+
+
+_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def _tokens(text: str) -> list[str]:
+    """Lower-cased, accent-stripped word and punctuation tokens, as DPR's SimpleTokenizer."""
+    normalised = unicodedata.normalize("NFD", text)
+    normalised = "".join(ch for ch in normalised if unicodedata.category(ch) != "Mn")
+    return _TOKEN.findall(normalised.lower())

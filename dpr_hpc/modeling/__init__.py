@@ -1,0 +1,1 @@
+"""Model code, apart from the stage drivers: encoder towers, DPR's loss, tokens and batching."""

@@ -1,0 +1,63 @@
+"""What every stage shares: its output type, the device, seeding and peak-memory readings."""
+
+from __future__ import annotations
+
+import random
+import resource
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpr_hpc.grid import CellConfig
+from dpr_hpc.layout import RunLayout
+
+
+@dataclass
+class StageOutput:
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+    artifacts: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process (each stage job runs in its own) and of the GPU."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"peak_rss_mb": round(rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20, 1)}
+    if device.type == "cuda":
+        peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def encoder_source(cell: CellConfig, run: RunLayout, tower: str) -> str:
+    """Where a tower's weights come from: the cell's trained checkpoint, or the named model for
+    an evaluation-only cell."""
+    if cell.evaluate_only:
+        name = cell.question_encoder if tower == "question" else cell.passage_encoder
+        return cell.model_path(name)
+    folder = run.question_encoder_dir(cell.cell_id) if tower == "question" else run.passage_encoder_dir(cell.cell_id)
+    return str(folder)
+
+
+def progress(message: str) -> None:
+    """A line for the job's log (the local backend's and SLURM's stdout file)."""
+    print(message, flush=True)

@@ -1,0 +1,58 @@
+"""Index stage: encode the evaluation passage pool and build the FAISS index (the paper's PEI)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from dpr_hpc.data import evaluation_pool, read_records
+from dpr_hpc.grid import CellConfig
+from dpr_hpc.layout import RunLayout
+from dpr_hpc.modeling.batching import encode, tokenize_passages
+from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
+from dpr_hpc.modeling.searcher import build_index, save_index
+from dpr_hpc.plan import StageJob
+from dpr_hpc.stages.common import StageOutput, encoder_source, peak_memory, pick_device, progress, synchronize
+
+
+def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
+    device = pick_device()
+    source = encoder_source(cell, run, "passage")
+    encoder = DprEncoder.from_pretrained(source, cell.embedding_size).to(device)
+    tokenizer = load_tokenizer(source)
+    dev_file = cell.data_path("dev")
+    pool = evaluation_pool(read_records(dev_file), source=str(dev_file))
+    if not pool:
+        raise ValueError(f"{dev_file}: the evaluation pool is empty (no question has a positive passage)")
+
+    started = time.perf_counter()
+    features = tokenize_passages(tokenizer, pool, cell.text.max_length, cell.text.embed_title)
+    tokenize_s = time.perf_counter() - started
+    progress(f"encoding {len(pool)} passages")
+
+    synchronize(device)
+    started = time.perf_counter()
+    embeddings = encode(encoder, features, tokenizer.pad_token_id, cell.encode_batch_size, device)
+    synchronize(device)
+    encode_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    faiss_index = build_index(cell.index, embeddings)
+    index_build_s = time.perf_counter() - started
+    progress(f"encoded in {encode_s:.2f}s, {cell.index.type} index built in {index_build_s:.2f}s")
+
+    save_index(faiss_index, run.index_file(cell.cell_id, repeat))
+    run.passage_ids_file(cell.cell_id, repeat).write_text(json.dumps([p.passage_id for p in pool]))
+    stage_dir = run.stage(StageJob(cell.cell_id, "index", repeat)).dir
+    return StageOutput(
+        metrics={"num_passages": len(pool), "dim": int(embeddings.shape[1])},
+        timings={
+            "encode_s": encode_s,
+            "index_build_s": index_build_s,
+            "pei_s": encode_s + index_build_s,
+            "tokenize_s": tokenize_s,
+            **peak_memory(device),
+        },
+        artifacts=[str(p.relative_to(stage_dir)) for p in (run.index_file(cell.cell_id, repeat), run.passage_ids_file(cell.cell_id, repeat))],
+        details={"device": device.type, "index_type": cell.index.type},
+    )
