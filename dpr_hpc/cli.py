@@ -103,7 +103,7 @@ def _plan(args: argparse.Namespace) -> int:
     ]
     print(_columns(["CELL", "GROUP", "ENCODER", "ES", "BS", "STAGE JOBS"], rows))
     for missing in grid.missing_data:
-        print(f"note: data file not found here (needed before submit): {missing}", file=sys.stderr)
+        print(f"note: not found here (needed before submit): {missing}", file=sys.stderr)
     return 0
 
 

@@ -88,7 +88,8 @@ class Grid:
 
 
 def load_grid(path: str | Path, require_data: bool = True) -> Grid:
-    """Read and validate a grid file; `require_data=False` lets `plan` run where data is absent."""
+    """Read and validate a grid file; `require_data=False` lets `plan` run where the data files
+    and local model folders it names are absent (it lists them in `missing_data`)."""
     path = Path(path)
     where = str(path)
     raw = _read_yaml(path)
@@ -109,10 +110,10 @@ def load_grid(path: str | Path, require_data: bool = True) -> Grid:
         cells.extend(_expand_block(block, base, where, f"blocks[{i}]", path.parent.resolve()))
 
     _reject_duplicates(cells, where)
-    missing = _missing_data([c for _, c in cells])
+    missing = _missing_files([c for _, c in cells])
     if require_data and missing:
         key, file = missing[0]
-        raise GridError(where, key, f"data file not found: {file}")
+        raise GridError(where, key, f"not found: {file}")
     return Grid(name, path, tuple(c for _, c in cells), tuple(sorted({f for _, f in missing})))
 
 
@@ -308,12 +309,17 @@ def _reject_duplicates(cells: list[tuple[str, CellConfig]], where: str) -> None:
         seen[cell.cell_id] = key_path
 
 
-def _missing_data(cells: list[CellConfig]) -> list[tuple[str, str]]:
+def _missing_files(cells: list[CellConfig]) -> list[tuple[str, str]]:
+    """Data files and local model folders (hub names cannot be checked offline) absent here."""
     missing = []
     for cell in cells:
         for split in ("train", "dev"):
             if getattr(cell.data, split) is not None and not cell.data_path(split).is_file():
                 missing.append((f"data.{split}", str(cell.data_path(split))))
+        for key in ("question_encoder", "passage_encoder"):
+            name = getattr(cell, key)
+            if cell.model_path(name) != name and not Path(cell.model_path(name)).is_dir():
+                missing.append((key, f"{cell.model_path(name)} (a local model folder)"))
     return missing
 
 

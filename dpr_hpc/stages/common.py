@@ -58,6 +58,14 @@ def encoder_source(cell: CellConfig, run: RunLayout, tower: str) -> str:
     return str(folder)
 
 
+def load_trained_tower(cell: CellConfig, run: RunLayout, tower: str, device: torch.device):
+    """The encoder and tokenizer that the index (passage) or infer (question) stage encodes with."""
+    from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
+
+    source = encoder_source(cell, run, tower)
+    return DprEncoder.from_pretrained(source, cell.embedding_size).to(device), load_tokenizer(source)
+
+
 def progress(message: str) -> None:
     """A line for the job's log (the local backend's and SLURM's stdout file)."""
     print(message, flush=True)

@@ -9,17 +9,14 @@ from dpr_hpc.data import evaluation_pool, read_records
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.modeling.batching import encode, tokenize_passages
-from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
 from dpr_hpc.modeling.searcher import build_index, save_index
 from dpr_hpc.plan import StageJob
-from dpr_hpc.stages.common import StageOutput, encoder_source, peak_memory, pick_device, progress, synchronize
+from dpr_hpc.stages.common import StageOutput, load_trained_tower, peak_memory, pick_device, progress, synchronize
 
 
 def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
     device = pick_device()
-    source = encoder_source(cell, run, "passage")
-    encoder = DprEncoder.from_pretrained(source, cell.embedding_size).to(device)
-    tokenizer = load_tokenizer(source)
+    encoder, tokenizer = load_trained_tower(cell, run, "passage", device)
     dev_file = cell.data_path("dev")
     pool = evaluation_pool(read_records(dev_file), source=str(dev_file))
     if not pool:

@@ -16,10 +16,9 @@ from dpr_hpc.grid import CellConfig
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.metrics import answer_accuracy, distinct, retrieval_metrics
 from dpr_hpc.modeling.batching import encode, tokenize_questions
-from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
 from dpr_hpc.modeling.searcher import load_index, search_one_at_a_time
 from dpr_hpc.plan import StageJob
-from dpr_hpc.stages.common import StageOutput, encoder_source, peak_memory, pick_device, progress, synchronize
+from dpr_hpc.stages.common import StageOutput, load_trained_tower, peak_memory, pick_device, progress, synchronize
 
 # Every infer repeat searches the index of index repeat 0, so repeats differ only in timing.
 SEARCHED_INDEX_REPEAT = 0
@@ -27,9 +26,7 @@ SEARCHED_INDEX_REPEAT = 0
 
 def infer(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
     device = pick_device()
-    source = encoder_source(cell, run, "question")
-    encoder = DprEncoder.from_pretrained(source, cell.embedding_size).to(device)
-    tokenizer = load_tokenizer(source)
+    encoder, tokenizer = load_trained_tower(cell, run, "question", device)
     dev_file = cell.data_path("dev")
     records = read_records(dev_file)
     questions = dev_questions(records, source=str(dev_file))

@@ -1,0 +1,132 @@
+"""The grid, run for real through the local backend (submitit's LocalExecutor, one process per
+stage job) on the offline demo's data and tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import write_grid
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpr_hpc", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_assets, tmp_path_factory):
+    """One trained tiny BERT (the demo's settings) with repeated timing stages, and the same
+    weights evaluated untrained."""
+    work = tmp_path_factory.mktemp("e2e")
+    grid = write_grid(work, f"""
+        name: e2e
+        data: {{train: {demo_assets}/train.json, dev: {demo_assets}/dev.json}}
+        defaults:
+          train: {{epochs: 25, learning_rate: 1.0e-3, dropout: 0.0, warmup_steps: 20, seed: 7, batch_size: 16}}
+          text: {{max_length: 64}}
+          encode_batch_size: 128
+        blocks:
+          - name: trained
+            encoder: {demo_assets}/models/tiny-bert
+            cells: [{{embedding_size: 64, repeats: {{index: 2, infer: 3}}}}]
+          - name: untrained
+            encoder: {demo_assets}/models/tiny-bert
+            evaluate_only: true
+            embedding_sizes: [64]
+    """)
+    first = cli("submit", grid, cwd=work)
+    return work, grid, first
+
+
+def status_json(work: Path, grid: Path) -> list[dict]:
+    done = cli("status", grid, "--json", cwd=work)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)[0]["jobs"]
+
+
+def test_submit_runs_every_stage_and_status_shows_them_completed(demo_run):
+    work, grid, first = demo_run
+    assert first.returncode == 0, first.stdout + first.stderr
+    jobs = status_json(work, grid)
+    assert [(j["stage"], j["repeat"]) for j in jobs] == [
+        ("train", 0), ("index", 0), ("index", 1), ("infer", 0), ("infer", 1), ("infer", 2), ("index", 0), ("infer", 0)
+    ]
+    assert {j["state"] for j in jobs} == {"COMPLETED"}
+    assert all(j["node"] for j in jobs)
+
+
+def test_second_submit_starts_nothing(demo_run):
+    work, grid, _ = demo_run
+    logs_before = sorted(work.glob("runs/e2e/cells/*/*/*/jobs/*_log.out"))
+    again = cli("submit", grid, cwd=work)
+    assert again.returncode == 0
+    assert "0 ran, 8 already complete" in again.stdout
+    assert sorted(work.glob("runs/e2e/cells/*/*/*/jobs/*_log.out")) == logs_before
+
+
+def test_records_carry_timings_and_node_tags(demo_run):
+    work, _, _ = demo_run
+    records = [json.loads(p.read_text()) for p in work.glob("runs/e2e/cells/*/*/*/result.json")]
+    assert len(records) == 8
+    for record in records:
+        node = record["node"]
+        assert node["hostname"] and node["device"] == "cpu" and node["cpu_model"]
+        assert node["libraries"]["torch"] and node["libraries"]["faiss-cpu"]
+        assert record["started_at"] < record["finished_at"]
+    train = next(r for r in records if r["stage"] == "train")
+    assert train["timings"]["ttt_s"] > 0 and len(train["metrics"]["epoch_loss"]) == 25
+    assert train["metrics"]["epoch_loss"][-1] < train["metrics"]["epoch_loss"][0]
+    index = next(r for r in records if r["stage"] == "index")
+    assert index["timings"]["pei_s"] == pytest.approx(index["timings"]["encode_s"] + index["timings"]["index_build_s"])
+    assert index["timings"]["peak_rss_mb"] > 0
+
+
+def test_collect_writes_one_row_per_repeat_and_median_per_cell(demo_run):
+    work, grid, _ = demo_run
+    done = cli("collect", grid, "--out", work / "results", cwd=work)
+    assert done.returncode == 0, done.stderr
+    rows = pd.read_csv(work / "results" / "e2e.csv")
+    assert len(rows) == 3 + 1
+    assert {"ttt_s", "pei_s", "ita_mean_ms", "ita_sd_ms", "acc@1", "acc@20", "acc@100", "mrr@100", "train_node", "index_node", "infer_node"} <= set(rows.columns)
+    done = cli("collect", grid, "--median", "--out", work / "results", cwd=work)
+    assert done.returncode == 0
+    median = pd.read_csv(work / "results" / "e2e-median.csv")
+    assert len(median) == 2
+    trained = median[median.group == "trained"].iloc[0]
+    assert (trained.n_index, trained.n_infer) == (2, 3)
+    per_repeat = rows[rows.group == "trained"].ita_mean_ms
+    assert trained.ita_mean_ms == pytest.approx(per_repeat.median())
+    assert "| cell_id |" in done.stdout
+
+
+def test_trained_encoders_retrieve_clearly_better_than_untrained(demo_run):
+    work, grid, _ = demo_run
+    cli("collect", grid, "--median", "--out", work / "results", cwd=work)
+    median = pd.read_csv(work / "results" / "e2e-median.csv").set_index("group")
+    trained, untrained = median.loc["trained"], median.loc["untrained"]
+    assert trained["mrr@100"] > 2 * untrained["mrr@100"]
+    assert trained["acc@20"] > untrained["acc@20"] + 0.15
+
+
+def test_failing_train_stage_is_reported_and_blocks_its_dependants(demo_assets, tmp_path):
+    broken = tmp_path / "broken-train.json"
+    broken.write_text(json.dumps([{"question": "q", "positive_ctxs": [{"title": "no id or text"}]}]))
+    grid = write_grid(tmp_path, f"""
+        name: broken
+        data: {{train: {broken}, dev: {demo_assets}/dev.json}}
+        blocks: [{{name: b, encoder: {demo_assets}/models/tiny-bert, embedding_sizes: [64]}}]
+    """)
+    done = cli("submit", grid, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "FAILED" in done.stdout and "BLOCKED" in done.stdout
+    jobs = status_json(tmp_path, grid)
+    assert [j["state"] for j in jobs] == ["FAILED", "BLOCKED", "BLOCKED"]
+    assert "positive_ctxs[0]" in jobs[0]["detail"]
+    assert Path(jobs[0]["log"]).is_file() and "DataFormatError" in Path(jobs[0]["log"]).read_text()
