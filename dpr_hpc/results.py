@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from dpr_hpc.errors import ResultInvalidError
 from dpr_hpc.fsutil import read_json, write_json_atomic
@@ -32,7 +32,7 @@ def make_record(
     node: dict[str, Any],
     started_at: str,
     finished_at: str,
-    artifacts: list[str] = (),  # type: ignore[assignment]
+    artifacts: Sequence[str] = (),
     details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {

@@ -134,6 +134,7 @@ MALFORMED = {
     "bad choice": ("defaults: {index: {type: ivf}}\nblocks:\n" + VALID_BLOCK, "defaults.index.type", "hnsw_flat, flat"),
     "boolean as number": ("defaults: {train: {batch_size: true}}\nblocks:\n" + VALID_BLOCK, "defaults.train.batch_size", "expected an integer"),
     "yaml syntax": ("blocks:\n  - name: b\n    encoder: [unclosed\n", "line ", "YAML syntax error"),
+    "run folder name": ("blocks:\n" + VALID_BLOCK, "name", "folder name"),
     "missing encoder": ("blocks:\n  - name: b\n    embedding_sizes: [64]\n", "blocks[0].encoder", "missing"),
 }
 
@@ -141,7 +142,8 @@ MALFORMED = {
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_grid_is_one_line_error_with_key_path_and_exit_2(case, capsys, data_files):
     body, key_path, expected = MALFORMED[case]
-    path = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\n" + body)
+    name = "my runs/x" if case == "run folder name" else "g"
+    path = write_grid(data_files, f"name: {name}\ndata: {{train: train.json, dev: dev.json}}\n" + body)
     code, out, err = run_cli(capsys, "plan", path)
     assert code == 2
     assert out == ""

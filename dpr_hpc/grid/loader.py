@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -95,6 +96,8 @@ def load_grid(path: str | Path, require_data: bool = True) -> Grid:
     raw = _read_yaml(path)
     _check_mapping(raw, where, "", TOP_LEVEL_KEYS)
     name = _name(raw.get("name"), where, "name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise GridError(where, "name", f"expected a folder name (letters, digits, '_', '.', '-'): it names the run folder; got {name!r}")
 
     defaults = raw.get("defaults", {})
     _check_mapping(defaults, where, "defaults", DEFAULTS_KEYS)
