@@ -64,8 +64,21 @@ def _parser() -> argparse.ArgumentParser:
         "so running submit again resumes a grid.",
     )
     submit.add_argument("grid", type=Path, help="grid file (YAML)")
-    submit.add_argument("--backend", choices=("local",), default="local", help="where jobs run (default: local, on this machine)")
+    submit.add_argument(
+        "--backend", choices=("auto", "local", "slurm"), default="auto",
+        help="slurm: sbatch every stage job and return at once; local: run them here, one at a time; "
+        "auto (default): slurm where sbatch is on PATH, else local",
+    )
+    submit.add_argument("--profile", type=Path, help="cluster profile with per-stage resources (see slurm_templates/); slurm only")
+    submit.add_argument("--retry-failed", action="store_true", help="resubmit stage jobs whose last SLURM job ended without a result")
+    submit.add_argument("--hold", action="store_true", help="submit SLURM jobs held (release them with scontrol release)")
+    submit.add_argument("--dry-run", action="store_true", help="print the sbatch scripts submit would write; submit nothing")
     submit.set_defaults(handler=_submit)
+
+    cancel = commands.add_parser("cancel", parents=[runs_root], help="cancel the queued and running SLURM jobs of a grid")
+    cancel.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
+    cancel.add_argument("--cell", action="append", default=[], help="only this cell id (repeatable)")
+    cancel.set_defaults(handler=_cancel)
 
     status = commands.add_parser("status", parents=[runs_root], help="show every cell x stage x repeat with its state")
     status.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
@@ -108,32 +121,72 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from dpr_hpc.backends import scheduler
     from dpr_hpc.backends.local import LocalBackend
-    from dpr_hpc.grid import load_grid
+    from dpr_hpc.backends.profile import StageResources, load_profile
+    from dpr_hpc.backends.slurm import SlurmBackend
+    from dpr_hpc.grid import STAGES, load_grid
     from dpr_hpc.plan import make_plan
 
+    backend = args.backend
+    if backend == "auto":
+        backend = "slurm" if args.dry_run or scheduler.slurm_available() else "local"
+    resources = load_profile(args.profile) if args.profile else {stage: StageResources() for stage in STAGES}
+    if backend == "local" and (args.profile or args.hold or args.dry_run or args.retry_failed):
+        raise UsageError("--profile, --hold, --dry-run and --retry-failed apply to the slurm backend only")
     grid = load_grid(args.grid)
     plan = make_plan(grid)
     layout = RunLayout.for_grid(grid.name, args.runs_root)
-    print(f"grid {grid.name}: {len(plan.cells)} cells, {len(list(plan.jobs()))} stage jobs -> {layout.root}", flush=True)
-    report = LocalBackend(layout, plan, echo=lambda line: print(line, flush=True)).submit(args.grid)
+    echo = lambda line: print(line, flush=True)  # noqa: E731
+    if backend == "slurm":
+        slurm = SlurmBackend(layout, plan, resources, echo, hold=args.hold, retry_failed=args.retry_failed)
+        if args.dry_run:
+            for job, script in slurm.dry_run():
+                print(f"# ---- {job.key}\n{script}")
+            return 0
+        if not scheduler.slurm_available():
+            raise UsageError("--backend slurm: no sbatch on PATH here")
+    print(f"grid {grid.name}: {len(plan.cells)} cells, {len(list(plan.jobs()))} stage jobs -> {layout.root} ({backend})", flush=True)
+    report = (slurm if backend == "slurm" else LocalBackend(layout, plan, echo=echo)).submit(args.grid)
     return 0 if report.ok else 1
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from dpr_hpc.backends import scheduler
+    from dpr_hpc.ledger import Ledger
+    from dpr_hpc.runstate import load_plan
+
+    for layout in _layouts(args.target, args.runs_root):
+        plan = load_plan(layout)
+        unknown = set(args.cell) - {c.cell_id for c in plan.cells}
+        if unknown:
+            raise UsageError(f"{layout.root}: no cell {sorted(unknown)[0]} in this run")
+        ids = {key: job_id for key, job_id in Ledger.read(layout).latest_ids().items() if not args.cell or key.split("/")[0] in args.cell}
+        view = scheduler.query(list(ids.values()))
+        active = [job_id for job_id in ids.values() if job_id in view.jobs and view.jobs[job_id].active]
+        scheduler.cancel(active)
+        print(f"grid {plan.grid_name}: cancelled {len(active)} SLURM jobs")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     from dpr_hpc.runstate import load_plan
-    from dpr_hpc.status import disk_states, summary_line
+    from dpr_hpc.status import stage_states, summary_line
 
     everything = []
     for layout in _layouts(args.target, args.runs_root):
         plan = load_plan(layout)
-        states = disk_states(layout, plan)
+        report = stage_states(layout, plan)
+        states = report.states
         if args.json:
-            everything.append({"grid": plan.grid_name, "run_dir": str(layout.root), "jobs": [s.to_json() for s in states], "summary": summary_line(states)})
+            everything.append({"grid": plan.grid_name, "run_dir": str(layout.root), "source": report.source, "jobs": [s.to_json() for s in states], "summary": summary_line(states)})
             continue
-        print(f"grid {plan.grid_name} ({layout.root})")
-        rows = [[s.job.cell_id, s.job.stage, str(s.job.repeat), s.state, s.node, s.detail + (f"  log: {s.log}" if s.state == "FAILED" and s.log else "")] for s in states]
-        print(_columns(["CELL", "STAGE", "R", "STATE", "NODE", "DETAIL"], rows))
+        print(f"grid {plan.grid_name} ({layout.root}); states from the {report.source}")
+        rows = [
+            [s.job.cell_id, s.job.stage, str(s.job.repeat), s.state, s.job_id, s.node, s.detail + (f"  log: {s.log}" if s.state in ("FAILED", "TIMEOUT") and s.log else "")]
+            for s in states
+        ]
+        print(_columns(["CELL", "STAGE", "R", "STATE", "JOB", "NODE", "DETAIL"], rows))
         print(summary_line(states))
     if args.json:
         print(json.dumps(everything, indent=2))

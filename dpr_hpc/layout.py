@@ -2,7 +2,8 @@
 
     <runs root>/<grid name>/
         plan.json                                   the expanded grid, cells with their configs
-        submit.lock                                 held while a submit runs
+        submit.lock                                 held while a local submit runs
+        ledger.json, ledger.lock                    SLURM job ids per stage job (ledger.py)
         cells/<cell id>/<stage>/r<repeat>/
             result.json                             the validated record (its presence = done)
             failed.json | running.json              markers written by the stage runner

@@ -12,15 +12,17 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from dpr_hpc.backends import scheduler
 from dpr_hpc.errors import ResultInvalidError
 from dpr_hpc.layout import RunLayout
+from dpr_hpc.ledger import Ledger
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
 from dpr_hpc.results import load_record
 from dpr_hpc.runstate import latest_log, read_marker
 
-STATES = ("COMPLETED", "RUNNING", "PENDING", "FAILED", "INTERRUPTED", "BLOCKED")
-_DEAD_ENDS = ("FAILED", "INTERRUPTED", "BLOCKED")
+STATES = ("COMPLETED", "RUNNING", "PENDING", "REQUEUED", "FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "BLOCKED")
+_DEAD_ENDS = ("FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "BLOCKED")
 
 
 @dataclass(frozen=True)
@@ -30,28 +32,57 @@ class StageState:
     node: str = ""
     detail: str = ""
     log: str = ""
+    job_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.job.to_json(), "state": self.state, "node": self.node, "detail": self.detail, "log": self.log}
+        return {**self.job.to_json(), "state": self.state, "node": self.node, "detail": self.detail, "log": self.log, "job_id": self.job_id}
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    states: list[StageState]
+    source: str  # where job states came from: the run folder alone, sacct, or squeue
+
+
+def stage_states(layout: RunLayout, plan: Plan) -> StatusReport:
+    """Every stage job's state: the run folder's records and markers, and for jobs in the
+    ledger what the scheduler says of them, asked once for all of them."""
+    ids = Ledger.read(layout).latest_ids()
+    view = scheduler.query(list(ids.values())) if ids and scheduler.slurm_available() else None
+    states: dict[StageJob, StageState] = {}
+    for job in plan.jobs():
+        states[job] = _state_of(layout, plan, job, states, ids.get(job.key), view)
+    source = "run folder" if view is None else f"run folder and {view.source}"
+    if ids and view is None:
+        source += " (SLURM jobs in the ledger, but no SLURM commands here)"
+    return StatusReport(list(states.values()), source)
 
 
 def disk_states(layout: RunLayout, plan: Plan) -> list[StageState]:
-    states: dict[StageJob, StageState] = {}
-    for job in plan.jobs():
-        states[job] = _state_of(layout, plan, job, states)
-    return list(states.values())
+    return stage_states(layout, plan).states
 
 
-def _state_of(layout: RunLayout, plan: Plan, job: StageJob, known: dict[StageJob, StageState]) -> StageState:
+def _state_of(
+    layout: RunLayout, plan: Plan, job: StageJob, known: dict[StageJob, StageState],
+    job_id: str | None = None, view: scheduler.SchedulerView | None = None,
+) -> StageState:
     paths = layout.stage(job)
     invalid = ""
     if paths.result.exists():
         try:
             record = load_record(paths.result, plan.cell(job.cell_id), job)
-            return StageState(job, "COMPLETED", node_label(record["node"]), headline(record))
+            return StageState(job, "COMPLETED", node_label(record["node"]), headline(record), job_id=job_id or "")
         except ResultInvalidError as exc:
             invalid = f"result ignored: {exc}"
     log = latest_log(paths)
+    blocked_by = [dep for dep in plan.dependencies(job) if known[dep].state in _DEAD_ENDS]
+    if job_id and view is not None:
+        state = _scheduler_state(job, job_id, view.jobs.get(job_id), str(log or ""), invalid)
+        if blocked_by and state.state in ("PENDING", "CANCELLED", "BLOCKED"):
+            # Cancelled by SLURM (kill-on-invalid-dep) or waiting on a dependency that failed.
+            dep = blocked_by[0]
+            return StageState(job, "BLOCKED", detail=f"{dep.stage} r{dep.repeat} {known[dep].state.lower()}", job_id=job_id)
+        return state
     failure = read_marker(paths.failure)
     if failure:
         return StageState(job, "FAILED", failure.get("host", ""), failure.get("error", ""), str(log or ""))
@@ -60,10 +91,26 @@ def _state_of(layout: RunLayout, plan: Plan, job: StageJob, known: dict[StageJob
         if running.get("host") == socket.gethostname() and not running.get("slurm_job_id") and not _alive(running.get("pid")):
             return StageState(job, "INTERRUPTED", running["host"], "the process died without a result", str(log or ""))
         return StageState(job, "RUNNING", running.get("host", ""), f"since {running.get('started_at', '?')}", str(log or ""))
-    blocked_by = [dep for dep in plan.dependencies(job) if known[dep].state in _DEAD_ENDS]
     if blocked_by:
         return StageState(job, "BLOCKED", detail=f"{blocked_by[0].stage} r{blocked_by[0].repeat} {known[blocked_by[0]].state.lower()}")
     return StageState(job, "PENDING", detail=invalid)
+
+
+def _scheduler_state(job: StageJob, job_id: str, info: scheduler.JobInfo | None, log: str, invalid: str) -> StageState:
+    """A stage the scheduler knows, with no valid record: what SLURM says, never COMPLETED."""
+    if info is None:
+        return StageState(job, "PENDING", detail="submitted; not yet listed by the scheduler", job_id=job_id)
+    if info.state == "PENDING":
+        if info.reason.startswith("DependencyNeverSatisfied"):
+            return StageState(job, "BLOCKED", detail="an upstream job failed", job_id=job_id)
+        return StageState(job, "PENDING", detail=info.reason, job_id=job_id)
+    if info.active:
+        state = "REQUEUED" if info.state.startswith("REQUEUE") else "RUNNING"
+        return StageState(job, state, info.node, f"elapsed {info.elapsed}", log, job_id)
+    if info.state == "COMPLETED":
+        return StageState(job, "FAILED", info.node, invalid or "the job ended without a valid result record", log, job_id)
+    state = info.state if info.state in STATES else "FAILED"  # OUT_OF_MEMORY, NODE_FAIL, ... read as FAILED
+    return StageState(job, state, info.node, f"{info.state} exit code {info.exit_code}", log, job_id)
 
 
 def headline(record: dict[str, Any]) -> str:

@@ -41,7 +41,7 @@ def demo_run(demo_assets, tmp_path_factory):
             evaluate_only: true
             embedding_sizes: [64]
     """)
-    first = cli("submit", grid, cwd=work)
+    first = cli("submit", grid, "--backend", "local", cwd=work)
     return work, grid, first
 
 
@@ -65,7 +65,7 @@ def test_submit_runs_every_stage_and_status_shows_them_completed(demo_run):
 def test_second_submit_starts_nothing(demo_run):
     work, grid, _ = demo_run
     logs_before = sorted(work.glob("runs/e2e/cells/*/*/*/jobs/*_log.out"))
-    again = cli("submit", grid, cwd=work)
+    again = cli("submit", grid, "--backend", "local", cwd=work)
     assert again.returncode == 0
     assert "0 ran, 8 already complete" in again.stdout
     assert sorted(work.glob("runs/e2e/cells/*/*/*/jobs/*_log.out")) == logs_before
@@ -123,7 +123,7 @@ def test_failing_train_stage_is_reported_and_blocks_its_dependants(demo_assets, 
         data: {{train: {broken}, dev: {demo_assets}/dev.json}}
         blocks: [{{name: b, encoder: {demo_assets}/models/tiny-bert, embedding_sizes: [64]}}]
     """)
-    done = cli("submit", grid, cwd=tmp_path)
+    done = cli("submit", grid, "--backend", "local", cwd=tmp_path)
     assert done.returncode == 1
     assert "FAILED" in done.stdout and "BLOCKED" in done.stdout
     jobs = status_json(tmp_path, grid)

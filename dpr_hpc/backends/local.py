@@ -7,13 +7,13 @@ its peak memory is its own and its log lands beside its result.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import submitit
 from filelock import FileLock, Timeout
 
+from dpr_hpc.backends.report import SubmitReport
 from dpr_hpc.errors import UsageError
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.plan import Plan, StageJob
@@ -23,24 +23,6 @@ from dpr_hpc.stages.runner import run_stage_job
 from dpr_hpc.status import headline
 
 DEFAULT_TIMEOUT_MIN = 48 * 60  # the cluster's job limit, the same bound here
-
-
-@dataclass
-class SubmitReport:
-    ran: list[StageJob] = field(default_factory=list)
-    skipped: list[StageJob] = field(default_factory=list)
-    failed: list[StageJob] = field(default_factory=list)
-    blocked: list[StageJob] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.blocked
-
-    def summary(self) -> str:
-        return (
-            f"{len(self.ran)} ran, {len(self.skipped)} already complete (skipped), "
-            f"{len(self.failed)} failed, {len(self.blocked)} blocked"
-        )
 
 
 class LocalBackend:

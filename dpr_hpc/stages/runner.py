@@ -6,17 +6,19 @@ from __future__ import annotations
 import os
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import node_tags, now_iso
 from dpr_hpc.results import make_record, write_record
 from dpr_hpc.runstate import load_cell, mark_failed, mark_running
-from dpr_hpc.stages.common import StageOutput
+
+if TYPE_CHECKING:  # the stages import torch; submitting jobs should not wait for that
+    from dpr_hpc.stages.common import StageOutput
 
 
-def _stage_functions() -> dict[str, Callable[..., StageOutput]]:
+def _stage_functions() -> dict[str, Callable[..., "StageOutput"]]:
     from dpr_hpc.stages.index import index
     from dpr_hpc.stages.infer import infer
     from dpr_hpc.stages.train import train

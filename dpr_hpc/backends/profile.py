@@ -1,0 +1,94 @@
+"""Cluster profiles (slurm_templates/*.yaml): the resources each stage job asks SLURM for.
+
+    defaults: {partition: gpu, gres: "gpu:1", cpus_per_task: 8, mem_gb: 64, setup: [...]}
+    stages:
+      train: {time: "48:00:00"}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpr_hpc.errors import GridError
+from dpr_hpc.grid import STAGES
+
+
+@dataclass(frozen=True)
+class StageResources:
+    partition: str | None = None
+    gres: str | None = None
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    time: str = "48:00:00"
+    account: str | None = None
+    qos: str | None = None
+    setup: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def time_min(self) -> int:
+        return time_to_minutes(self.time)
+
+
+def time_to_minutes(value: str | int) -> int:
+    """SLURM's time formats: minutes, 'MM:SS', 'HH:MM:SS', 'D-HH:MM:SS' (rounded up to minutes)."""
+    if isinstance(value, int):
+        return value
+    days, _, rest = value.rpartition("-") if "-" in value else ("0", "", value)
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 1:
+        hours, minutes, seconds = 0, parts[0], 0
+    elif len(parts) == 2:
+        hours, minutes, seconds = 0, parts[0], parts[1]
+    else:
+        hours, minutes, seconds = parts[-3:]
+    return int(days) * 1440 + hours * 60 + minutes + (1 if seconds else 0)
+
+
+def load_profile(path: Path) -> dict[str, StageResources]:
+    """Resources per stage; every error names the profile file and key, like the grid's."""
+    where = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise GridError(where, "", "cluster profile not found") from None
+    except yaml.YAMLError as exc:
+        raise GridError(where, "", f"YAML syntax error: {exc}") from None
+    _check(raw, dict, where, "(top level)", "a mapping")
+    unknown = set(raw) - {"defaults", "stages", "description"}
+    if unknown:
+        raise GridError(where, sorted(unknown)[0], "unknown key; expected defaults, stages, description")
+    base = _resources(StageResources(), raw.get("defaults", {}), where, "defaults")
+    stages = raw.get("stages", {})
+    _check(stages, dict, where, "stages", "a mapping of stage names")
+    for stage in stages:
+        if stage not in STAGES:
+            raise GridError(where, f"stages.{stage}", f"unknown stage; expected one of {', '.join(STAGES)}")
+    return {stage: _resources(base, stages.get(stage, {}), where, f"stages.{stage}") for stage in STAGES}
+
+
+def _resources(base: StageResources, raw: Any, where: str, key_path: str) -> StageResources:
+    _check(raw, dict, where, key_path, "a mapping")
+    names = {f.name for f in fields(StageResources)}
+    for key, value in raw.items():
+        if key not in names:
+            raise GridError(where, f"{key_path}.{key}", f"unknown key; expected one of {', '.join(sorted(names))}")
+        if key == "setup":
+            _check(value, list, where, f"{key_path}.setup", "a list of shell lines")
+        elif key == "cpus_per_task" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise GridError(where, f"{key_path}.{key}", f"expected a positive integer, got {value!r}")
+        elif key == "time":
+            try:
+                time_to_minutes(value)
+            except (ValueError, AttributeError):
+                raise GridError(where, f"{key_path}.time", f"expected a SLURM time such as '48:00:00', got {value!r}") from None
+    values = {k: tuple(v) if k == "setup" else (str(v) if k == "time" else v) for k, v in raw.items()}
+    return replace(base, **values)
+
+
+def _check(value: Any, kind: type, where: str, key_path: str, expected: str) -> None:
+    if not isinstance(value, kind):
+        raise GridError(where, key_path, f"expected {expected}")

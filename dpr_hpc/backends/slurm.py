@@ -1,0 +1,151 @@
+"""SLURM backend: every pending stage job goes to sbatch through submitit's SlurmExecutor, with
+`--dependency=afterok:` on the jobs whose outputs it reads, and `submit` returns at once.
+
+Repeats are separate jobs, so they can land on different nodes. Each submission is recorded in
+the ledger before the next one is made; a second submit (even a concurrent one) sees it there.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import submitit
+from submitit.core import utils as submitit_utils
+from submitit.slurm.slurm import _make_sbatch_string
+
+from dpr_hpc.backends import scheduler
+from dpr_hpc.backends.profile import StageResources
+from dpr_hpc.backends.report import SubmitReport
+from dpr_hpc.errors import DprHpcError
+from dpr_hpc.layout import RunLayout
+from dpr_hpc.ledger import Ledger
+from dpr_hpc.plan import Plan, StageJob
+from dpr_hpc.results import is_complete
+from dpr_hpc.runstate import save_plan
+from dpr_hpc.stages.runner import run_stage_job
+
+SUBMIT_ATTEMPTS = 4
+BACKOFF_S = 2.0
+
+
+class SubmissionError(DprHpcError):
+    """sbatch kept failing; what was submitted before it stays in the ledger."""
+
+
+class SlurmBackend:
+    name = "slurm"
+
+    def __init__(
+        self,
+        layout: RunLayout,
+        plan: Plan,
+        resources: dict[str, StageResources],
+        echo: Callable[[str], None] = print,
+        *,
+        hold: bool = False,
+        retry_failed: bool = False,
+    ) -> None:
+        self.layout = layout
+        self.plan = plan
+        self.resources = resources
+        self.echo = echo
+        self.hold = hold
+        self.retry_failed = retry_failed
+        self.capacity: int | None = None
+
+    def submit(self, grid_file: Path) -> SubmitReport:
+        report = SubmitReport()
+        with Ledger.locked(self.layout) as ledger:
+            save_plan(self.layout, self.plan, grid_file)
+            view = scheduler.query(list(ledger.latest_ids().values()))
+            self.capacity = scheduler.submit_capacity()
+            queued: dict[StageJob, str] = {}
+            for job in self.plan.jobs():
+                self._place(job, ledger, view, queued, report)
+        self.echo(f"slurm: {report.summary('submitted')}")
+        return report
+
+    def _place(self, job: StageJob, ledger: Ledger, view: scheduler.SchedulerView, queued: dict[StageJob, str], report: SubmitReport) -> None:
+        if self._complete(job):
+            report.skipped.append(job)
+            return
+        latest = ledger.latest(job)
+        if latest:
+            info = view.jobs.get(latest["job_id"])
+            if info is None or info.active:  # unknown yet to the scheduler = just submitted
+                queued[job] = latest["job_id"]
+                report.active.append(job)
+                return
+            if not self.retry_failed:
+                upstream_done = all(self._complete(dep) for dep in self.plan.dependencies(job))
+                (report.failed if upstream_done else report.blocked).append(job)
+                if upstream_done:
+                    self.echo(f"{job.key}: job {latest['job_id']} ended {info.state} without a result; --retry-failed resubmits it")
+                return
+        dependencies = []
+        for dep in self.plan.dependencies(job):
+            if self._complete(dep):
+                continue
+            if dep not in queued:
+                (report.deferred if dep in report.deferred else report.blocked).append(job)
+                return
+            dependencies.append(queued[dep])
+        if self.capacity is not None and len(report.ran) >= self.capacity:
+            report.deferred.append(job)
+            return
+        job_id = self._sbatch(job, dependencies)
+        ledger.record(job, job_id)
+        queued[job] = job_id
+        report.ran.append(job)
+        after = f" after {','.join(dependencies)}" if dependencies else ""
+        self.echo(f"{job.key}: submitted as job {job_id}{after}")
+
+    def _complete(self, job: StageJob) -> bool:
+        return is_complete(self.layout.stage(job).result, self.plan.cell(job.cell_id), job)
+
+    def _sbatch(self, job: StageJob, dependencies: list[str]) -> str:
+        executor = submitit.SlurmExecutor(folder=self.layout.stage(job).jobs)
+        executor.update_parameters(**self.sbatch_parameters(job, dependencies))
+        error: Exception | None = None
+        for attempt in range(SUBMIT_ATTEMPTS):
+            try:
+                return executor.submit(run_stage_job, str(self.layout.root), job.cell_id, job.stage, job.repeat).job_id
+            except (submitit_utils.FailedJobError, submitit_utils.FailedSubmissionError, OSError) as exc:
+                error = exc
+                if attempt + 1 < SUBMIT_ATTEMPTS:
+                    time.sleep(BACKOFF_S * 2**attempt)
+        message = str(error).strip().splitlines()[-1] if error and str(error).strip() else repr(error)
+        raise SubmissionError(f"sbatch failed {SUBMIT_ATTEMPTS} times for {job.key}: {message} (earlier submissions are in the ledger)")
+
+    def sbatch_parameters(self, job: StageJob, dependencies: list[str]) -> dict:
+        r = self.resources[job.stage]
+        params: dict = {
+            "job_name": f"dpr-{job.stage}-r{job.repeat}-{job.cell_id}",
+            "time": r.time_min,
+            "cpus_per_task": r.cpus_per_task,
+            "setup": list(r.setup),
+        }
+        optional = {"partition": r.partition, "gres": r.gres, "account": r.account, "qos": r.qos,
+                    "mem": f"{r.mem_gb:g}GB" if r.mem_gb else None,
+                    "dependency": "afterok:" + ":".join(dependencies) if dependencies else None}
+        params.update({k: v for k, v in optional.items() if v is not None})
+        # SLURM cancels a job whose dependency failed, instead of leaving it pending forever.
+        params["additional_parameters"] = {"kill-on-invalid-dep": "yes", **({"hold": True} if self.hold else {})}
+        return params
+
+    def dry_run(self) -> list[tuple[StageJob, str]]:
+        """The exact sbatch scripts submit would write, with the dependency on every upstream job
+        named by its stage (a real submit fills in the SLURM job id)."""
+        scripts = []
+        for job in self.plan.jobs():
+            if self._complete(job):
+                continue
+            deps = [f"<{dep.key}>" for dep in self.plan.dependencies(job)]
+            folder = self.layout.stage(job).jobs
+            command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"  # as submitit writes it
+            scripts.append((job, _make_sbatch_string(command=command, folder=folder, **self.sbatch_parameters(job, deps))))
+        return scripts

@@ -1,0 +1,52 @@
+"""The ledger: every scheduler job id each stage job has had, written under a file lock.
+
+It lets `status`, `cancel` and a later `submit` work from any shell at any time, with no
+process kept alive, and it is what stops two concurrent submits from submitting a stage twice:
+a submit holds the lock from reading the ledger until it has recorded what it submitted.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from filelock import FileLock
+
+from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.layout import RunLayout
+from dpr_hpc.plan import StageJob
+from dpr_hpc.provenance import now_iso
+
+LOCK_TIMEOUT_S = 600
+
+
+@dataclass
+class Ledger:
+    path: Path
+    entries: dict[str, list[dict[str, Any]]]
+
+    @classmethod
+    def read(cls, layout: RunLayout) -> "Ledger":
+        path = layout.root / "ledger.json"
+        return cls(path, read_json(path) if path.is_file() else {})
+
+    @classmethod
+    @contextmanager
+    def locked(cls, layout: RunLayout) -> Iterator["Ledger"]:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(layout.root / "ledger.lock"), timeout=LOCK_TIMEOUT_S):
+            yield cls.read(layout)
+
+    def latest(self, job: StageJob) -> dict[str, Any] | None:
+        history = self.entries.get(job.key)
+        return history[-1] if history else None
+
+    def latest_ids(self) -> dict[str, str]:
+        return {key: history[-1]["job_id"] for key, history in self.entries.items() if history}
+
+    def record(self, job: StageJob, job_id: str, backend: str = "slurm") -> None:
+        """Append and write at once, so a submit that dies half-way keeps what it submitted."""
+        self.entries.setdefault(job.key, []).append({"job_id": job_id, "submitted_at": now_iso(), "backend": backend})
+        write_json_atomic(self.path, self.entries)

@@ -1,0 +1,69 @@
+"""The exact sbatch scripts of a train, an index and an infer job, pinned by golden files.
+
+Set DPR_HPC_UPDATE_GOLDEN=1 to rewrite them after an intended change, then review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_grid
+from dpr_hpc.backends.profile import load_profile, time_to_minutes
+from dpr_hpc.backends.slurm import SlurmBackend
+from dpr_hpc.errors import GridError
+from dpr_hpc.grid import load_grid
+from dpr_hpc.layout import RunLayout
+from dpr_hpc.plan import make_plan
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture
+def scripts(data_files, tmp_path):
+    grid = write_grid(data_files, """
+        name: golden
+        data: {train: train.json, dev: dev.json}
+        blocks:
+          - {name: bert, encoder: bert-base-uncased, embedding_sizes: [768], train: {batch_size: 16}}
+    """)
+    layout = RunLayout(tmp_path / "runs" / "golden")
+    backend = SlurmBackend(layout, make_plan(load_grid(grid)), load_profile(REPO / "slurm_templates" / "gpu24.yaml"))
+    rendered = {job.stage: script for job, script in backend.dry_run()}
+    # Machine-specific parts: where the run folder and the interpreter are.
+    return {stage: text.replace(str(layout.root), "<RUN>").replace(sys.executable, "<PYTHON>") for stage, text in rendered.items()}
+
+
+@pytest.mark.parametrize("stage", ["train", "index", "infer"])
+def test_dry_run_sbatch_script_matches_golden_file(scripts, stage):
+    golden = GOLDEN / f"sbatch_{stage}.txt"
+    if os.environ.get("DPR_HPC_UPDATE_GOLDEN") == "1":
+        golden.write_text(scripts[stage])
+    assert scripts[stage] == golden.read_text()
+
+
+def test_dry_run_writes_nothing(data_files, tmp_path):
+    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
+    layout = RunLayout(tmp_path / "runs" / "g")
+    SlurmBackend(layout, make_plan(load_grid(grid)), load_profile(REPO / "slurm_templates" / "test-cluster.yaml")).dry_run()
+    assert not layout.root.exists()
+
+
+def test_slurm_time_formats():
+    assert [time_to_minutes(t) for t in ("48:00:00", "2-00:00:00", "90", "1:30", "0:00:01", 15)] == [2880, 2880, 90, 2, 1, 15]
+
+
+def test_profile_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("stages: {train: {tim: '1:00:00'}}\n")
+    with pytest.raises(GridError, match=r"p.yaml: stages.train.tim: unknown key"):
+        load_profile(bad)
+    bad.write_text("stages: {train: {time: soon}}\n")
+    with pytest.raises(GridError, match=r"stages.train.time: expected a SLURM time"):
+        load_profile(bad)
+    bad.write_text("stages: {tokenize: {}}\n")
+    with pytest.raises(GridError, match=r"stages.tokenize: unknown stage"):
+        load_profile(bad)

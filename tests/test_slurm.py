@@ -1,0 +1,146 @@
+"""The SLURM backend against a real one-node SLURM (munge, slurmdbd with MariaDB, slurmctld,
+slurmd), which tests/slurm/cluster-up.sh installs and starts. Where it cannot (not root, no
+apt) these tests skip with the reason, unless DPR_HPC_REQUIRE_SLURM=1 (set by .ci/run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, write_grid
+
+pytestmark = pytest.mark.slow
+PROFILE = REPO / "slurm_templates" / "test-cluster.yaml"
+UNSETTLED = {"PENDING", "RUNNING", "REQUEUED"}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    try:
+        done = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "cluster-up.sh")], capture_output=True, text=True, timeout=1200)
+        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        up = done.returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        up, reason = False, str(exc)
+    if not up:
+        if os.environ.get("DPR_HPC_REQUIRE_SLURM") == "1":
+            pytest.fail(f"DPR_HPC_REQUIRE_SLURM=1 but no SLURM cluster could be started: {reason}")
+        pytest.skip(f"no SLURM cluster here: {reason}")
+
+
+def cli(*args, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "dpr_hpc", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    if check:
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def status(work: Path, grid: Path) -> list[dict]:
+    return json.loads(cli("status", grid, "--json", cwd=work, check=True).stdout)[0]["jobs"]
+
+
+def wait_until_settled(work: Path, grid: Path, timeout_s: float = 600) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        jobs = status(work, grid)
+        if not any(j["state"] in UNSETTLED for j in jobs):
+            return jobs
+        if time.monotonic() > deadline:
+            pytest.fail(f"jobs still unsettled after {timeout_s}s: {jobs}")
+        time.sleep(3)
+
+
+def small_grid(folder: Path, demo: Path, train_file: Path | None = None, name: str = "slurm") -> Path:
+    return write_grid(folder, f"""
+        name: {name}
+        data: {{train: {train_file or demo / 'train.json'}, dev: {demo}/dev.json}}
+        defaults:
+          train: {{epochs: 3, learning_rate: 1.0e-3, dropout: 0.0, warmup_steps: 5, batch_size: 16}}
+          text: {{max_length: 64}}
+          encode_batch_size: 128
+        blocks:
+          - {{name: trained, encoder: {demo}/models/tiny-bert, embedding_sizes: [64], repeats: {{index: 2, infer: 2}}}}
+          - {{name: untrained, encoder: {demo}/models/tiny-bert, evaluate_only: true, embedding_sizes: [64]}}
+    """, f"{name}.yaml")
+
+
+def test_grid_completes_on_the_real_cluster_with_job_ids_and_nodes(slurm_cluster, demo_assets, tmp_path):
+    grid = small_grid(tmp_path, demo_assets)
+    started = time.monotonic()
+    submitted = cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
+    assert time.monotonic() - started < 30  # returns at once; the scheduler runs the jobs
+    assert "7 submitted" in submitted.stdout
+    jobs = wait_until_settled(tmp_path, grid)
+    assert [j["state"] for j in jobs] == ["COMPLETED"] * 7
+    assert all(j["job_id"].isdigit() and j["node"] for j in jobs)
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("runs/slurm/cells/*/*/*/result.json")]
+    assert sorted(r["node"]["slurm_job_id"] for r in records) == sorted(j["job_id"] for j in jobs)
+    assert all(r["node"]["slurm_node"] for r in records)
+
+    again = cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
+    assert "0 submitted, 7 already complete" in again.stdout
+
+    cli("collect", grid, "--median", "--out", tmp_path / "results", cwd=tmp_path, check=True)
+    on_slurm = pd.read_csv(tmp_path / "results" / "slurm-median.csv")
+    local_grid = small_grid(tmp_path, demo_assets, name="local")
+    cli("submit", local_grid, "--backend", "local", cwd=tmp_path, check=True)
+    cli("collect", local_grid, "--median", "--out", tmp_path / "results", cwd=tmp_path, check=True)
+    local = pd.read_csv(tmp_path / "results" / "local-median.csv")
+    assert list(on_slurm.columns) == list(local.columns) and on_slurm.shape == local.shape
+    assert on_slurm.drop(columns=[c for c in on_slurm.columns if c.endswith(("_s", "_ms"))]).notna().equals(
+        local.drop(columns=[c for c in local.columns if c.endswith(("_s", "_ms"))]).notna()
+    )
+
+
+def test_failed_train_blocks_its_stages_and_retry_failed_resubmits_only_those(slurm_cluster, demo_assets, tmp_path):
+    train_file = tmp_path / "train.json"
+    train_file.write_text(json.dumps([{"question": "q", "positive_ctxs": [{"title": "no id or text"}]}]))
+    grid = small_grid(tmp_path, demo_assets, train_file)
+    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
+    jobs = wait_until_settled(tmp_path, grid)
+    by_stage = {(j["cell_id"].split("-")[-2], j["stage"], j["repeat"]): j for j in jobs}
+    train = by_stage[("bs16", "train", 0)]
+    assert train["state"] == "FAILED" and "exit code 1" in train["detail"]
+    assert Path(train["log"]).is_file() and "DataFormatError" in Path(train["log"]).read_text()
+    blocked = [j for j in jobs if j["cell_id"] == train["cell_id"] and j["stage"] != "train"]
+    assert [j["state"] for j in blocked] == ["BLOCKED"] * 4
+    assert {j["state"] for j in jobs if j["cell_id"] != train["cell_id"]} == {"COMPLETED"}
+    assert subprocess.run(["squeue", "-h", "-j", ",".join(j["job_id"] for j in blocked)], capture_output=True, text=True).stdout.strip() == ""
+
+    again = cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path)
+    assert again.returncode == 1 and "0 submitted" in again.stdout and "--retry-failed" in again.stdout
+
+    train_file.write_text((demo_assets / "train.json").read_text())
+    retried = cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, "--retry-failed", cwd=tmp_path, check=True)
+    assert "5 submitted, 2 already complete" in retried.stdout
+    assert {j["state"] for j in wait_until_settled(tmp_path, grid)} == {"COMPLETED"}
+    ledger = json.loads((tmp_path / "runs" / "slurm" / "ledger.json").read_text())
+    assert len(ledger[f"{train['cell_id']}/train/r0"]) == 2
+
+
+def test_concurrent_submits_submit_each_stage_once_and_cancel_clears_them(slurm_cluster, demo_assets, tmp_path):
+    grid = small_grid(tmp_path, demo_assets)
+    command = [sys.executable, "-m", "dpr_hpc", "submit", str(grid), "--backend", "slurm", "--profile", str(PROFILE), "--hold"]
+    both = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in both]
+    assert all(p.returncode == 0 for p in both)
+    ledger = json.loads((tmp_path / "runs" / "slurm" / "ledger.json").read_text())
+    assert len(ledger) == 7 and all(len(history) == 1 for history in ledger.values())
+    assert sorted("7 submitted" in out for out in outputs) == [False, True]
+    ids = [history[0]["job_id"] for history in ledger.values()]
+    queued = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert sorted(queued) == sorted(ids)
+    assert {j["state"] for j in status(tmp_path, grid)} == {"PENDING"}
+
+    cli("cancel", grid, cwd=tmp_path, check=True)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "cancelled jobs still queued"
+        time.sleep(1)
