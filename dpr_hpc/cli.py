@@ -69,7 +69,11 @@ def _parser() -> argparse.ArgumentParser:
         help="slurm: sbatch every stage job and return at once; local: run them here, one at a time; "
         "auto (default): slurm where sbatch is on PATH, else local",
     )
-    submit.add_argument("--profile", type=Path, help="cluster profile with per-stage resources (see slurm_templates/); slurm only")
+    submit.add_argument(
+        "--profile", type=Path,
+        help="cluster profile with per-stage resources (see slurm_templates/); replaces the grid's slurm.profile, "
+        "the grid's slurm.defaults/slurm.stages still apply on top; slurm only",
+    )
     submit.add_argument("--retry-failed", action="store_true", help="resubmit stage jobs whose last SLURM job ended without a result")
     submit.add_argument("--hold", action="store_true", help="submit SLURM jobs held (release them with scontrol release)")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch scripts submit would write; submit nothing")
@@ -115,26 +119,29 @@ def _plan(args: argparse.Namespace) -> int:
         for c in plan.cells
     ]
     print(_columns(["CELL", "GROUP", "ENCODER", "ES", "BS", "STAGE JOBS"], rows))
-    for missing in grid.missing_data:
-        print(f"note: not found here (needed before submit): {missing}", file=sys.stderr)
+    _note_missing(grid.missing_data)
     return 0
+
+
+def _note_missing(missing_files: Sequence[str]) -> None:
+    for missing in missing_files:
+        print(f"note: not found here (needed before submit): {missing}", file=sys.stderr)
 
 
 def _submit(args: argparse.Namespace) -> int:
     from dpr_hpc.backends import scheduler
     from dpr_hpc.backends.local import LocalBackend
-    from dpr_hpc.backends.profile import StageResources, load_profile
     from dpr_hpc.backends.slurm import SlurmBackend
-    from dpr_hpc.grid import STAGES, load_grid
+    from dpr_hpc.grid import load_grid
     from dpr_hpc.plan import make_plan
 
     backend = args.backend
     if backend == "auto":
         backend = "slurm" if args.dry_run or scheduler.slurm_available() else "local"
-    resources = load_profile(args.profile) if args.profile else {stage: StageResources() for stage in STAGES}
     if backend == "local" and (args.profile or args.hold or args.dry_run or args.retry_failed):
         raise UsageError("--profile, --hold, --dry-run and --retry-failed apply to the slurm backend only")
-    grid = load_grid(args.grid)
+    grid = load_grid(args.grid, require_data=not args.dry_run)
+    resources = grid.resources(args.profile)
     plan = make_plan(grid)
     layout = RunLayout.for_grid(grid.name, args.runs_root)
     echo = lambda line: print(line, flush=True)  # noqa: E731
@@ -143,6 +150,7 @@ def _submit(args: argparse.Namespace) -> int:
         if args.dry_run:
             for job, script in slurm.dry_run():
                 print(f"# ---- {job.key}\n{script}")
+            _note_missing(grid.missing_data)
             return 0
         if not scheduler.slurm_available():
             raise UsageError("--backend slurm: no sbatch on PATH here")

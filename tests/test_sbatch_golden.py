@@ -67,3 +67,29 @@ def test_profile_errors_name_file_and_key(tmp_path):
     bad.write_text("stages: {tokenize: {}}\n")
     with pytest.raises(GridError, match=r"stages.tokenize: unknown stage"):
         load_profile(bad)
+
+
+def test_grid_slurm_section_overrides_its_profile_and_command_line_profile_replaces_it(data_files):
+    grid = write_grid(data_files, f"""
+        name: g
+        data: {{train: train.json, dev: dev.json}}
+        slurm:
+          profile: {REPO / "slurm_templates" / "gpu24.yaml"}
+          stages: {{train: {{time: "12:00:00"}}}}
+        blocks: [{{name: b, encoder: x/y, embedding_sizes: [8]}}]
+    """)
+    loaded = load_grid(grid)
+    own = loaded.resources()
+    assert (own["train"].time_min, own["train"].partition, own["index"].time_min) == (720, "gpu", 720)
+    replaced = loaded.resources(REPO / "slurm_templates" / "test-cluster.yaml")
+    assert (replaced["train"].time_min, replaced["train"].partition, replaced["index"].time_min) == (720, "debug", 10)
+
+
+def test_grid_slurm_section_errors_name_the_grid_key(data_files):
+    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nslurm: {stages: {train: {tyme: 1}}}\n"
+                      "blocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
+    with pytest.raises(GridError, match=r"grid.yaml: slurm.stages.train.tyme: unknown key"):
+        load_grid(grid)
+    grid.write_text(grid.read_text().replace("stages: {train: {tyme: 1}}", "profile: nowhere.yaml"))
+    with pytest.raises(GridError, match=r"nowhere.yaml: cluster profile not found"):
+        load_grid(grid)

@@ -48,8 +48,15 @@ def time_to_minutes(value: str | int) -> int:
     return int(days) * 1440 + hours * 60 + minutes + (1 if seconds else 0)
 
 
-def load_profile(path: Path) -> dict[str, StageResources]:
-    """Resources per stage; every error names the profile file and key, like the grid's."""
+Resources = dict[str, StageResources]
+
+
+def default_resources() -> Resources:
+    return {stage: StageResources() for stage in STAGES}
+
+
+def load_profile(path: Path, base: Resources | None = None) -> Resources:
+    """Resources per stage from a profile file; every error names the file and the key."""
     where = str(path)
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -58,16 +65,30 @@ def load_profile(path: Path) -> dict[str, StageResources]:
     except yaml.YAMLError as exc:
         raise GridError(where, "", f"YAML syntax error: {exc}") from None
     _check(raw, dict, where, "(top level)", "a mapping")
-    unknown = set(raw) - {"defaults", "stages", "description"}
-    if unknown:
-        raise GridError(where, sorted(unknown)[0], "unknown key; expected defaults, stages, description")
-    base = _resources(StageResources(), raw.get("defaults", {}), where, "defaults")
+    return overlay(base or default_resources(), {k: v for k, v in raw.items() if k != "description"}, where, "")
+
+
+def overlay(base: Resources, raw: Any, where: str, key_path: str, extra_keys: tuple[str, ...] = ()) -> Resources:
+    """`defaults` on top of every stage of `base`, then each stage's own keys on top of that."""
+    _check(raw, dict, where, key_path or "(top level)", "a mapping")
+    allowed = ("defaults", "stages") + extra_keys
+    for key in raw:
+        if key not in allowed:
+            raise GridError(where, _join(key_path, str(key)), f"unknown key; expected one of {', '.join(allowed)}")
+    defaults = raw.get("defaults", {})
     stages = raw.get("stages", {})
-    _check(stages, dict, where, "stages", "a mapping of stage names")
+    _check(stages, dict, where, _join(key_path, "stages"), "a mapping of stage names")
     for stage in stages:
         if stage not in STAGES:
-            raise GridError(where, f"stages.{stage}", f"unknown stage; expected one of {', '.join(STAGES)}")
-    return {stage: _resources(base, stages.get(stage, {}), where, f"stages.{stage}") for stage in STAGES}
+            raise GridError(where, _join(key_path, f"stages.{stage}"), f"unknown stage; expected one of {', '.join(STAGES)}")
+    return {
+        stage: _resources(_resources(base[stage], defaults, where, _join(key_path, "defaults")), stages.get(stage, {}), where, _join(key_path, f"stages.{stage}"))
+        for stage in STAGES
+    }
+
+
+def _join(key_path: str, key: str) -> str:
+    return f"{key_path}.{key}" if key_path else key
 
 
 def _resources(base: StageResources, raw: Any, where: str, key_path: str) -> StageResources:

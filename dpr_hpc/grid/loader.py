@@ -44,7 +44,7 @@ SECTIONS: dict[str, type] = {
     "repeats": Repeats,
 }
 SCALARS = ("encode_batch_size", "top_k")
-TOP_LEVEL_KEYS = ("name", "description", "data", "defaults", "blocks")
+TOP_LEVEL_KEYS = ("name", "description", "data", "defaults", "blocks", "slurm")
 DEFAULTS_KEYS = tuple(SECTIONS) + SCALARS
 CELL_KEYS = (
     ("encoder", "question_encoder", "passage_encoder", "evaluate_only", "data", "embedding_size")
@@ -80,12 +80,24 @@ FIELD_CHECKS: dict[str, _Check] = {
 
 @dataclass(frozen=True)
 class Grid:
-    """A loaded grid: its cells in file order and the data files it names that are absent here."""
+    """A loaded grid: its cells in file order, the data files it names that are absent here,
+    and its SLURM resources (a profile file and per-stage overrides; never part of a cell id)."""
 
     name: str
     path: Path
     cells: tuple[CellConfig, ...]
     missing_data: tuple[str, ...]
+    slurm_profile: Path | None = None
+    slurm_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def resources(self, profile: Path | None = None):
+        """Per-stage resources: `profile` (the command line's) or the grid's own profile, then
+        the grid's `slurm.defaults` and `slurm.stages` on top."""
+        from dpr_hpc.backends.profile import default_resources, load_profile, overlay
+
+        chosen = profile or self.slurm_profile
+        base = load_profile(chosen) if chosen else default_resources()
+        return overlay(base, self.slurm_overrides, str(self.path), "slurm")
 
 
 def load_grid(path: str | Path, require_data: bool = True) -> Grid:
@@ -117,7 +129,19 @@ def load_grid(path: str | Path, require_data: bool = True) -> Grid:
     if require_data and missing:
         key, file = missing[0]
         raise GridError(where, key, f"not found: {file}")
-    return Grid(name, path, tuple(c for _, c in cells), tuple(sorted({f for _, f in missing})))
+    profile, overrides = _parse_slurm(raw.get("slurm", {}), where, path.parent.resolve())
+    grid = Grid(name, path, tuple(c for _, c in cells), tuple(sorted({f for _, f in missing})), profile, overrides)
+    grid.resources()  # validates the profile and the overrides now, before anything starts
+    return grid
+
+
+def _parse_slurm(raw: Any, where: str, base_dir: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The grid's `slurm:` section: an optional profile path (from the grid's folder) and overrides."""
+    _check_mapping(raw, where, "slurm", ("profile", "defaults", "stages"))
+    profile = raw.get("profile")
+    if profile is not None and not (isinstance(profile, str) and profile):
+        raise GridError(where, "slurm.profile", f"expected a profile file path, got {_type_name(profile)}")
+    return (base_dir / profile if profile else None), {k: v for k, v in raw.items() if k != "profile"}
 
 
 def _read_yaml(path: Path) -> Any:
