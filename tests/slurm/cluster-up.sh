@@ -6,6 +6,8 @@
 set -euo pipefail
 
 log() { echo "slurm-harness: $*" >&2; }
+# The last line on stderr is what the tests report as the reason: make it say what failed.
+trap 'log "failed at line $LINENO: $BASH_COMMAND"' ERR
 
 if sinfo -h -o %T >/dev/null 2>&1 && sacct -n -X -S now-1minutes >/dev/null 2>&1; then
   log "cluster already up: $(sinfo -h -o '%P %D %T' | head -1)"
@@ -15,18 +17,22 @@ if [ "$(id -u)" -ne 0 ]; then log "not root: cannot install or start SLURM"; exi
 if ! command -v apt-get >/dev/null; then log "no apt-get: cannot install SLURM"; exit 3; fi
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v mariadbd >/dev/null; then
-  log "installing slurm-wlm, slurmdbd, munge, mariadb-server"
+  log "installing slurm-wlm, slurmdbd, munge, mariadb-server (log: /tmp/slurm-harness-apt.log)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq slurm-wlm slurmdbd munge mariadb-server >/dev/null
+  if ! { apt-get update -qq && apt-get install -y -qq slurm-wlm slurmdbd munge mariadb-server; } >/tmp/slurm-harness-apt.log 2>&1; then
+    tail -5 /tmp/slurm-harness-apt.log >&2
+    log "apt-get install failed"
+    exit 3
+  fi
 fi
 
 host=$(hostname)
 cpus=$(nproc)
 mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 etc=/etc/slurm
-mkdir -p "$etc" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
+mkdir -p "$etc" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /etc/munge /var/lib/munge /var/log/munge
 chown slurm:slurm /var/spool/slurmctld /var/log/slurm
+chown munge:munge /etc/munge /var/lib/munge /var/log/munge
 
 # munge: every daemon and client authenticates through it.
 if [ ! -s /etc/munge/munge.key ]; then
@@ -40,9 +46,13 @@ fi
 
 # MariaDB for slurmdbd's accounting.
 if ! mariadb -e 'select 1' >/dev/null 2>&1; then
-  mkdir -p /run/mysqld; chown mysql:mysql /run/mysqld
+  mkdir -p /run/mysqld /etc/mysql/conf.d; chown mysql:mysql /run/mysqld
+  if [ ! -d /var/lib/mysql/mysql ]; then
+    mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/var/log/slurm/mariadb-install.log 2>&1
+  fi
   (mariadbd-safe >/var/log/slurm/mariadb.log 2>&1 &)
   for _ in $(seq 60); do mariadb -e 'select 1' >/dev/null 2>&1 && break; sleep 1; done
+  mariadb -e 'select 1' >/dev/null 2>&1 || { log "MariaDB did not start: see /var/log/slurm/mariadb.log"; exit 3; }
 fi
 mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurmdbpass';
             GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
@@ -93,6 +103,7 @@ CONF
 
 if ! pgrep -x slurmdbd >/dev/null; then slurmdbd; fi
 for _ in $(seq 60); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 1; done
+sacctmgr -n list cluster >/dev/null 2>&1 || { log "slurmdbd did not answer: see /var/log/slurm/slurmdbd.log"; exit 3; }
 sacctmgr -n list cluster format=cluster | grep -qw dprhpc || sacctmgr -i add cluster dprhpc >/dev/null
 if ! pgrep -x slurmctld >/dev/null; then slurmctld; fi
 if ! pgrep -x slurmd >/dev/null; then slurmd; fi
@@ -102,4 +113,7 @@ for _ in $(seq 60); do
   sleep 1
 done
 scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
+if ! sacct -n -X -S now-1minutes >/dev/null 2>&1; then
+  log "the cluster started but sacct does not answer: see /var/log/slurm/slurmctld.log"; exit 3
+fi
 log "cluster up: $(sinfo -h -o '%P %D %T %c cpus' | head -1)"
