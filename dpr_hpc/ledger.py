@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +21,9 @@ from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import now_iso
 
 LOCK_TIMEOUT_S = 600
+# How long a submitted job may go unlisted by sacct and squeue before it counts as gone: sacct
+# lags fresh submissions, and without accounting squeue forgets jobs once they end.
+UNLISTED_GRACE_S = 300
 
 
 @dataclass
@@ -42,6 +46,13 @@ class Ledger:
     def latest(self, job: StageJob) -> dict[str, Any] | None:
         history = self.entries.get(job.key)
         return history[-1] if history else None
+
+    def recently_submitted(self, job: StageJob, now: datetime | None = None) -> bool:
+        latest = self.latest(job)
+        if latest is None:
+            return False
+        submitted = datetime.fromisoformat(latest["submitted_at"])
+        return ((now or datetime.now(timezone.utc)) - submitted).total_seconds() < UNLISTED_GRACE_S
 
     def latest_ids(self) -> dict[str, str]:
         return {key: history[-1]["job_id"] for key, history in self.entries.items() if history}

@@ -47,11 +47,12 @@ class StatusReport:
 def stage_states(layout: RunLayout, plan: Plan) -> StatusReport:
     """Every stage job's state: the run folder's records and markers, and for jobs in the
     ledger what the scheduler says of them, asked once for all of them."""
-    ids = Ledger.read(layout).latest_ids()
+    ledger = Ledger.read(layout)
+    ids = ledger.latest_ids()
     view = scheduler.query(list(ids.values())) if ids and scheduler.slurm_available() else None
     states: dict[StageJob, StageState] = {}
     for job in plan.jobs():
-        states[job] = _state_of(layout, plan, job, states, ids.get(job.key), view)
+        states[job] = _state_of(layout, plan, job, states, ids.get(job.key), view, ledger.recently_submitted(job))
     source = "run folder" if view is None else f"run folder and {view.source}"
     if ids and view is None:
         source += " (SLURM jobs in the ledger, but no SLURM commands here)"
@@ -64,7 +65,7 @@ def disk_states(layout: RunLayout, plan: Plan) -> list[StageState]:
 
 def _state_of(
     layout: RunLayout, plan: Plan, job: StageJob, known: dict[StageJob, StageState],
-    job_id: str | None = None, view: scheduler.SchedulerView | None = None,
+    job_id: str | None = None, view: scheduler.SchedulerView | None = None, recent: bool = False,
 ) -> StageState:
     paths = layout.stage(job)
     invalid = ""
@@ -77,7 +78,7 @@ def _state_of(
     log = latest_log(paths)
     blocked_by = [dep for dep in plan.dependencies(job) if known[dep].state in _DEAD_ENDS]
     if job_id and view is not None:
-        state = _scheduler_state(job, job_id, view.jobs.get(job_id), str(log or ""), invalid)
+        state = _scheduler_state(job, job_id, view.jobs.get(job_id), str(log or ""), invalid, recent)
         if blocked_by and state.state in ("PENDING", "CANCELLED", "BLOCKED"):
             # Cancelled by SLURM (kill-on-invalid-dep) or waiting on a dependency that failed.
             dep = blocked_by[0]
@@ -96,10 +97,12 @@ def _state_of(
     return StageState(job, "PENDING", detail=invalid)
 
 
-def _scheduler_state(job: StageJob, job_id: str, info: scheduler.JobInfo | None, log: str, invalid: str) -> StageState:
+def _scheduler_state(job: StageJob, job_id: str, info: scheduler.JobInfo | None, log: str, invalid: str, recent: bool) -> StageState:
     """A stage the scheduler knows, with no valid record: what SLURM says, never COMPLETED."""
     if info is None:
-        return StageState(job, "PENDING", detail="submitted; not yet listed by the scheduler", job_id=job_id)
+        if recent:
+            return StageState(job, "PENDING", detail="submitted; not yet listed by the scheduler", job_id=job_id)
+        return StageState(job, "FAILED", detail="no longer listed by the scheduler, and no result", log=log, job_id=job_id)
     if info.state == "PENDING":
         if info.reason.startswith("DependencyNeverSatisfied"):
             return StageState(job, "BLOCKED", detail="an upstream job failed", job_id=job_id)

@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from datetime import datetime, timedelta, timezone
+
 from conftest import run_cli, write_grid
 from dpr_hpc.backends import scheduler, slurm
+from dpr_hpc.fsutil import write_json_atomic
+from dpr_hpc.grid import load_grid
+from dpr_hpc.layout import RunLayout
+from dpr_hpc.ledger import UNLISTED_GRACE_S, Ledger
+from dpr_hpc.plan import StageJob, make_plan
+from dpr_hpc.runstate import save_plan
+from dpr_hpc.status import stage_states
 
 FAKES = {
     "srun": "exit 0",
@@ -55,3 +64,22 @@ def test_status_falls_back_to_squeue_without_accounting_and_says_so(fake_slurm):
     assert view.source.startswith("squeue (sacct unavailable: sacct: error: Slurm accounting storage is disabled")
     assert {j.state for j in view.jobs.values()} == {"PENDING"} and view.jobs["7"].reason == "Priority"
     assert scheduler.submit_capacity() is None
+
+
+def test_a_job_the_scheduler_no_longer_lists_is_pending_only_for_a_grace_period(fake_slurm, data_files, tmp_path):
+    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
+    plan = make_plan(load_grid(grid))
+    layout = RunLayout(tmp_path / "runs" / "g")
+    save_plan(layout, plan, grid)
+    train = StageJob(plan.cells[0].cell_id, "train", 0)
+    with Ledger.locked(layout) as ledger:
+        ledger.record(train, "999")
+    # The fake squeue lists every id it is asked about; make it list none, as after a job ends.
+    (fake_slurm / "squeue").write_text("#!/bin/bash\nexit 0\n")
+    assert stage_states(layout, plan).states[0].state == "PENDING"
+    entries = Ledger.read(layout)
+    entries.entries[train.key][-1]["submitted_at"] = (datetime.now(timezone.utc) - timedelta(seconds=UNLISTED_GRACE_S + 1)).isoformat()
+    write_json_atomic(entries.path, entries.entries)
+    states = stage_states(layout, plan).states
+    assert [s.state for s in states] == ["FAILED", "BLOCKED", "BLOCKED"]
+    assert "no longer listed" in states[0].detail

@@ -82,3 +82,13 @@ def test_running_marker_of_a_dead_process_reads_interrupted(run):
     assert states_by_key(layout, plan)["train/r0"] == "INTERRUPTED"
     marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     assert states_by_key(layout, plan)["train/r0"] == "RUNNING"
+
+
+@pytest.mark.parametrize("listed, expected", [("3,5", {"gpus_per_node": 1, "visible_gpus": (3,)}), ("", {"gpus_per_node": 0, "visible_gpus": ()})])
+def test_local_jobs_get_one_of_the_visible_gpus(run, monkeypatch, listed, expected):
+    from dpr_hpc.backends.local import LocalBackend
+
+    layout, plan, _ = run
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    params = LocalBackend(layout, plan).executor_parameters()
+    assert {k: params[k] for k in expected} == expected

@@ -6,6 +6,8 @@ its peak memory is its own and its log lands beside its result.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,6 +27,19 @@ from dpr_hpc.status import headline
 DEFAULT_TIMEOUT_MIN = 48 * 60  # the cluster's job limit, the same bound here
 
 
+def visible_gpus() -> tuple[int, ...]:
+    """The GPU ids this process may use (as CUDA_VISIBLE_DEVICES names them), read without
+    importing torch. submitit's LocalExecutor hides every GPU from a job it is not given."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return tuple(int(x) for x in listed.split(",") if x.strip().isdigit())
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return tuple(range(sum(1 for line in out.splitlines() if line.startswith("GPU "))))
+
+
 class LocalBackend:
     name = "local"
 
@@ -33,6 +48,7 @@ class LocalBackend:
         self.plan = plan
         self.echo = echo
         self.timeout_min = timeout_min
+        self.gpus = visible_gpus()
 
     def submit(self, grid_file: Path) -> SubmitReport:
         self.layout.root.mkdir(parents=True, exist_ok=True)
@@ -62,10 +78,14 @@ class LocalBackend:
         self.echo(f"local: {report.summary()}")
         return report
 
+    def executor_parameters(self) -> dict:
+        """One GPU per job where there is one, as each job has on the paper's cluster."""
+        return {"timeout_min": self.timeout_min, "gpus_per_node": 1 if self.gpus else 0, "visible_gpus": self.gpus[:1]}
+
     def _run_one(self, job: StageJob, tag: str, report: SubmitReport) -> None:
         paths = self.layout.stage(job)
         executor = submitit.LocalExecutor(folder=paths.jobs)
-        executor.update_parameters(timeout_min=self.timeout_min)
+        executor.update_parameters(**self.executor_parameters())
         self.echo(f"{tag}  running")
         started = time.perf_counter()
         handle = executor.submit(run_stage_job, str(self.layout.root), job.cell_id, job.stage, job.repeat)

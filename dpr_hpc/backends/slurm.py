@@ -76,7 +76,7 @@ class SlurmBackend:
         latest = ledger.latest(job)
         if latest:
             info = view.jobs.get(latest["job_id"])
-            if info is None or info.active:  # unknown yet to the scheduler = just submitted
+            if (info.active if info else ledger.recently_submitted(job)):
                 queued[job] = latest["job_id"]
                 report.active.append(job)
                 return
@@ -84,7 +84,8 @@ class SlurmBackend:
                 upstream_done = all(self._complete(dep) for dep in self.plan.dependencies(job))
                 (report.failed if upstream_done else report.blocked).append(job)
                 if upstream_done:
-                    self.echo(f"{job.key}: job {latest['job_id']} ended {info.state} without a result; --retry-failed resubmits it")
+                    ended = info.state if info else "(no longer listed by the scheduler)"
+                    self.echo(f"{job.key}: job {latest['job_id']} ended {ended} without a result; --retry-failed resubmits it")
                 return
         dependencies = []
         for dep in self.plan.dependencies(job):
