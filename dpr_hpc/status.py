@@ -59,10 +59,6 @@ def stage_states(layout: RunLayout, plan: Plan) -> StatusReport:
     return StatusReport(list(states.values()), source)
 
 
-def disk_states(layout: RunLayout, plan: Plan) -> list[StageState]:
-    return stage_states(layout, plan).states
-
-
 def _state_of(
     layout: RunLayout, plan: Plan, job: StageJob, known: dict[StageJob, StageState],
     job_id: str | None = None, view: scheduler.SchedulerView | None = None, recent: bool = False,

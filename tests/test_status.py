@@ -17,7 +17,7 @@ from dpr_hpc.plan import StageJob, make_plan
 from dpr_hpc.provenance import node_tags, now_iso
 from dpr_hpc.results import is_complete, make_record, write_record
 from dpr_hpc.runstate import save_plan
-from dpr_hpc.status import disk_states
+from dpr_hpc.status import stage_states
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def complete(layout, cell, job, **overrides):
 
 
 def states_by_key(layout, plan):
-    return {s.job.key.split("/", 1)[1]: s.state for s in disk_states(layout, plan)}
+    return {s.job.key.split("/", 1)[1]: s.state for s in stage_states(layout, plan).states}
 
 
 def test_nothing_run_is_pending(run):

@@ -56,9 +56,11 @@ class SlurmBackend:
         self.hold = hold
         self.retry_failed = retry_failed
         self.capacity: int | None = None
+        self._completed: dict[StageJob, bool] = {}  # read once per submit: dependants ask again
 
     def submit(self, grid_file: Path) -> SubmitReport:
         report = SubmitReport()
+        self._completed.clear()
         with Ledger.locked(self.layout) as ledger:
             save_plan(self.layout, self.plan, grid_file)
             view = scheduler.query(list(ledger.latest_ids().values()))
@@ -106,7 +108,9 @@ class SlurmBackend:
         self.echo(f"{job.key}: submitted as job {job_id}{after}")
 
     def _complete(self, job: StageJob) -> bool:
-        return is_complete(self.layout.stage(job).result, self.plan.cell(job.cell_id), job)
+        if job not in self._completed:
+            self._completed[job] = is_complete(self.layout.stage(job).result, self.plan.cell(job.cell_id), job)
+        return self._completed[job]
 
     def _sbatch(self, job: StageJob, dependencies: list[str]) -> str:
         executor = submitit.SlurmExecutor(folder=self.layout.stage(job).jobs)
@@ -145,7 +149,7 @@ class SlurmBackend:
         for job in self.plan.jobs():
             if self._complete(job):
                 continue
-            deps = [f"<{dep.key}>" for dep in self.plan.dependencies(job)]
+            deps = [f"<{dep.key}>" for dep in self.plan.dependencies(job) if not self._complete(dep)]
             folder = self.layout.stage(job).jobs
             command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"  # as submitit writes it
             scripts.append((job, _make_sbatch_string(command=command, folder=folder, **self.sbatch_parameters(job, deps))))
