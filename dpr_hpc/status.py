@@ -71,25 +71,23 @@ def _state_of(
             return StageState(job, "COMPLETED", node_label(record["node"]), headline(record), job_id=job_id or "")
         except ResultInvalidError as exc:
             invalid = f"result ignored: {exc}"
-    log = latest_log(paths)
-    blocked_by = [dep for dep in plan.dependencies(job) if known[dep].state in _DEAD_ENDS]
+    log = str(latest_log(paths) or "")
+    dead = [dep for dep in plan.dependencies(job) if known[dep].state in _DEAD_ENDS]
+    blocked = StageState(job, "BLOCKED", detail=f"{dead[0].stage} r{dead[0].repeat} {known[dead[0]].state.lower()}", job_id=job_id or "") if dead else None
     if job_id and view is not None:
-        state = _scheduler_state(job, job_id, view.jobs.get(job_id), str(log or ""), invalid, recent)
-        if blocked_by and state.state in ("PENDING", "CANCELLED", "BLOCKED"):
-            # Cancelled by SLURM (kill-on-invalid-dep) or waiting on a dependency that failed.
-            dep = blocked_by[0]
-            return StageState(job, "BLOCKED", detail=f"{dep.stage} r{dep.repeat} {known[dep].state.lower()}", job_id=job_id)
-        return state
+        state = _scheduler_state(job, job_id, view.jobs.get(job_id), log, invalid, recent)
+        # Cancelled by SLURM (kill-on-invalid-dep), or waiting on a dependency that failed.
+        return blocked if blocked and state.state in ("PENDING", "CANCELLED", "BLOCKED") else state
     failure = read_marker(paths.failure)
     if failure:
-        return StageState(job, "FAILED", failure.get("host", ""), failure.get("error", ""), str(log or ""))
+        return StageState(job, "FAILED", failure.get("host", ""), failure.get("error", ""), log)
     running = read_marker(paths.running)
     if running:
         if running.get("host") == socket.gethostname() and not running.get("slurm_job_id") and not _alive(running.get("pid")):
-            return StageState(job, "INTERRUPTED", running["host"], "the process died without a result", str(log or ""))
-        return StageState(job, "RUNNING", running.get("host", ""), f"since {running.get('started_at', '?')}", str(log or ""))
-    if blocked_by:
-        return StageState(job, "BLOCKED", detail=f"{blocked_by[0].stage} r{blocked_by[0].repeat} {known[blocked_by[0]].state.lower()}")
+            return StageState(job, "INTERRUPTED", running["host"], "the process died without a result", log)
+        return StageState(job, "RUNNING", running.get("host", ""), f"since {running.get('started_at', '?')}", log)
+    if blocked:
+        return blocked
     return StageState(job, "PENDING", detail=invalid)
 
 
