@@ -77,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--retry-failed", action="store_true", help="resubmit stage jobs whose last SLURM job ended without a result")
     submit.add_argument("--hold", action="store_true", help="submit SLURM jobs held (release them with scontrol release)")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch scripts submit would write; submit nothing")
+    submit.add_argument(
+        "--time-limit", type=float, metavar="MINUTES",
+        help="local only: each job's time limit (default 2880, the cluster's 48 h). As on SLURM, a training "
+        "gets a warning signal before it, checkpoints and restarts from there; on SLURM the profile's time applies",
+    )
+    submit.add_argument(
+        "--signal-delay", type=int, metavar="SECONDS",
+        help="local only: how long before --time-limit the warning signal comes (default 300)",
+    )
     submit.set_defaults(handler=_submit)
 
     cancel = commands.add_parser("cancel", parents=[runs_root], help="cancel the queued and running SLURM jobs of a grid")
@@ -123,6 +132,19 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_limits(args: argparse.Namespace) -> dict[str, float]:
+    limits: dict[str, float] = {}
+    if args.time_limit is not None:
+        if not args.time_limit > 0:
+            raise UsageError(f"--time-limit: expected a positive number of minutes, got {args.time_limit:g}")
+        limits["timeout_min"] = args.time_limit
+    if args.signal_delay is not None:
+        if args.signal_delay < 1:
+            raise UsageError(f"--signal-delay: expected a positive number of seconds, got {args.signal_delay}")
+        limits["signal_delay_s"] = args.signal_delay
+    return limits
+
+
 def _note_missing(missing_files: Sequence[str]) -> None:
     for missing in missing_files:
         print(f"note: not found here (needed before submit): {missing}", file=sys.stderr)
@@ -140,6 +162,8 @@ def _submit(args: argparse.Namespace) -> int:
         backend = "slurm" if args.dry_run or scheduler.slurm_available() else "local"
     if backend == "local" and (args.profile or args.hold or args.dry_run or args.retry_failed):
         raise UsageError("--profile, --hold, --dry-run and --retry-failed apply to the slurm backend only")
+    if backend == "slurm" and (args.time_limit is not None or args.signal_delay is not None):
+        raise UsageError("--time-limit and --signal-delay apply to the local backend only; on SLURM set time and signal_delay_s in the profile")
     grid = load_grid(args.grid, require_data=not args.dry_run)
     resources = grid.resources(args.profile)
     plan = make_plan(grid)
@@ -155,7 +179,7 @@ def _submit(args: argparse.Namespace) -> int:
         if not scheduler.slurm_available():
             raise UsageError("--backend slurm: no sbatch on PATH here")
     print(f"grid {grid.name}: {len(plan.cells)} cells, {len(list(plan.jobs()))} stage jobs -> {layout.root} ({backend})", flush=True)
-    report = (slurm if backend == "slurm" else LocalBackend(layout, plan, echo=echo)).submit(args.grid)
+    report = (slurm if backend == "slurm" else LocalBackend(layout, plan, echo=echo, **_local_limits(args))).submit(args.grid)
     return 0 if report.ok else 1
 
 

@@ -6,9 +6,12 @@
         ledger.json, ledger.lock                    SLURM job ids per stage job (ledger.py)
         cells/<cell id>/<stage>/r<repeat>/
             result.json                             the validated record (its presence = done)
-            failed.json | running.json              markers written by the stage runner
+            failed.json | running.json | interrupted.json   markers written by the stage runner
             jobs/                                   submitit's pickles and logs
         cells/<cell id>/train/r0/checkpoint/{question_encoder,passage_encoder}/
+        cells/<cell id>/train/r0/resume/step-<n>.{pt,json}   full training state while it runs
+        cells/<cell id>/train/r0/progress.json, losses.json  position while running; per-step losses
+        cells/<cell id>/index/r<n>/shards/                 passage embeddings as they are encoded
         cells/<cell id>/index/r<n>/{index.faiss,passage_ids.json}
         cells/<cell id>/infer/r<n>/rankings.npy
 """
@@ -40,8 +43,24 @@ class StagePaths:
         return self.dir / "running.json"
 
     @property
+    def interrupted(self) -> Path:
+        return self.dir / "interrupted.json"
+
+    @property
     def jobs(self) -> Path:
         return self.dir / "jobs"
+
+    @property
+    def progress(self) -> Path:
+        return self.dir / "progress.json"
+
+    @property
+    def resume(self) -> Path:
+        return self.dir / "resume"
+
+    @property
+    def shards(self) -> Path:
+        return self.dir / "shards"
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,11 @@ from dpr_hpc.provenance import now_iso
 
 
 def save_plan(layout: RunLayout, plan: Plan, grid_file: Path) -> None:
-    """Record the plan and every cell's config; a cell file never changes (its id hashes its config)."""
+    """Record the plan and every cell's config. A cell's results never change (its id hashes
+    them), but settings outside the hash (checkpoint intervals, the grid's folder) may."""
     for cell in plan.cells:
         cell_file = layout.cell_dir(cell.cell_id) / "cell.json"
-        if not cell_file.exists():
+        if read_marker(cell_file) != cell.to_json():
             write_json_atomic(cell_file, cell.to_json())
     write_json_atomic(layout.plan_file, {**plan.to_json(), "grid_file": str(Path(grid_file).resolve()), "saved_at": now_iso()})
 
@@ -39,11 +40,17 @@ def load_cell(layout: RunLayout, cell_id: str) -> CellConfig:
 
 def mark_running(paths: StagePaths) -> None:
     paths.failure.unlink(missing_ok=True)
+    paths.interrupted.unlink(missing_ok=True)
     write_json_atomic(paths.running, {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
 
 
 def mark_failed(paths: StagePaths, error: BaseException) -> None:
     write_json_atomic(paths.failure, {"error": f"{type(error).__name__}: {error}", "finished_at": now_iso(), "host": socket.gethostname()})
+
+
+def mark_interrupted(paths: StagePaths, reason: str) -> None:
+    """Stopped by a signal after writing a checkpoint: not a failure, the next job resumes it."""
+    write_json_atomic(paths.interrupted, {"reason": reason, "finished_at": now_iso(), "host": socket.gethostname()})
 
 
 def latest_log(paths: StagePaths) -> Path | None:

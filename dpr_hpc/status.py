@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import socket
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dpr_hpc.backends import scheduler
 from dpr_hpc.errors import ResultInvalidError
-from dpr_hpc.layout import RunLayout
+from dpr_hpc.layout import RunLayout, StagePaths
 from dpr_hpc.ledger import Ledger
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
@@ -74,6 +74,17 @@ def _state_of(
     log = str(latest_log(paths) or "")
     dead = [dep for dep in plan.dependencies(job) if known[dep].state in _DEAD_ENDS]
     blocked = StageState(job, "BLOCKED", detail=f"{dead[0].stage} r{dead[0].repeat} {known[dead[0]].state.lower()}", job_id=job_id or "") if dead else None
+    state = _unfinished_state(paths, job, job_id, view, log, invalid, recent, blocked)
+    training = training_progress(paths)
+    if training and state.state != "BLOCKED":
+        state = replace(state, detail=f"{state.detail}; {training}" if state.detail else training)
+    return state
+
+
+def _unfinished_state(
+    paths: StagePaths, job: StageJob, job_id: str | None, view: scheduler.SchedulerView | None,
+    log: str, invalid: str, recent: bool, blocked: StageState | None,
+) -> StageState:
     if job_id and view is not None:
         state = _scheduler_state(job, job_id, view.jobs.get(job_id), log, invalid, recent)
         # Cancelled by SLURM (kill-on-invalid-dep), or waiting on a dependency that failed.
@@ -84,11 +95,26 @@ def _state_of(
     running = read_marker(paths.running)
     if running:
         if running.get("host") == socket.gethostname() and not running.get("slurm_job_id") and not _alive(running.get("pid")):
-            return StageState(job, "INTERRUPTED", running["host"], "the process died without a result", log)
+            return StageState(job, "INTERRUPTED", running["host"], "the process died without a result; submit again to resume", log)
         return StageState(job, "RUNNING", running.get("host", ""), f"since {running.get('started_at', '?')}", log)
+    interrupted = read_marker(paths.interrupted)
+    if interrupted:
+        return StageState(job, "INTERRUPTED", interrupted.get("host", ""), f"{interrupted.get('reason', '')}; submit again to resume", log)
     if blocked:
         return blocked
     return StageState(job, "PENDING", detail=invalid)
+
+
+def training_progress(paths: StagePaths) -> str:
+    """'epoch 3/40, step 1200/16000, 2 restarts' for a training that has started and not finished."""
+    if paths.result.exists():
+        return ""
+    progress = read_marker(paths.progress)
+    if not progress:
+        return ""
+    restarts = progress.get("restarts", 0)
+    return (f"epoch {progress.get('epoch')}/{progress.get('epochs')}, step {progress.get('step')}/{progress.get('total_steps')}, "
+            f"{restarts} restart{'s' if restarts != 1 else ''}")
 
 
 def _scheduler_state(job: StageJob, job_id: str, info: scheduler.JobInfo | None, log: str, invalid: str, recent: bool) -> StageState:

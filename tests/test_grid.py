@@ -94,12 +94,14 @@ def test_cell_id_ignores_group_and_repeats_but_not_settings(tmp_path, data_files
             embedding_sizes: [64]
             repeats: {{index: {repeats}}}
             train: {{learning_rate: {lr}}}
+            checkpoint: {{every_minutes: {minutes}}}
     """
     ids = {}
-    for key, (group, repeats, lr) in {"a": ("x", 1, "1.0e-5"), "b": ("y", 3, "1.0e-5"), "c": ("x", 1, "2.0e-5")}.items():
-        path = write_grid(data_files, base.format(group=group, repeats=repeats, lr=lr), f"{key}.yaml")
+    cases = {"a": ("x", 1, "1.0e-5", 30), "b": ("y", 3, "1.0e-5", 5), "c": ("x", 1, "2.0e-5", 30)}
+    for key, (group, repeats, lr, minutes) in cases.items():
+        path = write_grid(data_files, base.format(group=group, repeats=repeats, lr=lr, minutes=minutes), f"{key}.yaml")
         ids[key] = load_grid(path).cells[0].cell_id
-    assert ids["a"] == ids["b"]
+    assert ids["a"] == ids["b"]  # group, repeats and checkpoint intervals change no result
     assert ids["a"] != ids["c"]
 
 
@@ -135,6 +137,7 @@ MALFORMED = {
     "boolean as number": ("defaults: {train: {batch_size: true}}\nblocks:\n" + VALID_BLOCK, "defaults.train.batch_size", "expected an integer"),
     "yaml syntax": ("blocks:\n  - name: b\n    encoder: [unclosed\n", "line ", "YAML syntax error"),
     "run folder name": ("blocks:\n" + VALID_BLOCK, "name", "folder name"),
+    "negative checkpoint interval": ("defaults: {checkpoint: {every_steps: -1}}\nblocks:\n" + VALID_BLOCK, "defaults.checkpoint.every_steps", "a number >= 0"),
     "missing encoder": ("blocks:\n  - name: b\n    embedding_sizes: [64]\n", "blocks[0].encoder", "missing"),
 }
 

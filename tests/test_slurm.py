@@ -144,3 +144,74 @@ def test_concurrent_submits_submit_each_stage_once_and_cancel_clears_them(slurm_
     while subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True, text=True).stdout.strip():
         assert time.monotonic() < deadline, "cancelled jobs still queued"
         time.sleep(1)
+
+
+def one_training_grid(folder: Path, demo: Path, name: str, epochs: int, slurm_train: str, checkpoint: str = "{}") -> Path:
+    return write_grid(folder, f"""
+        name: {name}
+        data: {{train: {demo}/train.json, dev: {demo}/dev.json}}
+        defaults:
+          train: {{epochs: {epochs}, learning_rate: 1.0e-3, dropout: 0.1, warmup_steps: 5, batch_size: 16}}
+          text: {{max_length: 64}}
+          index: {{type: flat}}
+          checkpoint: {checkpoint}
+        blocks:
+          - {{name: long, encoder: {demo}/models/tiny-bert, embedding_sizes: [64]}}
+        slurm:
+          stages: {{train: {slurm_train}}}
+    """, f"{name}.yaml")
+
+
+def train_record(work: Path, name: str) -> dict:
+    (path,) = work.glob(f"runs/{name}/cells/*/train/r0/result.json")
+    return json.loads(path.read_text())
+
+
+def test_training_past_its_time_limit_is_requeued_until_it_finishes(slurm_cluster, demo_assets, tmp_path):
+    """A 1-minute limit with the warning 40 s before it: each job trains ~15 s, checkpoints,
+    and submitit requeues it; the training (~60 s of steps here) needs several jobs."""
+    grid = one_training_grid(tmp_path, demo_assets, "limit", epochs=80, slurm_train='{time: "1", signal_delay_s: 40}')
+    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
+    seen_progress = set()
+    deadline = time.monotonic() + 900
+    while True:
+        jobs = status(tmp_path, grid)
+        seen_progress.update(j["detail"].split("; ")[-1] for j in jobs if j["stage"] == "train" and "restart" in j["detail"])
+        if not any(j["state"] in UNSETTLED for j in jobs):
+            break
+        assert time.monotonic() < deadline, f"still unsettled: {jobs}"
+        time.sleep(3)
+    assert [j["state"] for j in jobs] == ["COMPLETED"] * 3
+    record = train_record(tmp_path, "limit")
+    segments = record["details"]["segments"]
+    assert len(segments) >= 3 and record["details"]["restarts"] == len(segments) - 1
+    assert [s["slurm_restart_count"] for s in segments] == list(range(len(segments)))
+    assert {s["job_id"] for s in segments} == {jobs[0]["job_id"]}  # requeued: the same SLURM job
+    assert [s["ended_by"] for s in segments] == ["SIGUSR2"] * (len(segments) - 1) + ["finished"]
+    assert all(b["first_step"] == a["first_step"] + a["steps"] for a, b in zip(segments, segments[1:]))
+    assert sum(s["steps"] for s in segments) == record["metrics"]["steps"]
+    assert record["timings"]["ttt_s"] == pytest.approx(sum(s["train_s"] for s in segments), rel=1e-12)
+    assert any("1 restart" in p or "restarts" in p for p in seen_progress), seen_progress
+    history = subprocess.run(["sacct", "-n", "-X", "--duplicates", "-j", jobs[0]["job_id"], "-o", "State"], capture_output=True, text=True).stdout.split()
+    assert history.count("REQUEUED") >= 2 and history[-1] == "COMPLETED", history
+
+
+def test_scontrol_requeue_of_a_running_training_resumes_from_its_checkpoint(slurm_cluster, demo_assets, tmp_path):
+    """A simulated node failure: SLURM kills the running job and queues it again."""
+    grid = one_training_grid(tmp_path, demo_assets, "requeue", epochs=30, slurm_train="{}", checkpoint="{every_steps: 100}")
+    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
+    train_job = next(j for j in status(tmp_path, grid) if j["stage"] == "train")
+    progress_file = next(iter(tmp_path.glob("runs/requeue/cells/*/train/r0"))) / "progress.json"
+    deadline = time.monotonic() + 300
+    while not (progress_file.exists() and json.loads(progress_file.read_text())["step"] >= 150):
+        assert time.monotonic() < deadline, "the training never got past its first checkpoint"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", train_job["job_id"]], check=True)
+    jobs = wait_until_settled(tmp_path, grid, timeout_s=600)
+    assert [j["state"] for j in jobs] == ["COMPLETED"] * 3
+    segments = train_record(tmp_path, "requeue")["details"]["segments"]
+    assert len(segments) == 2
+    assert segments[0]["ended_by"] in ("SIGTERM", "killed after its last checkpoint")
+    assert segments[1]["first_step"] >= 100  # resumed from a checkpoint, not from step 0
+    assert segments[1]["first_step"] == segments[0]["first_step"] + segments[0]["steps"]
+    assert segments[1]["slurm_restart_count"] == 1

@@ -21,10 +21,14 @@ from dpr_hpc.layout import RunLayout
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.results import is_complete, load_record
 from dpr_hpc.runstate import save_plan
-from dpr_hpc.stages.runner import run_stage_job
+from dpr_hpc.stages.runner import stage_job_entry
 from dpr_hpc.status import headline
 
 DEFAULT_TIMEOUT_MIN = 48 * 60  # the cluster's job limit, the same bound here
+DEFAULT_SIGNAL_DELAY_S = 300
+# submitit's local controller restarts a requeued job at most 6 times whatever this says; a
+# resubmit continues from the checkpoint after that.
+DEFAULT_MAX_REQUEUES = 20
 
 
 def visible_gpus() -> tuple[int, ...]:
@@ -43,11 +47,17 @@ def visible_gpus() -> tuple[int, ...]:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, layout: RunLayout, plan: Plan, echo: Callable[[str], None] = print, timeout_min: int = DEFAULT_TIMEOUT_MIN) -> None:
+    def __init__(
+        self, layout: RunLayout, plan: Plan, echo: Callable[[str], None] = print,
+        timeout_min: float = DEFAULT_TIMEOUT_MIN, signal_delay_s: int = DEFAULT_SIGNAL_DELAY_S,
+    ) -> None:
+        """`timeout_min` is each job's time limit: as on SLURM, a job gets the warning signal
+        `signal_delay_s` before it, a training checkpoints and is restarted from there."""
         self.layout = layout
         self.plan = plan
         self.echo = echo
         self.timeout_min = timeout_min
+        self.signal_delay_s = min(signal_delay_s, max(1, int(timeout_min * 60) - 1))
         self.gpus = visible_gpus()
 
     def submit(self, grid_file: Path) -> SubmitReport:
@@ -80,15 +90,18 @@ class LocalBackend:
 
     def executor_parameters(self) -> dict:
         """One GPU per job where there is one, as each job has on the paper's cluster."""
-        return {"timeout_min": self.timeout_min, "gpus_per_node": 1 if self.gpus else 0, "visible_gpus": self.gpus[:1]}
+        return {
+            "timeout_min": self.timeout_min, "signal_delay_s": self.signal_delay_s,
+            "gpus_per_node": 1 if self.gpus else 0, "visible_gpus": self.gpus[:1],
+        }
 
     def _run_one(self, job: StageJob, tag: str, report: SubmitReport) -> None:
         paths = self.layout.stage(job)
-        executor = submitit.LocalExecutor(folder=paths.jobs)
+        executor = submitit.LocalExecutor(folder=paths.jobs, max_num_timeout=DEFAULT_MAX_REQUEUES)
         executor.update_parameters(**self.executor_parameters())
         self.echo(f"{tag}  running")
         started = time.perf_counter()
-        handle = executor.submit(run_stage_job, str(self.layout.root), job.cell_id, job.stage, job.repeat)
+        handle = executor.submit(stage_job_entry, str(self.layout.root), job.cell_id, job.stage, job.repeat)
         try:
             while not handle.done():
                 time.sleep(0.2)

@@ -2,7 +2,7 @@
 
     defaults: {partition: gpu, gres: "gpu:1", cpus_per_task: 8, mem_gb: 64, setup: [...]}
     stages:
-      train: {time: "48:00:00"}
+      train: {time: "48:00:00", signal_delay_s: 600, max_requeues: 20}
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ class StageResources:
     account: str | None = None
     qos: str | None = None
     setup: tuple[str, ...] = field(default_factory=tuple)
+    # The warning signal comes this long before the time limit: time for the step in flight and
+    # a checkpoint write (BERT-base towers with AdamW state are ~2.6 GB).
+    signal_delay_s: int = 300
+    # Automatic requeues after a time limit (preemptions do not count); then `submit` again.
+    max_requeues: int = 20
 
     @property
     def time_min(self) -> int:
@@ -99,8 +104,10 @@ def _resources(base: StageResources, raw: Any, where: str, key_path: str) -> Sta
             raise GridError(where, f"{key_path}.{key}", f"unknown key; expected one of {', '.join(sorted(names))}")
         if key == "setup":
             _check(value, list, where, f"{key_path}.setup", "a list of shell lines")
-        elif key == "cpus_per_task" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        elif key in ("cpus_per_task", "signal_delay_s") and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise GridError(where, f"{key_path}.{key}", f"expected a positive integer, got {value!r}")
+        elif key == "max_requeues" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise GridError(where, f"{key_path}.{key}", f"expected an integer >= 0, got {value!r}")
         elif key == "time":
             try:
                 time_to_minutes(value)

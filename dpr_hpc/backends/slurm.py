@@ -26,7 +26,7 @@ from dpr_hpc.ledger import Ledger
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.results import is_complete
 from dpr_hpc.runstate import save_plan
-from dpr_hpc.stages.runner import run_stage_job
+from dpr_hpc.stages.runner import stage_job_entry
 
 SUBMIT_ATTEMPTS = 4
 BACKOFF_S = 2.0
@@ -113,12 +113,12 @@ class SlurmBackend:
         return self._completed[job]
 
     def _sbatch(self, job: StageJob, dependencies: list[str]) -> str:
-        executor = submitit.SlurmExecutor(folder=self.layout.stage(job).jobs)
+        executor = submitit.SlurmExecutor(folder=self.layout.stage(job).jobs, max_num_timeout=self.resources[job.stage].max_requeues)
         executor.update_parameters(**self.sbatch_parameters(job, dependencies))
         error: Exception | None = None
         for attempt in range(SUBMIT_ATTEMPTS):
             try:
-                return executor.submit(run_stage_job, str(self.layout.root), job.cell_id, job.stage, job.repeat).job_id
+                return executor.submit(stage_job_entry, str(self.layout.root), job.cell_id, job.stage, job.repeat).job_id
             except (submitit_utils.FailedJobError, submitit_utils.FailedSubmissionError, OSError) as exc:
                 error = exc
                 if attempt + 1 < SUBMIT_ATTEMPTS:
@@ -132,7 +132,9 @@ class SlurmBackend:
             "job_name": f"dpr-{job.stage}-r{job.repeat}-{job.cell_id}",
             "time": r.time_min,
             "cpus_per_task": r.cpus_per_task,
-            "setup": list(r.setup),
+            # The job acts on the warning this long before its end, however early SLURM sends it.
+            "setup": list(r.setup) + [f"export DPR_HPC_SIGNAL_DELAY_S={r.signal_delay_s}"],
+            "signal_delay_s": r.signal_delay_s,
         }
         optional = {"partition": r.partition, "gres": r.gres, "account": r.account, "qos": r.qos,
                     "mem": f"{r.mem_gb:g}GB" if r.mem_gb else None,

@@ -52,6 +52,16 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """How often a training saves its full state for resuming; never changes a result, so it is
+    not part of the cell id. `every_steps: 0` means by time only. A stop signal (the time
+    limit's warning, preemption) always writes one as well."""
+
+    every_minutes: float = 30.0
+    every_steps: int = 0
+
+
+@dataclass(frozen=True)
 class Repeats:
     """How many times each timing stage runs; training runs once because its checkpoint feeds the rest."""
 
@@ -90,6 +100,7 @@ class CellConfig:
     data: DataConfig
     repeats: Repeats
     base_dir: Path = field(default=Path("."), compare=False)
+    checkpoint: CheckpointConfig = field(default=CheckpointConfig(), compare=False)
 
     def data_path(self, split: str) -> Path:
         """The train or dev file on this machine, relative paths taken from the grid's folder."""
@@ -124,7 +135,8 @@ class CellConfig:
         return f"{self.question_encoder} | {self.passage_encoder}"
 
     def identity(self) -> dict[str, Any]:
-        """Everything that changes a result; group and repeats do not, so they are left out."""
+        """Everything that changes a result; group, repeats and checkpoint intervals do not, so
+        they are left out."""
         return {
             "question_encoder": self.question_encoder,
             "passage_encoder": self.passage_encoder,
@@ -154,6 +166,7 @@ class CellConfig:
         record = self.identity()
         record["group"] = self.group
         record["repeats"] = dataclasses.asdict(self.repeats)
+        record["checkpoint"] = dataclasses.asdict(self.checkpoint)
         record["cell_id"] = self.cell_id
         record["base_dir"] = str(self.base_dir)
         return record
@@ -180,4 +193,5 @@ def cell_from_json(record: dict[str, Any]) -> CellConfig:
         data=DataConfig(**record["data"]),
         repeats=Repeats(**record["repeats"]),
         base_dir=Path(record["base_dir"]),
+        checkpoint=CheckpointConfig(**record.get("checkpoint", {})),
     )

@@ -5,7 +5,8 @@ runs. Settings merge in three levels: `defaults` <- block <- cell.
 
     name: paper
     data: {train: nq-train.json, dev: nq-dev.json}
-    defaults: {train: {...}, text: {...}, index: {...}, encode_batch_size: 512, top_k: 100}
+    defaults: {train: {...}, text: {...}, index: {...}, encode_batch_size: 512, top_k: 100,
+               checkpoint: {every_minutes: 30, every_steps: 0}}
     blocks:
       - name: table1-bert
         encoder: bert-base-uncased
@@ -30,6 +31,7 @@ from dpr_hpc.errors import GridError
 from dpr_hpc.grid.config import (
     INDEX_TYPES,
     CellConfig,
+    CheckpointConfig,
     DataConfig,
     IndexConfig,
     Repeats,
@@ -42,6 +44,7 @@ SECTIONS: dict[str, type] = {
     "text": TextConfig,
     "index": IndexConfig,
     "repeats": Repeats,
+    "checkpoint": CheckpointConfig,
 }
 SCALARS = ("encode_batch_size", "top_k")
 TOP_LEVEL_KEYS = ("name", "description", "data", "defaults", "blocks", "slurm")
@@ -73,6 +76,8 @@ FIELD_CHECKS: dict[str, _Check] = {
     "index.ef_search": _POSITIVE,
     "repeats.index": _POSITIVE,
     "repeats.infer": _POSITIVE,
+    "checkpoint.every_minutes": _POSITIVE,
+    "checkpoint.every_steps": _NON_NEGATIVE,
     "encode_batch_size": _POSITIVE,
     "top_k": (lambda v: 1 <= v <= 2048, "an integer between 1 and 2048 (FAISS's HNSW limit)"),
 }
@@ -310,6 +315,7 @@ def _build_cell(
         data=DataConfig(train=None if evaluate_only else data["train"], dev=data["dev"]),
         repeats=Repeats(**settings.get("repeats", {})),
         base_dir=base_dir,
+        checkpoint=CheckpointConfig(**settings.get("checkpoint", {})),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import resource
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,9 @@ class StageOutput:
     timings: dict[str, float]
     artifacts: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    # Folders only needed to resume (training checkpoints, embedding shards): the runner deletes
+    # them once the result record is safely written, not before.
+    discard: list[Path] = field(default_factory=list)
 
 
 def pick_device() -> torch.device:

@@ -1,32 +1,62 @@
 """Train stage: fine-tune the question and passage towers with DPR's loss and save both.
 
-TTT (the paper's total training time) covers the optimisation steps only: tokenization, model
-loading and checkpoint saving are timed apart.
+The training is resumable at any step boundary. Its checkpoints (dpr_hpc.resume.store) hold
+everything the next step depends on: both towers with their projections, optimizer, LR schedule,
+every RNG, this epoch's shuffled order and the next batch in it, the per-step losses and the
+segments so far. A resumed run therefore takes exactly the steps an uninterrupted one takes.
+
+TTT (the paper's total training time) is the sum of the segments' optimisation time only:
+tokenization, model loading, checkpoint writes, queue waits and restarts are timed apart.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from transformers import get_linear_schedule_with_warmup
 
 from dpr_hpc.data import TrainingExample, read_records, training_examples
+from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.modeling.batching import Features, pad_batch, to_device, tokenize_passages, tokenize_questions
 from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
 from dpr_hpc.modeling.loss import dpr_nll_loss
+from dpr_hpc.plan import StageJob
+from dpr_hpc.provenance import now_iso
+from dpr_hpc.resume.rng import capture_rng, restore_rng
+from dpr_hpc.resume.segments import FINISHED, Segment, SegmentLog
+from dpr_hpc.resume.signals import NeverStop, Stopper, TrainingInterrupted
+from dpr_hpc.resume.store import CheckpointStore
 from dpr_hpc.stages.common import StageOutput, peak_memory, pick_device, progress, seed_everything, synchronize
 
-CHECKPOINT_MARKERS = ["checkpoint/question_encoder/dpr_encoder.json", "checkpoint/passage_encoder/dpr_encoder.json"]
+CHECKPOINT_MARKERS = ["checkpoint/question_encoder/dpr_encoder.json", "checkpoint/passage_encoder/dpr_encoder.json", "losses.json"]
+CHECKPOINT_FORMAT = 1
 
 
-def train(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
+@dataclass
+class Position:
+    """Where the training stands: what a checkpoint holds besides weights and RNG states."""
+
+    epoch: int = 0
+    next_batch: int = 0
+    order: list[int] | None = None  # this epoch's shuffled example order, once drawn
+    step: int = 0
+    step_losses: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | None = None) -> StageOutput:
     cfg = cell.train
     if cfg is None:
         raise ValueError(f"cell {cell.cell_id} is evaluation-only and has no train stage")
+    stop = stop or NeverStop()
+    paths = run.stage(StageJob(cell.cell_id, "train", repeat))
     seed_everything(cfg.seed)
     device = pick_device()
     question_encoder = DprEncoder.from_pretrained(cell.model_path(cell.question_encoder), cell.embedding_size, cfg.dropout)
@@ -49,15 +79,58 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     order_generator = torch.Generator().manual_seed(cfg.seed)
+    position, segments = Position(), SegmentLog()
 
-    epoch_losses: list[float] = []
+    store = CheckpointStore(paths.resume, warn=progress)
+    modules = {"question_encoder": question_encoder, "passage_encoder": passage_encoder, "optimizer": optimizer, "scheduler": scheduler}
+    loaded = store.load_latest(map_location=device)
+    if loaded is not None:
+        _check_belongs(loaded.state, cell, loaded.path)
+        for name, module in modules.items():
+            module.load_state_dict(loaded.state[name])
+        order_generator.set_state(loaded.state["order_generator"])
+        restore_rng(loaded.state["rng"])
+        position = Position(**loaded.state["position"])
+        segments = SegmentLog.from_json(loaded.state["segments"])
+        segments.current.checkpoint_s += loaded.write_s
+        progress(f"resuming from {loaded.path.name}: epoch {position.epoch + 1}/{cfg.epochs}, step {position.step}/{total_steps}, {len(segments.segments)} earlier segment(s)")
+    segments.segments.append(Segment.start(position.step, torch.cuda.get_device_name(device) if device.type == "cuda" else None))
+    segment = segments.current
+
+    def save_checkpoint(ended_by: str) -> str:
+        segment.ended_by, segment.ended_at = ended_by, now_iso()
+        began = time.perf_counter()
+        state = {
+            "format": CHECKPOINT_FORMAT, "cell_id": cell.cell_id, "config_hash": cell.config_hash,
+            **{name: module.state_dict() for name, module in modules.items()},
+            "order_generator": order_generator.get_state(), "rng": capture_rng(),
+            "position": asdict(position), "segments": segments.to_json(),
+        }
+        path = store.save(position.step, state)
+        segment.checkpoint_s += time.perf_counter() - began
+        _write_progress(paths.progress, position, cfg.epochs, steps_per_epoch, segments, path.name)
+        return path.name
+
+    every_steps, every_s = cell.checkpoint.every_steps, cell.checkpoint.every_minutes * 60.0
+    _write_progress(paths.progress, position, cfg.epochs, steps_per_epoch, segments, loaded.path.name if loaded else None)
     synchronize(device)
-    started = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(examples), generator=order_generator).tolist()
-        loss_sum = 0.0
-        for step in range(steps_per_epoch):
-            rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+    clock = time.perf_counter()
+    last_checkpoint = clock
+
+    def bank_time() -> None:
+        """Move the optimisation time since `clock` into the segment (before any checkpoint)."""
+        nonlocal clock
+        synchronize(device)
+        now = time.perf_counter()
+        segment.train_s += now - clock
+        clock = now
+
+    while position.epoch < cfg.epochs:
+        if position.order is None:
+            position.order = torch.randperm(len(examples), generator=order_generator).tolist()
+            position.next_batch = 0
+        while position.next_batch < steps_per_epoch:
+            rows = position.order[position.next_batch * cfg.batch_size : (position.next_batch + 1) * cfg.batch_size]
             questions, passages = batches.batch(rows, device)
             loss = dpr_nll_loss(question_encoder(**questions), passage_encoder(**passages))
             loss.backward()
@@ -65,25 +138,68 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.item()
-        epoch_losses.append(loss_sum / steps_per_epoch)
-        progress(f"epoch {epoch + 1}/{cfg.epochs}  loss {epoch_losses[-1]:.4f}  {time.perf_counter() - started:.1f}s")
-    synchronize(device)
-    ttt_s = time.perf_counter() - started
+            position.step_losses.append(loss.item())
+            position.step += 1
+            position.next_batch += 1
+            segment.steps += 1
+            if position.next_batch == steps_per_epoch:
+                position.epoch_losses.append(sum(position.step_losses[-steps_per_epoch:]) / steps_per_epoch)
+                position.epoch += 1
+                position.order = None
+                bank_time()
+                progress(f"epoch {position.epoch}/{cfg.epochs}  loss {position.epoch_losses[-1]:.4f}  {segments.train_s:.1f}s")
+                if position.epoch == cfg.epochs:
+                    break
+            if stop.requested():
+                bank_time()
+                name = save_checkpoint(stop.reason)
+                raise TrainingInterrupted(stop.reason, position.step, name)
+            now = time.perf_counter()
+            if (every_steps and position.step % every_steps == 0) or now - last_checkpoint >= every_s:
+                bank_time()
+                save_checkpoint("running")
+                clock = last_checkpoint = time.perf_counter()
+    bank_time()
+    segment.ended_by, segment.ended_at = FINISHED, now_iso()
 
     question_encoder.save(run.question_encoder_dir(cell.cell_id), question_tokenizer)
     passage_encoder.save(run.passage_encoder_dir(cell.cell_id), passage_tokenizer)
+    write_json_atomic(paths.dir / "losses.json", {"step_losses": position.step_losses, "epoch_losses": position.epoch_losses})
+    _write_progress(paths.progress, position, cfg.epochs, steps_per_epoch, segments, None)
     return StageOutput(
-        metrics={"epoch_loss": epoch_losses, "final_loss": epoch_losses[-1], "steps": total_steps, "num_examples": len(examples)},
-        timings={"ttt_s": ttt_s, "tokenize_s": tokenize_s, **peak_memory(device)},
+        metrics={"epoch_loss": position.epoch_losses, "final_loss": position.epoch_losses[-1], "steps": total_steps, "num_examples": len(examples)},
+        timings={
+            "ttt_s": segments.train_s,
+            "tokenize_s": tokenize_s,
+            "checkpoint_s": sum(s.checkpoint_s for s in segments.segments),
+            **peak_memory(device),
+        },
         artifacts=CHECKPOINT_MARKERS,
         details={
             "projection": question_encoder.projected,
             "native_size": question_encoder.native_size,
             "device": device.type,
             "examples_without_negative": batches.without_negative,
+            "restarts": segments.restarts,
+            "segments": segments.to_json(),
         },
+        discard=[paths.resume],
     )
+
+
+def _check_belongs(state: dict[str, Any], cell: CellConfig, path) -> None:
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("config_hash") != cell.config_hash:
+        raise ValueError(f"{path}: checkpoint of another configuration (format {state.get('format')}, cell {state.get('cell_id')}); delete it to start over")
+
+
+def _write_progress(path, position: Position, epochs: int, steps_per_epoch: int, segments: SegmentLog, checkpoint: str | None) -> None:
+    """What `dpr-hpc status` shows of a training that is running or waiting to resume."""
+    write_json_atomic(path, {
+        "epoch": min(position.epoch + 1, epochs), "epochs": epochs,
+        "step": position.step, "total_steps": epochs * steps_per_epoch,
+        "restarts": segments.restarts, "train_s": round(segments.train_s, 3),
+        "last_checkpoint": checkpoint, "updated_at": now_iso(),
+    })
 
 
 class _TokenizedExamples:
@@ -105,4 +221,3 @@ class _TokenizedExamples:
         passages = [self.positives[i] for i in rows] + [self.negatives[i] for i in rows if i in self.negatives]
         questions = pad_batch([self.questions[i] for i in rows], self.question_pad)
         return to_device(questions, device), to_device(pad_batch(passages, self.passage_pad), device)
-

@@ -1,0 +1,1 @@
+"""Resuming interrupted stage jobs: verified checkpoint files and the signals that ask for one."""

@@ -1,0 +1,210 @@
+"""Resuming a training: the same steps, losses and weights as a run that was never stopped.
+
+On CPU the comparison is bitwise: the checkpoint restores every tensor and RNG state exactly,
+and the same thread count gives the same reductions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpr_hpc.grid import load_grid
+from dpr_hpc.layout import RunLayout
+from dpr_hpc.plan import StageJob, make_plan
+from dpr_hpc.resume.signals import TrainingInterrupted
+from dpr_hpc.resume.store import CheckpointStore
+from dpr_hpc.runstate import load_cell, save_plan
+from tests.conftest import write_grid
+
+# 384 demo questions at batch 16: 24 steps an epoch, 72 in all; dropout on so that resuming has
+# to restore the RNG to draw the same masks.
+GRID = """\
+    name: {name}
+    data: {{train: {demo}/train.json, dev: {demo}/dev.json}}
+    defaults:
+      train: {{epochs: 3, batch_size: 16, learning_rate: 0.001, warmup_steps: 5, dropout: 0.1}}
+      text: {{max_length: 64}}
+      index: {{type: flat}}
+      checkpoint: {{every_steps: {every}}}
+    blocks:
+      - name: resume
+        encoder: {demo}/models/tiny-bert
+        embedding_sizes: [48]
+"""
+
+
+class StopAfter:
+    """Asks the training to stop once it has taken `steps` more steps (as a signal would)."""
+
+    reason = "test stop"
+
+    def __init__(self, steps: int) -> None:
+        self.left = steps
+
+    def requested(self) -> bool:
+        self.left -= 1
+        return self.left <= 0
+
+
+def _run_folder(tmp_path: Path, demo: Path, name: str, every: int = 0) -> tuple[RunLayout, str]:
+    grid_file = write_grid(tmp_path, GRID.format(name=name, demo=demo, every=every), f"{name}.yaml")
+    grid = load_grid(grid_file)
+    plan = make_plan(grid)
+    layout = RunLayout(tmp_path / "runs" / name)
+    save_plan(layout, plan, grid_file)
+    return layout, plan.cells[0].cell_id
+
+
+def _train(layout: RunLayout, cell_id: str, stop=None):
+    from dpr_hpc.stages.train import train
+
+    return train(load_cell(layout, cell_id), layout, 0, stop=stop)
+
+
+def _weights(layout: RunLayout, cell_id: str) -> dict[str, torch.Tensor]:
+    from dpr_hpc.modeling.encoder import DprEncoder
+
+    weights = {}
+    for tower, folder in (("q", layout.question_encoder_dir(cell_id)), ("p", layout.passage_encoder_dir(cell_id))):
+        state = DprEncoder.from_pretrained(str(folder), 48).state_dict()
+        weights.update({f"{tower}.{k}": v for k, v in state.items()})
+    return weights
+
+
+def _losses(layout: RunLayout, cell_id: str) -> list[float]:
+    return json.loads((layout.stage(StageJob(cell_id, "train", 0)).dir / "losses.json").read_text())["step_losses"]
+
+
+def _assert_same_training(a: tuple[RunLayout, str], b: tuple[RunLayout, str]) -> None:
+    assert _losses(*a) == _losses(*b)  # every step's loss, bitwise
+    wa, wb = _weights(*a), _weights(*b)
+    assert wa.keys() == wb.keys() and any(k.startswith("q.projection") for k in wa)
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"weights differ: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_assets, tmp_path_factory):
+    layout, cell_id = _run_folder(tmp_path_factory.mktemp("plain"), demo_assets, "plain")
+    output = _train(layout, cell_id)
+    assert output.details["restarts"] == 0 and len(output.details["segments"]) == 1
+    return layout, cell_id
+
+
+def test_training_stopped_twice_resumes_to_the_same_losses_and_weights(uninterrupted, demo_assets, tmp_path):
+    layout, cell_id = _run_folder(tmp_path, demo_assets, "stopped")
+    with pytest.raises(TrainingInterrupted) as first:
+        _train(layout, cell_id, StopAfter(10))  # mid-epoch 1 (24 steps an epoch)
+    assert first.value.step == 10
+    with pytest.raises(TrainingInterrupted) as second:
+        _train(layout, cell_id, StopAfter(31))  # mid-epoch 2
+    assert second.value.step == 41
+    output = _train(layout, cell_id)
+
+    _assert_same_training(uninterrupted, (layout, cell_id))
+    segments = output.details["segments"]
+    assert [s["steps"] for s in segments] == [10, 31, 31]
+    assert [s["first_step"] for s in segments] == [0, 10, 41]
+    assert [s["ended_by"] for s in segments] == ["test stop", "test stop", "finished"]
+    assert output.details["restarts"] == 2
+    assert output.timings["ttt_s"] == pytest.approx(sum(s["train_s"] for s in segments), abs=1e-9)
+    assert output.metrics["epoch_loss"] == json.loads((layout.stage(StageJob(cell_id, "train", 0)).dir / "losses.json").read_text())["epoch_losses"]
+
+
+def test_corrupted_latest_checkpoint_is_skipped_with_a_warning_and_the_previous_one_used(uninterrupted, demo_assets, tmp_path, capsys):
+    layout, cell_id = _run_folder(tmp_path, demo_assets, "corrupt", every=8)
+    with pytest.raises(TrainingInterrupted):
+        _train(layout, cell_id, StopAfter(20))  # checkpoints at steps 8, 16 and (the stop) 20
+    resume = layout.stage(StageJob(cell_id, "train", 0)).resume
+    newest = resume / "step-000000020.pt"
+    assert sorted(p.name for p in resume.glob("*.pt")) == ["step-000000016.pt", "step-000000020.pt"]
+    with newest.open("r+b") as handle:  # flip one byte in the middle
+        handle.seek(newest.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    capsys.readouterr()
+    output = _train(layout, cell_id)
+    out = capsys.readouterr().out
+    assert "step-000000020.pt skipped: checksum mismatch" in out
+    assert "resuming from step-000000016.pt" in out
+    _assert_same_training(uninterrupted, (layout, cell_id))
+    # The step-16 checkpoint knew of 16 steps: steps 17-20 were lost with the corrupted file.
+    assert [s["steps"] for s in output.details["segments"]] == [16, 56]
+    assert output.details["segments"][0]["ended_by"] == "killed after its last checkpoint"
+
+
+def test_store_skips_truncated_and_unfinished_checkpoints(tmp_path):
+    warnings: list[str] = []
+    store = CheckpointStore(tmp_path / "resume", warn=warnings.append)
+    assert store.load_latest() is None
+    for step in (1, 2, 3):
+        store.save(step, {"step": step, "tensor": torch.arange(1000) * step})
+    assert sorted(p.name for p in store.folder.glob("*.pt")) == ["step-000000002.pt", "step-000000003.pt"]
+
+    newest = store.folder / "step-000000003.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    loaded = store.load_latest()
+    assert loaded.step == 2 and torch.equal(loaded.state["tensor"], torch.arange(1000) * 2)
+    assert "truncated" in warnings[-1]
+
+    unfinished = CheckpointStore(tmp_path / "unfinished", warn=warnings.append)
+    unfinished.save(1, {"step": 1})
+    unfinished.save(2, {"step": 2})
+    (unfinished.folder / "step-000000002.json").unlink()  # the .pt was renamed, the sidecar never came
+    assert unfinished.load_latest().step == 1
+    assert "no checksum file" in warnings[-1]
+
+
+def test_kill_during_a_checkpoint_write_then_resubmit_resumes_from_the_previous_one(uninterrupted, demo_assets, tmp_path):
+    """A real SIGKILL halfway through writing the 2nd checkpoint (step 16), in a job the local
+    backend runs; the resubmit resumes from step 8 and ends where the uninterrupted run ends."""
+    grid_file = write_grid(tmp_path, GRID.format(name="killed", demo=demo_assets, every=8), "killed.yaml")
+    env = {**os.environ, "DPR_HPC_FAULT": "kill-during-write:2"}
+    command = [sys.executable, "-m", "dpr_hpc", "submit", str(grid_file), "--backend", "local", "--runs-root", str(tmp_path / "runs")]
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 1, killed.stdout + killed.stderr
+    assert "FAILED" in killed.stdout
+    layout = RunLayout(tmp_path / "runs" / "killed")
+    cell_id = make_plan(load_grid(grid_file)).cells[0].cell_id
+    resume = layout.stage(StageJob(cell_id, "train", 0)).resume
+    assert [p.name for p in resume.glob("*.pt")] == ["step-000000008.pt"]
+    assert list(resume.glob(".step-000000016.pt.*.tmp"))  # the half-written file the kill left
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    log = "".join(p.read_text() for p in layout.stage(StageJob(cell_id, "train", 0)).jobs.glob("*_log.out"))
+    assert "resuming from step-000000008.pt" in log
+    _assert_same_training(uninterrupted, (layout, cell_id))
+    record = json.loads(layout.stage(StageJob(cell_id, "train", 0)).result.read_text())
+    assert [s["ended_by"] for s in record["details"]["segments"]] == ["killed after its last checkpoint", "finished"]
+    assert not resume.exists()  # checkpoints are dropped once the record is written
+
+
+def test_warning_signal_stops_at_the_configured_time_before_the_jobs_end():
+    """SLURM may send --signal's warning up to 60 s early; the training uses that time."""
+    import signal
+    import time
+
+    from dpr_hpc.resume.signals import StopRequest
+
+    far = StopRequest(end_time=lambda: time.time() + 60, margin_s=30)
+    far._note(signal.SIGUSR2, None)
+    assert not far.requested()  # 30 s of training left before the margin
+    near = StopRequest(end_time=lambda: time.time() + 20, margin_s=30)
+    near._note(signal.SIGUSR2, None)
+    assert near.requested() and near.reason == "SIGUSR2"
+    unknown_end = StopRequest(end_time=lambda: None, margin_s=30)
+    unknown_end._note(signal.SIGUSR2, None)
+    assert unknown_end.requested()
+    terminated = StopRequest(end_time=lambda: time.time() + 600, margin_s=30)
+    terminated._note(signal.SIGTERM, None)
+    assert terminated.requested() and terminated.reason == "SIGTERM"
+    assert not StopRequest().requested()
