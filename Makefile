@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch that this project pins; installed first so nothing pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Our stage code vs the paper's way of running, on this node (about 10 min on 2 CPU cores).
+bench: install
+	$(BIN)/dpr-hpc bench
 
 clean:
 	rm -rf runs data/demo results/*.csv results/*.md

@@ -4,6 +4,7 @@
         plan.json                                   the expanded grid, cells with their configs
         submit.lock                                 held while a local submit runs
         ledger.json, ledger.lock                    SLURM job ids per stage job (ledger.py)
+        cache/tokens/                               tokenized data, one entry per tokenizer and file
         cells/<cell id>/<stage>/r<repeat>/
             result.json                             the validated record (its presence = done)
             failed.json | running.json | interrupted.json   markers written by the stage runner
@@ -93,6 +94,11 @@ class RunLayout:
 
     def passage_encoder_dir(self, cell_id: str) -> Path:
         return self.checkpoint_dir(cell_id) / "passage_encoder"
+
+    @property
+    def token_cache(self) -> Path:
+        """Tokenized data shared by every cell of the grid (dpr_hpc.modeling.token_cache)."""
+        return self.root / "cache" / "tokens"
 
     def index_file(self, cell_id: str, repeat: int = 0) -> Path:
         return self.stage(StageJob(cell_id, "index", repeat)).dir / "index.faiss"

@@ -42,3 +42,58 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# 384 demo questions at batch 16: 24 steps an epoch, 72 in all; dropout on so that resuming has
+# to restore the RNG to draw the same masks.
+GRID = """\
+    name: {name}
+    data: {{train: {demo}/train.json, dev: {demo}/dev.json}}
+    defaults:
+      train: {{epochs: 3, batch_size: 16, learning_rate: 0.001, warmup_steps: 5, dropout: 0.1}}
+      text: {{max_length: 64}}
+      index: {{type: flat}}
+      checkpoint: {{every_steps: {every}}}
+    blocks:
+      - name: resume
+        encoder: {demo}/models/tiny-bert
+        embedding_sizes: [48]
+"""
+
+
+class StopAfter:
+    """Asks the training to stop once it has taken `steps` more steps (as a signal would)."""
+
+    reason = "test stop"
+
+    def __init__(self, steps: int) -> None:
+        self.left = steps
+
+    def requested(self) -> bool:
+        self.left -= 1
+        return self.left <= 0
+
+
+def run_folder(tmp_path: Path, demo: Path, name: str, every: int = 0, extra: str = "") -> tuple["RunLayout", str]:
+    """A run folder for one demo BERT cell (GRID), ready for stage functions called in-process."""
+    from dpr_hpc.grid import load_grid
+    from dpr_hpc.layout import RunLayout
+    from dpr_hpc.plan import make_plan
+    from dpr_hpc.runstate import save_plan
+
+    text = textwrap.dedent(GRID.format(name=name, demo=demo, every=every)) + extra  # extra: more lines of the block
+    grid_file = write_grid(tmp_path, text, f"{name}.yaml")
+    grid = load_grid(grid_file)
+    plan = make_plan(grid)
+    layout = RunLayout(tmp_path / "runs" / name)
+    save_plan(layout, plan, grid_file)
+    return layout, plan.cells[0].cell_id
+
+
+def train_in_process(layout, cell_id: str, stop=None):
+    from dpr_hpc.runstate import load_cell
+    from dpr_hpc.stages.train import train
+
+    return train(load_cell(layout, cell_id), layout, 0, stop=stop)
+
+

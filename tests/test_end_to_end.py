@@ -130,3 +130,16 @@ def test_failing_train_stage_is_reported_and_blocks_its_dependants(demo_assets, 
     assert [j["state"] for j in jobs] == ["FAILED", "BLOCKED", "BLOCKED"]
     assert "positive_ctxs[0]" in jobs[0]["detail"]
     assert Path(jobs[0]["log"]).is_file() and "DataFormatError" in Path(jobs[0]["log"]).read_text()
+
+
+def test_data_is_tokenized_once_per_tokenizer_and_shared_by_stages_and_cells(demo_run):
+    """Both cells use the same tokenizer: the dev passages and questions are tokenized by the
+    first index and infer job, and every later job (other repeats, the other cell) reads them."""
+    work, grid, first = demo_run
+    records = [json.loads(p.read_text()) for p in sorted(work.glob("runs/e2e/cells/*/*/*/result.json"))]
+    by_time = sorted(records, key=lambda r: r["started_at"])
+    for stage in ("index", "infer"):
+        cached = [r["details"]["tokens_cached"] for r in by_time if r["stage"] == stage]
+        assert cached == [False] + [True] * (len(cached) - 1), (stage, cached)
+    entries = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in work.glob("runs/e2e/cache/tokens/*.npz"))
+    assert entries == ["dev-passages", "dev-questions", "train-negatives", "train-positives", "train-questions"]

@@ -79,7 +79,7 @@ def test_stages_depend_on_train_then_index_repeat_zero():
 def test_cell_ids_are_readable_and_stable():
     cells = load_grid(REPO / "jobs" / "paper.yaml", require_data=False).cells
     # Pinned: the same config must give the same id on any machine, any day.
-    assert cells[5].cell_id == "bert-base-uncased-es768-bs16-304cdad8"
+    assert cells[5].cell_id == "bert-base-uncased-es768-bs16-d7311d23"
     assert cells[-1].cell_id.startswith("dpr-question_encoder-single-nq-base-es768-eval-")
     assert len({c.cell_id for c in cells}) == len(cells)
 
@@ -123,6 +123,21 @@ def test_block_and_cell_overrides_merge_over_defaults(tmp_path, data_files):
     assert (second.train.epochs, second.train.batch_size, second.question_encoder) == (5, 8, "distilbert-base-uncased")
 
 
+def test_auto_batch_size_and_gradient_cache_are_part_of_the_cell(tmp_path, data_files):
+    path = write_grid(data_files, """
+        name: g
+        data: {train: train.json, dev: dev.json}
+        blocks:
+          - {name: auto, encoder: bert-base-uncased, train: {batch_size: auto}, embedding_sizes: [64]}
+          - {name: plain, encoder: bert-base-uncased, train: {batch_size: 128}, embedding_sizes: [64]}
+          - {name: cached, encoder: bert-base-uncased, train: {batch_size: 128}, grad_cache: {chunk_size: 16}, embedding_sizes: [64]}
+    """)
+    auto, plain, cached = load_grid(path).cells
+    assert auto.batch_size == "auto" and "-bsauto-" in auto.cell_id
+    assert cached.grad_cache.chunk_size == 16 and plain.grad_cache.chunk_size == 0
+    assert cached.cell_id != plain.cell_id  # the cache changes the training's timings
+
+
 VALID_BLOCK = "  - name: b\n    encoder: bert-base-uncased\n    embedding_sizes: [64]\n"
 MALFORMED = {
     "unknown key": ("blocks:\n  - name: b\n    encoder: bert-base-uncased\n    embedding_size: [64]\n", "blocks[0].embedding_size", "did you mean 'embedding_sizes'"),
@@ -138,6 +153,8 @@ MALFORMED = {
     "yaml syntax": ("blocks:\n  - name: b\n    encoder: [unclosed\n", "line ", "YAML syntax error"),
     "run folder name": ("blocks:\n" + VALID_BLOCK, "name", "folder name"),
     "negative checkpoint interval": ("defaults: {checkpoint: {every_steps: -1}}\nblocks:\n" + VALID_BLOCK, "defaults.checkpoint.every_steps", "a number >= 0"),
+    "auto batch with gradient cache": ("defaults: {train: {batch_size: auto}, grad_cache: {chunk_size: 4}}\nblocks:\n" + VALID_BLOCK, "blocks[0].train.batch_size", "expected a number with grad_cache"),
+    "unknown precision": ("defaults: {precision: fp8}\nblocks:\n" + VALID_BLOCK, "defaults.precision", "auto, fp32, bf16, fp16"),
     "missing encoder": ("blocks:\n  - name: b\n    embedding_sizes: [64]\n", "blocks[0].encoder", "missing"),
 }
 

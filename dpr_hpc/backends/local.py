@@ -16,7 +16,7 @@ import submitit
 from filelock import FileLock, Timeout
 
 from dpr_hpc.backends.report import SubmitReport
-from dpr_hpc.errors import UsageError
+from dpr_hpc.errors import ResultInvalidError, UsageError
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.results import is_complete, load_record
@@ -116,6 +116,11 @@ class LocalBackend:
             self.echo(f"{tag}  FAILED after {time.perf_counter() - started:.1f}s: {reason[:200]}")
             self.echo(f"{' ' * len(tag)}  log: {handle.paths.stderr}")
             return
+        try:
+            record = load_record(paths.result, self.plan.cell(job.cell_id), job)
+        except ResultInvalidError as exc:  # e.g. the package changed under a running grid
+            report.failed.append(job)
+            self.echo(f"{tag}  FAILED: its result record is not valid: {exc}")
+            return
         report.ran.append(job)
-        record = load_record(paths.result, self.plan.cell(job.cell_id), job)
         self.echo(f"{tag}  done in {time.perf_counter() - started:.1f}s  {headline(record)}")

@@ -15,6 +15,7 @@ from typing import Any
 
 STAGES = ("train", "index", "infer")
 INDEX_TYPES = ("hnsw_flat", "flat")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # dpr_hpc.modeling.precision; kept here, free of torch
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class TrainConfig:
     """Fine-tuning hyper-parameters; DPR's and the paper's values by default."""
 
     epochs: int = 40
-    batch_size: int = 16
+    batch_size: int | str = 16  # or "auto": the largest power of 2 that fits the GPU (issue 6)
     learning_rate: float = 1e-5
     optimizer: str = "adamw"
     scheduler: str = "linear"
@@ -49,6 +50,14 @@ class IndexConfig:
     hnsw_m: int = 512
     ef_construction: int = 200
     ef_search: int = 128
+
+
+@dataclass(frozen=True)
+class GradCacheConfig:
+    """Gradient caching: the contrastive batch is encoded `chunk_size` texts at a time, so a
+    batch of 128 trains in the memory of a chunk (dpr_hpc.modeling.grad_cache). 0: off."""
+
+    chunk_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,9 @@ class CellConfig:
     top_k: int
     data: DataConfig
     repeats: Repeats
+    grad_cache: GradCacheConfig = GradCacheConfig()
+    # Number format of training and encoding (dpr_hpc.modeling.precision): auto, fp32, bf16, fp16.
+    precision: str = "auto"
     base_dir: Path = field(default=Path("."), compare=False)
     checkpoint: CheckpointConfig = field(default=CheckpointConfig(), compare=False)
 
@@ -137,7 +149,7 @@ class CellConfig:
     def identity(self) -> dict[str, Any]:
         """Everything that changes a result; group, repeats and checkpoint intervals do not, so
         they are left out."""
-        return {
+        identity = {
             "question_encoder": self.question_encoder,
             "passage_encoder": self.passage_encoder,
             "embedding_size": self.embedding_size,
@@ -146,8 +158,12 @@ class CellConfig:
             "index": dataclasses.asdict(self.index),
             "encode_batch_size": self.encode_batch_size,
             "top_k": self.top_k,
+            "precision": self.precision,
             "data": dataclasses.asdict(self.data),
         }
+        if self.train is not None and self.grad_cache.chunk_size:  # absent when off, so older ids stand
+            identity["grad_cache"] = dataclasses.asdict(self.grad_cache)
+        return identity
 
     @property
     def config_hash(self) -> str:
@@ -192,6 +208,8 @@ def cell_from_json(record: dict[str, Any]) -> CellConfig:
         top_k=record["top_k"],
         data=DataConfig(**record["data"]),
         repeats=Repeats(**record["repeats"]),
+        grad_cache=GradCacheConfig(**(record.get("grad_cache") or {})),
+        precision=record.get("precision", "auto"),
         base_dir=Path(record["base_dir"]),
         checkpoint=CheckpointConfig(**record.get("checkpoint", {})),
     )

@@ -5,7 +5,7 @@ runs. Settings merge in three levels: `defaults` <- block <- cell.
 
     name: paper
     data: {train: nq-train.json, dev: nq-dev.json}
-    defaults: {train: {...}, text: {...}, index: {...}, encode_batch_size: 512, top_k: 100,
+    defaults: {train: {...}, text: {...}, index: {...}, encode_batch_size: 512, top_k: 100, precision: auto,
                checkpoint: {every_minutes: 30, every_steps: 0}}
     blocks:
       - name: table1-bert
@@ -30,8 +30,10 @@ import yaml
 from dpr_hpc.errors import GridError
 from dpr_hpc.grid.config import (
     INDEX_TYPES,
+    PRECISIONS,
     CellConfig,
     CheckpointConfig,
+    GradCacheConfig,
     DataConfig,
     IndexConfig,
     Repeats,
@@ -45,8 +47,10 @@ SECTIONS: dict[str, type] = {
     "index": IndexConfig,
     "repeats": Repeats,
     "checkpoint": CheckpointConfig,
+    "grad_cache": GradCacheConfig,
 }
-SCALARS = ("encode_batch_size", "top_k")
+SCALARS = ("encode_batch_size", "top_k", "precision")
+SCALAR_TYPES: dict[str, type] = {"encode_batch_size": int, "top_k": int, "precision": str}
 TOP_LEVEL_KEYS = ("name", "description", "data", "defaults", "blocks", "slurm")
 DEFAULTS_KEYS = tuple(SECTIONS) + SCALARS
 CELL_KEYS = (
@@ -61,7 +65,7 @@ _POSITIVE: _Check = (lambda v: v > 0, "a positive number")
 _NON_NEGATIVE: _Check = (lambda v: v >= 0, "a number >= 0")
 FIELD_CHECKS: dict[str, _Check] = {
     "train.epochs": _POSITIVE,
-    "train.batch_size": _POSITIVE,
+    "train.batch_size": _POSITIVE,  # or the string "auto", accepted before this check
     "train.learning_rate": _POSITIVE,
     "train.optimizer": (lambda v: v == "adamw", "'adamw' (the paper's optimizer)"),
     "train.scheduler": (lambda v: v == "linear", "'linear' (linear decay after warm-up)"),
@@ -78,7 +82,9 @@ FIELD_CHECKS: dict[str, _Check] = {
     "repeats.infer": _POSITIVE,
     "checkpoint.every_minutes": _POSITIVE,
     "checkpoint.every_steps": _NON_NEGATIVE,
+    "grad_cache.chunk_size": _NON_NEGATIVE,
     "encode_batch_size": _POSITIVE,
+    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)} (auto: bf16 where the hardware has it, fp16 on older GPUs, else fp32)"),
     "top_k": (lambda v: 1 <= v <= 2048, "an integer between 1 and 2048 (FAISS's HNSW limit)"),
 }
 
@@ -188,7 +194,7 @@ def _parse_settings(raw: dict, where: str, key_path: str) -> dict[str, Any]:
             parsed[section] = _parse_section(raw[section], cls, section, where, _join(key_path, section))
     for scalar in SCALARS:
         if scalar in raw:
-            parsed[scalar] = _typed(raw[scalar], int, scalar, where, _join(key_path, scalar))
+            parsed[scalar] = _typed(raw[scalar], SCALAR_TYPES[scalar], scalar, where, _join(key_path, scalar))
     return parsed
 
 
@@ -196,7 +202,8 @@ def _parse_section(raw: Any, cls: type, section: str, where: str, key_path: str)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _check_mapping(raw, where, key_path, tuple(fields))
     return {
-        key: _typed(value, type(fields[key].default), f"{section}.{key}", where, _join(key_path, key))
+        key: value if (section, key, value) == ("train", "batch_size", "auto")
+        else _typed(value, type(fields[key].default), f"{section}.{key}", where, _join(key_path, key))
         for key, value in raw.items()
     }
 
@@ -312,11 +319,22 @@ def _build_cell(
         index=IndexConfig(**settings.get("index", {})),
         encode_batch_size=settings.get("encode_batch_size", 512),
         top_k=settings.get("top_k", 100),
+        precision=settings.get("precision", "auto"),
         data=DataConfig(train=None if evaluate_only else data["train"], dev=data["dev"]),
         repeats=Repeats(**settings.get("repeats", {})),
+        grad_cache=_grad_cache(settings, where, at),
         base_dir=base_dir,
         checkpoint=CheckpointConfig(**settings.get("checkpoint", {})),
     )
+
+
+def _grad_cache(settings: dict[str, Any], where: str, at: str) -> GradCacheConfig:
+    cache = GradCacheConfig(**settings.get("grad_cache", {}))
+    batch_size = settings.get("train", {}).get("batch_size", TrainConfig.batch_size)
+    if cache.chunk_size and batch_size == "auto":
+        raise GridError(where, _join(at, "train.batch_size"), "expected a number with grad_cache: 'auto' probes plain batches; "
+                        "with the gradient cache, memory depends on chunk_size and any batch size fits")
+    return cache
 
 
 def _encoders(settings: dict[str, Any], where: str, at: str) -> tuple[str, str]:

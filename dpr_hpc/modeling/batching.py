@@ -1,8 +1,15 @@
-"""Tokenization and batching. Inputs are tokenized once, unpadded; each batch is padded only to
-its own longest sequence, which on NQ-like lengths is far below the 256 the paper pads to."""
+"""Tokenized texts and the batches made of them.
+
+Texts are tokenized once, unpadded, into flat arrays (ids, token types, offsets): a million
+passages are a few hundred MB there instead of gigabytes of Python lists, and they load from the
+token cache in a second. Each batch is padded only to its own longest sequence, rounded up to a
+multiple of 8 for the tensor cores; the paper padded everything to 256 tokens.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -10,54 +17,95 @@ import torch
 
 from dpr_hpc.data import Passage
 
-Features = list[dict[str, list[int]]]
+TOKENIZE_CHUNK = 8192  # texts per tokenizer call: bounds the Python lists alive at once
+TokenRow = tuple[np.ndarray, "np.ndarray | None"]
 
 
-def tokenize_questions(tokenizer, questions: Sequence[str], max_length: int) -> Features:
-    encoded = tokenizer(list(questions), truncation=True, max_length=max_length)
-    return _split(encoded)
+@dataclass(frozen=True)
+class TokenizedTexts:
+    ids: np.ndarray  # int32, every sequence concatenated
+    types: np.ndarray | None  # int8 token type ids, or None where the tokenizer has none
+    offsets: np.ndarray  # int64, sequence i is ids[offsets[i]:offsets[i + 1]]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, i: int) -> TokenRow:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return self.ids[start:end], None if self.types is None else self.types[start:end]
+
+    def save(self, path: Path) -> None:
+        arrays = {"ids": self.ids, "offsets": self.offsets}
+        if self.types is not None:
+            arrays["types"] = self.types
+        with path.open("wb") as handle:
+            np.savez(handle, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> "TokenizedTexts":
+        with np.load(path) as saved:
+            return cls(saved["ids"], saved["types"] if "types" in saved else None, saved["offsets"])
 
 
-def tokenize_passages(tokenizer, passages: Sequence[Passage], max_length: int, embed_title: bool) -> Features:
+def tokenize_questions(tokenizer, questions: Sequence[str], max_length: int) -> TokenizedTexts:
+    return _tokenize(tokenizer, list(questions), None, max_length)
+
+
+def tokenize_passages(tokenizer, passages: Sequence[Passage], max_length: int, embed_title: bool) -> TokenizedTexts:
     """Title and text as a sentence pair, as DPR encodes them; text alone without titles."""
     texts = [p.text for p in passages]
-    if embed_title:
-        encoded = tokenizer([p.title for p in passages], texts, truncation="only_second", max_length=max_length)
-    else:
-        encoded = tokenizer(texts, truncation=True, max_length=max_length)
-    return _split(encoded)
+    return _tokenize(tokenizer, texts, [p.title for p in passages] if embed_title else None, max_length)
 
 
-def _split(encoded) -> Features:
-    keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
-    return [{k: encoded[k][i] for k in keys} for i in range(len(encoded["input_ids"]))]
+def _tokenize(tokenizer, texts: list[str], titles: list[str] | None, max_length: int) -> TokenizedTexts:
+    ids: list[np.ndarray] = []
+    types: list[np.ndarray] = []
+    lengths: list[int] = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = texts[start : start + TOKENIZE_CHUNK]
+        if titles is None:
+            encoded = tokenizer(chunk, truncation=True, max_length=max_length)
+        else:
+            encoded = tokenizer(titles[start : start + TOKENIZE_CHUNK], chunk, truncation="only_second", max_length=max_length)
+        for i, row in enumerate(encoded["input_ids"]):
+            ids.append(np.asarray(row, dtype=np.int32))
+            lengths.append(len(row))
+            if "token_type_ids" in encoded:
+                types.append(np.asarray(encoded["token_type_ids"][i], dtype=np.int8))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
+    flat_types = np.concatenate(types) if types else None
+    return TokenizedTexts(flat, flat_types, offsets)
 
 
-def pad_batch(features: Features, pad_id: int) -> dict[str, torch.Tensor]:
-    longest = max(len(f["input_ids"]) for f in features)
-    batch = {"input_ids": torch.full((len(features), longest), pad_id, dtype=torch.long)}
-    batch["attention_mask"] = torch.zeros((len(features), longest), dtype=torch.long)
-    if "token_type_ids" in features[0]:
-        batch["token_type_ids"] = torch.zeros((len(features), longest), dtype=torch.long)
-    for row, feature in enumerate(features):
-        n = len(feature["input_ids"])
-        batch["input_ids"][row, :n] = torch.tensor(feature["input_ids"])
-        batch["attention_mask"][row, :n] = 1
-        if "token_type_ids" in batch:
-            batch["token_type_ids"][row, :n] = torch.tensor(feature["token_type_ids"])
+def pad_batch(sequences: Sequence[TokenRow], pad_id: int, multiple: int = 1, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """A batch padded to its longest sequence rounded up to `multiple`, or to `pad_to` tokens."""
+    longest = max(len(ids) for ids, _ in sequences)
+    width = pad_to if pad_to is not None else -(-longest // multiple) * multiple
+    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    with_types = sequences[0][1] is not None
+    token_types = np.zeros((len(sequences), width), dtype=np.int64) if with_types else None
+    for row, (ids, types) in enumerate(sequences):
+        n = len(ids)
+        input_ids[row, :n] = ids
+        mask[row, :n] = 1
+        if token_types is not None:
+            token_types[row, :n] = types
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+    if token_types is not None:
+        batch["token_type_ids"] = torch.from_numpy(token_types)
     return batch
+
+
+def rows_of(texts: TokenizedTexts, rows: Sequence[int] | np.ndarray) -> list[TokenRow]:
+    return [texts.sequence(int(i)) for i in rows]
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.inference_mode()
-def encode(encoder, features: Features, pad_id: int, batch_size: int, device: torch.device) -> np.ndarray:
-    """Embeddings of `features` in input order, as float32 rows."""
-    encoder.eval()
-    out = np.empty((len(features), encoder.embedding_size), dtype=np.float32)
-    for start in range(0, len(features), batch_size):
-        batch = to_device(pad_batch(features[start : start + batch_size], pad_id), device)
-        out[start : start + batch_size] = encoder(**batch).float().cpu().numpy()
-    return out

@@ -70,6 +70,15 @@ def load_trained_tower(cell: CellConfig, run: RunLayout, tower: str, device: tor
     return DprEncoder.from_pretrained(source, cell.embedding_size).to(device), load_tokenizer(source)
 
 
+def tokenized(run: RunLayout, cell: CellConfig, what: str, data_file: Path, tokenizer, build):
+    """`build()`'s tokens through the grid's token cache: tokenized once per tokenizer, file
+    and settings, whichever cell or stage asks first."""
+    from dpr_hpc.modeling.token_cache import TokenCache
+
+    settings = {"max_length": cell.text.max_length, "embed_title": cell.text.embed_title}
+    return TokenCache(run.token_cache).get(what, data_file, tokenizer, settings, build)
+
+
 def progress(message: str) -> None:
     """A line for the job's log (the local backend's and SLURM's stdout file)."""
     print(message, flush=True)

@@ -1,4 +1,9 @@
-"""Index stage: encode the evaluation passage pool and build the FAISS index (the paper's PEI)."""
+"""Index stage: encode the evaluation passage pool and build the FAISS index (the paper's PEI).
+
+Embeddings go to disk in shards as they are encoded; a job stopped by its time limit or
+preemption is requeued and goes on from the last finished shard, and its PEI adds up the
+encoding time of every shard, whichever job wrote it.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,17 @@ import time
 from dpr_hpc.data import evaluation_pool, read_records
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.layout import RunLayout
-from dpr_hpc.modeling.batching import encode, tokenize_passages
+from dpr_hpc.modeling.batching import tokenize_passages
+from dpr_hpc.modeling.encoding import encode
+from dpr_hpc.modeling.precision import resolve_precision
 from dpr_hpc.modeling.searcher import build_index, save_index
 from dpr_hpc.plan import StageJob
-from dpr_hpc.stages.common import StageOutput, load_trained_tower, peak_memory, pick_device, progress, synchronize
+from dpr_hpc.stages.common import StageOutput, load_trained_tower, peak_memory, pick_device, progress, tokenized
 
 
 def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
     device = pick_device()
+    precision = resolve_precision(cell.precision, device)
     encoder, tokenizer = load_trained_tower(cell, run, "passage", device)
     dev_file = cell.data_path("dev")
     pool = evaluation_pool(read_records(dev_file), source=str(dev_file))
@@ -23,33 +31,35 @@ def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
         raise ValueError(f"{dev_file}: the evaluation pool is empty (no question has a positive passage)")
 
     started = time.perf_counter()
-    features = tokenize_passages(tokenizer, pool, cell.text.max_length, cell.text.embed_title)
+    texts = tokenized(run, cell, "dev-passages", dev_file, tokenizer,
+                      lambda: tokenize_passages(tokenizer, pool, cell.text.max_length, cell.text.embed_title))
     tokenize_s = time.perf_counter() - started
-    progress(f"encoding {len(pool)} passages")
+    progress(f"encoding {len(pool)} passages ({precision}, {'cached' if texts.hit else 'fresh'} tokens)")
 
-    synchronize(device)
-    started = time.perf_counter()
-    embeddings = encode(encoder, features, tokenizer.pad_token_id, cell.encode_batch_size, device)
-    synchronize(device)
-    encode_s = time.perf_counter() - started
+    paths = run.stage(StageJob(cell.cell_id, "index", repeat))
+    encoded = encode(encoder, texts.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision,
+                     shard_dir=paths.shards, progress=progress)
+    if encoded.reused_shards:
+        progress(f"reused {encoded.reused_shards} shard(s) of embeddings from a stopped job")
 
     started = time.perf_counter()
-    faiss_index = build_index(cell.index, embeddings)
+    faiss_index = build_index(cell.index, encoded.embeddings)
     index_build_s = time.perf_counter() - started
-    progress(f"encoded in {encode_s:.2f}s, {cell.index.type} index built in {index_build_s:.2f}s")
+    progress(f"encoded in {encoded.encode_s:.2f}s, {cell.index.type} index built in {index_build_s:.2f}s")
 
     save_index(faiss_index, run.index_file(cell.cell_id, repeat))
     run.passage_ids_file(cell.cell_id, repeat).write_text(json.dumps([p.passage_id for p in pool]))
-    stage_dir = run.stage(StageJob(cell.cell_id, "index", repeat)).dir
     return StageOutput(
-        metrics={"num_passages": len(pool), "dim": int(embeddings.shape[1])},
+        metrics={"num_passages": len(pool), "dim": int(encoded.embeddings.shape[1])},
         timings={
-            "encode_s": encode_s,
+            "encode_s": encoded.encode_s,
             "index_build_s": index_build_s,
-            "pei_s": encode_s + index_build_s,
+            "pei_s": encoded.encode_s + index_build_s,
             "tokenize_s": tokenize_s,
             **peak_memory(device),
         },
-        artifacts=[str(p.relative_to(stage_dir)) for p in (run.index_file(cell.cell_id, repeat), run.passage_ids_file(cell.cell_id, repeat))],
-        details={"device": device.type, "index_type": cell.index.type},
+        artifacts=[str(p.relative_to(paths.dir)) for p in (run.index_file(cell.cell_id, repeat), run.passage_ids_file(cell.cell_id, repeat))],
+        details={"device": device.type, "index_type": cell.index.type, "precision": precision,
+                 "tokens_cached": texts.hit, "reused_shards": encoded.reused_shards},
+        discard=[paths.shards],
     )

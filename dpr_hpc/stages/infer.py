@@ -15,10 +15,12 @@ from dpr_hpc.data import dev_questions, evaluation_pool, read_records
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.metrics import answer_accuracy, distinct, retrieval_metrics
-from dpr_hpc.modeling.batching import encode, tokenize_questions
+from dpr_hpc.modeling.batching import tokenize_questions
+from dpr_hpc.modeling.encoding import encode
+from dpr_hpc.modeling.precision import resolve_precision
 from dpr_hpc.modeling.searcher import load_index, search_one_at_a_time
 from dpr_hpc.plan import StageJob
-from dpr_hpc.stages.common import StageOutput, load_trained_tower, peak_memory, pick_device, progress, synchronize
+from dpr_hpc.stages.common import StageOutput, load_trained_tower, peak_memory, pick_device, progress, tokenized
 
 # Every infer repeat searches the index of index repeat 0, so repeats differ only in timing.
 SEARCHED_INDEX_REPEAT = 0
@@ -33,12 +35,11 @@ def infer(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
     if not questions:
         raise ValueError(f"{dev_file}: no question has a positive passage")
 
-    features = tokenize_questions(tokenizer, [q.question for q in questions], cell.text.max_length)
-    synchronize(device)
-    started = time.perf_counter()
-    query_vectors = encode(encoder, features, tokenizer.pad_token_id, cell.encode_batch_size, device)
-    synchronize(device)
-    question_encode_s = time.perf_counter() - started
+    precision = resolve_precision(cell.precision, device)
+    tokens = tokenized(run, cell, "dev-questions", dev_file, tokenizer,
+                      lambda: tokenize_questions(tokenizer, [q.question for q in questions], cell.text.max_length))
+    encoded = encode(encoder, tokens.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision)
+    query_vectors, question_encode_s = encoded.embeddings, encoded.encode_s
 
     faiss_index = load_index(run.index_file(cell.cell_id, SEARCHED_INDEX_REPEAT), cell.index)
     passage_ids = json.loads(run.passage_ids_file(cell.cell_id, SEARCHED_INDEX_REPEAT).read_text())
@@ -67,5 +68,5 @@ def infer(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
             **peak_memory(device),
         },
         artifacts=[run.rankings_file(job).name],
-        details={"device": device.type, "searched_index_repeat": SEARCHED_INDEX_REPEAT},
+        details={"device": device.type, "searched_index_repeat": SEARCHED_INDEX_REPEAT, "precision": precision, "tokens_cached": tokens.hit},
     )

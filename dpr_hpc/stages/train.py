@@ -21,19 +21,23 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from dpr_hpc.data import TrainingExample, read_records, training_examples
-from dpr_hpc.fsutil import write_json_atomic
+from dpr_hpc.fsutil import read_json, write_json_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.layout import RunLayout
-from dpr_hpc.modeling.batching import Features, pad_batch, to_device, tokenize_passages, tokenize_questions
+from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device, tokenize_passages, tokenize_questions
+from dpr_hpc.modeling.batch_probe import CPU_FALLBACK, MAX_BATCH, gpu_step_probe, largest_fitting_power_of_two
+from dpr_hpc.modeling.encoding import PAD_MULTIPLE
+from dpr_hpc.modeling.grad_cache import grad_cache_backward
 from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
 from dpr_hpc.modeling.loss import dpr_nll_loss
+from dpr_hpc.modeling.precision import autocast, grad_scaler, resolve_precision
 from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import now_iso
 from dpr_hpc.resume.rng import capture_rng, restore_rng
 from dpr_hpc.resume.segments import FINISHED, Segment, SegmentLog
 from dpr_hpc.resume.signals import NeverStop, Stopper, TrainingInterrupted
 from dpr_hpc.resume.store import CheckpointStore
-from dpr_hpc.stages.common import StageOutput, peak_memory, pick_device, progress, seed_everything, synchronize
+from dpr_hpc.stages.common import StageOutput, peak_memory, pick_device, progress, seed_everything, synchronize, tokenized
 
 CHECKPOINT_MARKERS = ["checkpoint/question_encoder/dpr_encoder.json", "checkpoint/passage_encoder/dpr_encoder.json", "losses.json"]
 CHECKPOINT_FORMAT = 1
@@ -68,21 +72,27 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | Non
     if not examples:
         raise ValueError(f"{cell.data_path('train')}: no question has a positive passage")
     started = time.perf_counter()
-    batches = _TokenizedExamples(examples, question_tokenizer, passage_tokenizer, cell)
+    batches = _TokenizedExamples(examples, question_tokenizer, passage_tokenizer, cell, run)
     tokenize_s = time.perf_counter() - started
 
     question_encoder.to(device).train()
     passage_encoder.to(device).train()
+    precision = resolve_precision(cell.precision, device)
+    batch_size, batch_choice = _batch_size(cell, paths.dir, question_encoder, passage_encoder, question_tokenizer, device, precision, len(examples))
     parameters = list(question_encoder.parameters()) + list(passage_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    scaler = grad_scaler(precision, device)
+    chunk_size = cell.grad_cache.chunk_size
     order_generator = torch.Generator().manual_seed(cfg.seed)
     position, segments = Position(), SegmentLog()
 
     store = CheckpointStore(paths.resume, warn=progress)
     modules = {"question_encoder": question_encoder, "passage_encoder": passage_encoder, "optimizer": optimizer, "scheduler": scheduler}
+    if scaler is not None:
+        modules["scaler"] = scaler
     loaded = store.load_latest(map_location=device)
     if loaded is not None:
         _check_belongs(loaded.state, cell, loaded.path)
@@ -130,14 +140,20 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | Non
             position.order = torch.randperm(len(examples), generator=order_generator).tolist()
             position.next_batch = 0
         while position.next_batch < steps_per_epoch:
-            rows = position.order[position.next_batch * cfg.batch_size : (position.next_batch + 1) * cfg.batch_size]
-            questions, passages = batches.batch(rows, device)
-            loss = dpr_nll_loss(question_encoder(**questions), passage_encoder(**passages))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
-            optimizer.step()
+            rows = position.order[position.next_batch * batch_size : (position.next_batch + 1) * batch_size]
+            if chunk_size:
+                loss = grad_cache_backward(
+                    question_encoder, passage_encoder, *batches.chunks(rows, chunk_size, device),
+                    autocast=lambda: autocast(precision, device), scale=scaler.scale if scaler else lambda x: x,
+                )
+            else:
+                questions, passages = batches.batch(rows, device)
+                with autocast(precision, device):
+                    question_vectors, passage_vectors = question_encoder(**questions), passage_encoder(**passages)
+                loss = dpr_nll_loss(question_vectors.float(), passage_vectors.float())
+                (scaler.scale(loss) if scaler else loss).backward()
+            _clip_and_step(parameters, optimizer, scaler, cfg.max_grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             position.step_losses.append(loss.item())
             position.step += 1
             position.next_batch += 1
@@ -180,11 +196,56 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | Non
             "native_size": question_encoder.native_size,
             "device": device.type,
             "examples_without_negative": batches.without_negative,
+            "precision": precision,
+            "tokens_cached": batches.cache_hits == 3,
+            "batch_size": batch_size,
+            "batch_size_choice": batch_choice,
+            "grad_cache": {"chunk_size": chunk_size} if chunk_size else None,
             "restarts": segments.restarts,
             "segments": segments.to_json(),
         },
         discard=[paths.resume],
     )
+
+
+def _clip_and_step(parameters: list, optimizer, scaler, max_grad_norm: float) -> None:
+    """Clip and step; with fp16 the gradients are unscaled before clipping, and a step whose
+    gradients overflowed is skipped by the scaler."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _batch_size(cell: CellConfig, stage_dir, question_encoder, passage_encoder, tokenizer, device, precision: str, examples: int) -> tuple[int, dict[str, Any]]:
+    """The grid's batch size, or for `auto` the probe's answer, decided once per training: a
+    resumed run reads it back, so it keeps its batch size on a node with another GPU."""
+    requested = cell.train.batch_size
+    if requested != "auto":
+        return int(requested), {"batch_size": requested, "source": "grid"}
+    chosen_file = stage_dir / "batch_size.json"
+    if chosen_file.is_file():
+        chosen = read_json(chosen_file)
+        return int(chosen["batch_size"]), chosen
+    if device.type != "cuda":
+        chosen = {"batch_size": CPU_FALLBACK, "source": f"auto: no GPU to probe, the paper's BERT batch size {CPU_FALLBACK}"}
+    else:
+        rng = capture_rng()  # the probe's dropout must not shift the training's random stream
+        probe = gpu_step_probe(question_encoder, passage_encoder, cell.text.max_length, len(tokenizer), device,
+                               lambda: autocast(precision, device), "token_type_ids" in tokenizer.model_input_names)
+        size, probes = largest_fitting_power_of_two(probe, min(examples, MAX_BATCH), log=progress)
+        restore_rng(rng)
+        props = torch.cuda.get_device_properties(device)
+        chosen = {"batch_size": size, "source": "auto: largest power of 2 that fits", "probes": probes,
+                  "gpu_name": props.name, "gpu_total_gb": round(props.total_memory / 2**30, 1), "max_length": cell.text.max_length}
+    progress(f"batch size: {chosen['batch_size']} ({chosen['source']})")
+    write_json_atomic(chosen_file, chosen)
+    return int(chosen["batch_size"]), chosen
 
 
 def _check_belongs(state: dict[str, Any], cell: CellConfig, path) -> None:
@@ -203,21 +264,40 @@ def _write_progress(path, position: Position, epochs: int, steps_per_epoch: int,
 
 
 class _TokenizedExamples:
-    """Examples tokenized once up front; a batch is their rows, padded to its longest sequence."""
+    """Examples tokenized once (through the grid's token cache); a batch is their rows, padded
+    to its longest sequence rounded up to a multiple of 8."""
 
-    def __init__(self, examples: list[TrainingExample], question_tokenizer, passage_tokenizer, cell: CellConfig) -> None:
+    def __init__(self, examples: list[TrainingExample], question_tokenizer, passage_tokenizer, cell: CellConfig, run: RunLayout) -> None:
         max_length, titles = cell.text.max_length, cell.text.embed_title
-        self.questions: Features = tokenize_questions(question_tokenizer, [e.question for e in examples], max_length)
-        self.positives: Features = tokenize_passages(passage_tokenizer, [e.positive for e in examples], max_length, titles)
+        source = cell.data_path("train")
         with_negative = [i for i, e in enumerate(examples) if e.negative is not None]
-        negatives = tokenize_passages(passage_tokenizer, [examples[i].negative for i in with_negative], max_length, titles)
-        self.negatives: dict[int, dict[str, list[int]]] = dict(zip(with_negative, negatives))
+        self.questions = tokenized(run, cell, "train-questions", source, question_tokenizer,
+                                   lambda: tokenize_questions(question_tokenizer, [e.question for e in examples], max_length))
+        self.positives = tokenized(run, cell, "train-positives", source, passage_tokenizer,
+                                   lambda: tokenize_passages(passage_tokenizer, [e.positive for e in examples], max_length, titles))
+        self.negatives = tokenized(run, cell, "train-negatives", source, passage_tokenizer,
+                                   lambda: tokenize_passages(passage_tokenizer, [examples[i].negative for i in with_negative], max_length, titles))
+        self.negative_row = {example: row for row, example in enumerate(with_negative)}
         self.without_negative = len(examples) - len(with_negative)
+        self.cache_hits = sum(t.hit for t in (self.questions, self.positives, self.negatives))
         self.question_pad = question_tokenizer.pad_token_id
         self.passage_pad = passage_tokenizer.pad_token_id
 
+    def chunks(self, rows: list[int], chunk_size: int, device: torch.device) -> tuple[list[dict], list[dict]]:
+        """The batch as the gradient cache takes it: chunks of questions and of passages (the
+        same passage list as `batch`), each chunk padded to its own longest sequence."""
+        questions, passages = self._sequences(rows)
+        return self._padded_chunks(questions, chunk_size, self.question_pad, device), self._padded_chunks(passages, chunk_size, self.passage_pad, device)
+
     def batch(self, rows: list[int], device: torch.device) -> tuple[dict, dict]:
         """Questions, and passages with the B positives first and then the hard negatives."""
-        passages = [self.positives[i] for i in rows] + [self.negatives[i] for i in rows if i in self.negatives]
-        questions = pad_batch([self.questions[i] for i in rows], self.question_pad)
-        return to_device(questions, device), to_device(pad_batch(passages, self.passage_pad), device)
+        questions, passages = self._sequences(rows)
+        return self._padded_chunks(questions, len(questions), self.question_pad, device)[0], self._padded_chunks(passages, len(passages), self.passage_pad, device)[0]
+
+    def _sequences(self, rows: list[int]):
+        negatives = [self.negative_row[i] for i in rows if i in self.negative_row]
+        return rows_of(self.questions.texts, rows), rows_of(self.positives.texts, rows) + rows_of(self.negatives.texts, negatives)
+
+    @staticmethod
+    def _padded_chunks(sequences, chunk_size: int, pad_id: int, device: torch.device) -> list[dict]:
+        return [to_device(pad_batch(sequences[i : i + chunk_size], pad_id, PAD_MULTIPLE), device) for i in range(0, len(sequences), chunk_size)]

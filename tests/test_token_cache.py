@@ -1,0 +1,76 @@
+"""The token cache: one tokenization per tokenizer, data file and settings, built once even
+when jobs ask for it at the same moment, and rebuilt when the data file changes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dpr_hpc.modeling.batching import TokenizedTexts, tokenize_questions
+from dpr_hpc.modeling.encoder import load_tokenizer
+from dpr_hpc.modeling.token_cache import TokenCache, tokenizer_fingerprint
+
+
+def _texts(n: int) -> TokenizedTexts:
+    return TokenizedTexts(np.arange(n, dtype=np.int32), None, np.array([0, n], dtype=np.int64))
+
+
+def test_second_request_reads_the_cache_and_a_changed_file_is_tokenized_again(demo_assets, tmp_path):
+    tokenizer = load_tokenizer(str(demo_assets / "models" / "tiny-bert"))
+    data = tmp_path / "dev.json"
+    data.write_text('["one"]')
+    cache = TokenCache(tmp_path / "cache")
+    builds = []
+
+    def build() -> TokenizedTexts:
+        builds.append(1)
+        return tokenize_questions(tokenizer, ["what is it?", "who?"], 32)
+
+    first = cache.get("dev-questions", data, tokenizer, {"max_length": 32}, build)
+    second = cache.get("dev-questions", data, tokenizer, {"max_length": 32}, build)
+    assert (first.hit, second.hit, len(builds)) == (False, True, 1)
+    assert np.array_equal(first.texts.ids, second.texts.ids) and np.array_equal(first.texts.types, second.texts.types)
+    assert not cache.get("dev-questions", data, tokenizer, {"max_length": 16}, build).hit  # other settings
+    data.write_text('["two"]')
+    assert not cache.get("dev-questions", data, tokenizer, {"max_length": 32}, build).hit  # changed content
+    assert len(builds) == 3
+
+
+def test_tokenizers_with_another_vocabulary_get_another_fingerprint(demo_assets):
+    bert = load_tokenizer(str(demo_assets / "models" / "tiny-bert"))
+    assert tokenizer_fingerprint(bert) == tokenizer_fingerprint(load_tokenizer(str(demo_assets / "models" / "tiny-bert")))
+    other = load_tokenizer(str(demo_assets / "models" / "tiny-bert"))
+    other.add_tokens(["zzznewtoken"])
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(bert)
+
+
+def _slow_request(args: tuple[str, str, str]) -> bool:
+    folder, data, log = args
+    from transformers import AutoTokenizer  # noqa: F401 (the child imports what a job imports)
+
+    class Fake:
+        backend_tokenizer = None
+
+        def get_vocab(self):
+            return {"a": 0}
+
+    def build() -> TokenizedTexts:
+        with open(log, "a") as handle:
+            handle.write("built\n")
+        time.sleep(1.0)
+        return _texts(5)
+
+    return TokenCache(Path(folder)).get("train-questions", Path(data), Fake(), {}, build).hit
+
+
+def test_concurrent_jobs_build_a_missing_entry_once(tmp_path):
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    log = tmp_path / "builds.log"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        hits = pool.map(_slow_request, [(str(tmp_path / "cache"), str(data), str(log))] * 3)
+    assert log.read_text().count("built") == 1
+    assert sorted(hits) == [False, True, True]
