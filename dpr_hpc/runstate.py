@@ -53,6 +53,12 @@ def mark_interrupted(paths: StagePaths, reason: str) -> None:
     write_json_atomic(paths.interrupted, {"reason": reason, "finished_at": now_iso(), "host": socket.gethostname()})
 
 
+def resumable(paths: StagePaths) -> bool:
+    """Stopped by a signal (time limit with its requeues spent, scancel) after saving its state,
+    and not failed: submitting it again continues it rather than repeating a failure."""
+    return paths.interrupted.exists() and not paths.failure.exists()
+
+
 def latest_log(paths: StagePaths) -> Path | None:
     """The newest job log (submitit names them <job id>_<task>_log.{out,err})."""
     logs = sorted(paths.jobs.glob("*_log.err"), key=lambda p: p.stat().st_mtime)

@@ -19,7 +19,7 @@ from dpr_hpc.ledger import Ledger
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
 from dpr_hpc.results import load_record
-from dpr_hpc.runstate import latest_log, read_marker
+from dpr_hpc.runstate import latest_log, read_marker, resumable
 
 STATES = ("COMPLETED", "RUNNING", "PENDING", "REQUEUED", "FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "BLOCKED")
 _DEAD_ENDS = ("FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "BLOCKED")
@@ -87,6 +87,8 @@ def _unfinished_state(
 ) -> StageState:
     if job_id and view is not None:
         state = _scheduler_state(job, job_id, view.jobs.get(job_id), log, invalid, recent)
+        if state.state in _DEAD_ENDS and resumable(paths):
+            return StageState(job, "INTERRUPTED", state.node, f"{state.detail}; stopped after a checkpoint: submit again to resume", log, job_id)
         # Cancelled by SLURM (kill-on-invalid-dep), or waiting on a dependency that failed.
         return blocked if blocked and state.state in ("PENDING", "CANCELLED", "BLOCKED") else state
     failure = read_marker(paths.failure)

@@ -215,3 +215,29 @@ def test_scontrol_requeue_of_a_running_training_resumes_from_its_checkpoint(slur
     assert segments[1]["first_step"] >= 100  # resumed from a checkpoint, not from step 0
     assert segments[1]["first_step"] == segments[0]["first_step"] + segments[0]["steps"]
     assert segments[1]["slurm_restart_count"] == 1
+
+
+def test_cancelled_training_resumes_from_its_checkpoint_on_a_plain_resubmit(slurm_cluster, demo_assets, tmp_path):
+    """scancel sends SIGTERM: the training checkpoints at the next step and stops; SLURM
+    cancels its index and infer jobs. `submit` again (no --retry-failed) resumes the training
+    and resubmits the jobs that never ran."""
+    grid = one_training_grid(tmp_path, demo_assets, "cancelled", epochs=30, slurm_train="{}", checkpoint="{every_steps: 100}")
+    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
+    train_job = next(j for j in status(tmp_path, grid) if j["stage"] == "train")
+    progress_file = next(iter(tmp_path.glob("runs/cancelled/cells/*/train/r0"))) / "progress.json"
+    deadline = time.monotonic() + 300
+    while not (progress_file.exists() and json.loads(progress_file.read_text())["step"] >= 150):
+        assert time.monotonic() < deadline, "the training never got past its first checkpoint"
+        time.sleep(0.5)
+    subprocess.run(["scancel", train_job["job_id"]], check=True)
+    jobs = wait_until_settled(tmp_path, grid)
+    assert jobs[0]["state"] == "INTERRUPTED" and "submit again to resume" in jobs[0]["detail"], jobs[0]
+    assert [j["state"] for j in jobs[1:]] == ["BLOCKED", "BLOCKED"]
+
+    again = cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
+    assert "resuming it" in again.stdout and "3 submitted" in again.stdout, again.stdout
+    assert [j["state"] for j in wait_until_settled(tmp_path, grid)] == ["COMPLETED"] * 3
+    segments = train_record(tmp_path, "cancelled")["details"]["segments"]
+    assert [s["ended_by"] for s in segments] == ["SIGTERM", "finished"]
+    assert segments[1]["first_step"] == segments[0]["steps"] >= 150
+    assert segments[0]["job_id"] != segments[1]["job_id"]

@@ -28,6 +28,16 @@ class JobInfo:
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
 
+    @property
+    def waits_on_a_dead_dependency(self) -> bool:
+        return self.state == "PENDING" and self.reason.startswith("DependencyNeverSatisfied")
+
+    @property
+    def never_started(self) -> bool:
+        """Cancelled while pending (e.g. by kill-on-invalid-dep when its upstream job was
+        cancelled): nothing of it failed, so submitting it again needs no --retry-failed."""
+        return self.state.startswith("CANCELLED") and self.elapsed in ("", "00:00:00", "0:00")
+
 
 @dataclass(frozen=True)
 class SchedulerView:

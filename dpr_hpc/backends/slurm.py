@@ -25,7 +25,7 @@ from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import Ledger
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.results import is_complete
-from dpr_hpc.runstate import save_plan
+from dpr_hpc.runstate import resumable, save_plan
 from dpr_hpc.stages.runner import stage_job_entry
 
 SUBMIT_ATTEMPTS = 4
@@ -78,11 +78,21 @@ class SlurmBackend:
         latest = ledger.latest(job)
         if latest:
             info = view.jobs.get(latest["job_id"])
-            if (info.active if info else ledger.recently_submitted(job)):
+            orphaned = info is not None and info.state == "PENDING" and (
+                info.waits_on_a_dead_dependency or any(dep in report.ran for dep in self.plan.dependencies(job))
+            )
+            if orphaned:  # waits on a job that ended without a result (now resubmitted): it can never run
+                scheduler.cancel([latest["job_id"]])
+                self.echo(f"{job.key}: job {latest['job_id']} waited on an upstream job that ended; submitting it again")
+            elif (info.active if info else ledger.recently_submitted(job)):
                 queued[job] = latest["job_id"]
                 report.active.append(job)
                 return
-            if not self.retry_failed:
+            if resumable(self.layout.stage(job)):
+                self.echo(f"{job.key}: job {latest['job_id']} stopped after a checkpoint; resuming it")
+            elif orphaned or (info is not None and info.never_started):
+                pass  # cancelled before it ran: submitted again like a new job
+            elif not self.retry_failed:
                 upstream_done = all(self._complete(dep) for dep in self.plan.dependencies(job))
                 (report.failed if upstream_done else report.blocked).append(job)
                 if upstream_done:
