@@ -5,7 +5,8 @@ in one run on one machine, tagged with the node like every other result.
   batch 64, precision `auto`) vs the paper's (every text padded to 256, batch 512, fp32), and
   our achieved FLOP rate against this machine's matrix-multiply peak, measured in the same run;
 - training throughput (triples/s: a question, its positive, a hard negative): ours (per-batch
-  padding, precision `auto`) vs the paper's (padded to 256, fp32);
+  padding, precision `auto`) vs the paper's (padded to 256, fp32), and the time cost of the
+  gradient cache on the same batch;
 - per-query search: our timed path vs a bare FAISS loop on the same index;
 - the token cache: tokenizing for a first cell vs for a second cell with the same tokenizer.
 
@@ -175,6 +176,7 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
 
     from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device
     from dpr_hpc.modeling.encoding import PAD_MULTIPLE
+    from dpr_hpc.modeling.grad_cache import grad_cache_backward
     from dpr_hpc.modeling.loss import dpr_nll_loss
     from dpr_hpc.modeling.precision import autocast, grad_scaler
 
@@ -182,7 +184,8 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
     questions = _nq_like(rng, TRAIN_BATCH * (steps + 1), mean=12, sd=4, low=6, high=34)
     passages = _nq_like(rng, 2 * TRAIN_BATCH * (steps + 1), mean=140, sd=45, low=24, high=256)
 
-    def run(way: str) -> float:
+    def run(way: str, chunk: int = 0) -> tuple[float, float | None]:
+        """Triples per second, and the peak GPU memory in GiB (None on CPU)."""
         torch.manual_seed(0)
         q_tower, p_tower = _bert_encoder(device).train(), _bert_encoder(device).train()
         params = list(q_tower.parameters()) + list(p_tower.parameters())
@@ -191,32 +194,45 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
         scaler = grad_scaler(fmt, device)
         pad = {"multiple": PAD_MULTIPLE} if way == "ours" else {"pad_to": PAPER_PAD}
         elapsed = 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         for step in range(steps + 1):  # step 0 warms up, untimed
-            q_rows = range(step * TRAIN_BATCH, (step + 1) * TRAIN_BATCH)
-            p_rows = range(step * 2 * TRAIN_BATCH, (step + 1) * 2 * TRAIN_BATCH)
+            q_rows = list(range(step * TRAIN_BATCH, (step + 1) * TRAIN_BATCH))
+            p_rows = list(range(step * 2 * TRAIN_BATCH, (step + 1) * 2 * TRAIN_BATCH))
             q = to_device(pad_batch(rows_of(questions, q_rows), 0, **pad), device)
             p = to_device(pad_batch(rows_of(passages, p_rows), 0, **pad), device)
             _sync(device)
             start = time.perf_counter()
-            with autocast(fmt, device):
-                qv, pv = q_tower(**q), p_tower(**p)
-            loss = dpr_nll_loss(qv.float(), pv.float())
+            if chunk:
+                def chunks_of(texts, rows: list[int]) -> list:
+                    return [to_device(pad_batch(rows_of(texts, rows[i : i + chunk]), 0, **pad), device) for i in range(0, len(rows), chunk)]
+
+                scale = scaler.scale if scaler else (lambda x: x)
+                grad_cache_backward(q_tower, p_tower, chunks_of(questions, q_rows), chunks_of(passages, p_rows), lambda: autocast(fmt, device), scale)
+            else:
+                with autocast(fmt, device):
+                    qv, pv = q_tower(**q), p_tower(**p)
+                loss = dpr_nll_loss(qv.float(), pv.float())
+                (scaler.scale(loss) if scaler else loss).backward()
             if scaler is None:
-                loss.backward()
                 optimizer.step()
             else:
-                scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
             _sync(device)
             if step:
                 elapsed += time.perf_counter() - start
-        return steps * TRAIN_BATCH / elapsed
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        return steps * TRAIN_BATCH / elapsed, peak
 
-    ours, paper = run("ours"), run("paper")
-    result = {"ours_triples_per_s": ours, "paper_triples_per_s": paper, "speedup": ours / paper, "steps": steps, "batch": TRAIN_BATCH}
+    (ours, ours_peak), (paper, _) = run("ours"), run("paper")
+    cached, cached_peak = run("ours", chunk=TRAIN_BATCH // 4)
+    result = {"ours_triples_per_s": ours, "paper_triples_per_s": paper, "speedup": ours / paper, "steps": steps, "batch": TRAIN_BATCH,
+              "grad_cache_triples_per_s": cached, "grad_cache_chunk": TRAIN_BATCH // 4, "grad_cache_time_cost": ours / cached - 1,
+              "peak_gpu_gb": ours_peak, "grad_cache_peak_gpu_gb": cached_peak}
     echo(f"training (batch {TRAIN_BATCH}, two towers, AdamW): ours {ours:.2f} triples/s, paper's way {paper:.2f} -> {ours / paper:.2f}x")
+    echo(f"gradient cache (the same batch in chunks of {TRAIN_BATCH // 4}): {cached:.2f} triples/s, {ours / cached - 1:+.0%} time per step")
     return result
 
 

@@ -162,6 +162,17 @@ def one_training_grid(folder: Path, demo: Path, name: str, epochs: int, slurm_tr
     """, f"{name}.yaml")
 
 
+def wait_for_training_step(work: Path, name: str, step: int, timeout_s: float = 300) -> None:
+    """Until the running training has taken `step` steps (past its first checkpoint)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = list(work.glob(f"runs/{name}/cells/*/train/r0/progress.json"))
+        if found and json.loads(found[0].read_text())["step"] >= step:
+            return
+        assert time.monotonic() < deadline, f"the training never reached step {step}"
+        time.sleep(0.5)
+
+
 def train_record(work: Path, name: str) -> dict:
     (path,) = work.glob(f"runs/{name}/cells/*/train/r0/result.json")
     return json.loads(path.read_text())
@@ -201,11 +212,7 @@ def test_scontrol_requeue_of_a_running_training_resumes_from_its_checkpoint(slur
     grid = one_training_grid(tmp_path, demo_assets, "requeue", epochs=30, slurm_train="{}", checkpoint="{every_steps: 100}")
     cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
     train_job = next(j for j in status(tmp_path, grid) if j["stage"] == "train")
-    progress_file = next(iter(tmp_path.glob("runs/requeue/cells/*/train/r0"))) / "progress.json"
-    deadline = time.monotonic() + 300
-    while not (progress_file.exists() and json.loads(progress_file.read_text())["step"] >= 150):
-        assert time.monotonic() < deadline, "the training never got past its first checkpoint"
-        time.sleep(0.5)
+    wait_for_training_step(tmp_path, "requeue", 150)
     subprocess.run(["scontrol", "requeue", train_job["job_id"]], check=True)
     jobs = wait_until_settled(tmp_path, grid, timeout_s=600)
     assert [j["state"] for j in jobs] == ["COMPLETED"] * 3
@@ -224,11 +231,7 @@ def test_cancelled_training_resumes_from_its_checkpoint_on_a_plain_resubmit(slur
     grid = one_training_grid(tmp_path, demo_assets, "cancelled", epochs=30, slurm_train="{}", checkpoint="{every_steps: 100}")
     cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
     train_job = next(j for j in status(tmp_path, grid) if j["stage"] == "train")
-    progress_file = next(iter(tmp_path.glob("runs/cancelled/cells/*/train/r0"))) / "progress.json"
-    deadline = time.monotonic() + 300
-    while not (progress_file.exists() and json.loads(progress_file.read_text())["step"] >= 150):
-        assert time.monotonic() < deadline, "the training never got past its first checkpoint"
-        time.sleep(0.5)
+    wait_for_training_step(tmp_path, "cancelled", 150)
     subprocess.run(["scancel", train_job["job_id"]], check=True)
     jobs = wait_until_settled(tmp_path, grid)
     assert jobs[0]["state"] == "INTERRUPTED" and "submit again to resume" in jobs[0]["detail"], jobs[0]
