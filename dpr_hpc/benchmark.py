@@ -39,7 +39,7 @@ class BenchSize:
 
 
 QUICK = BenchSize(passages=128, train_steps=2, index_vectors=5000, queries=300, repeats=1)
-FULL_CPU = BenchSize(passages=1024, train_steps=6, index_vectors=20000, queries=1000, repeats=3)
+FULL_CPU = BenchSize(passages=1024, train_steps=4, index_vectors=20000, queries=1000, repeats=3)
 FULL_GPU = BenchSize(passages=32768, train_steps=30, index_vectors=100000, queries=2000, repeats=3)
 
 
@@ -157,17 +157,20 @@ def _bench_encoding(encoder, passages, device, precision, repeats, peaks, echo) 
     our_shapes = [(len(chunk), int(-(-chunk.max() // PAD_MULTIPLE) * PAD_MULTIPLE)) for chunk in np.array_split(lengths, range(OUR_ENCODE_BATCH, n, OUR_ENCODE_BATCH))]
     computed = encoder_flops(our_shapes)
     useful = encoder_flops([(1, int(length)) for length in passages.lengths])
+    paper_computed = encoder_flops([(n, PAPER_PAD)])
     t_ours, t_paper = statistics.median(ours_s), statistics.median(paper_s)
     result = {
         "passages": n, "mean_tokens": float(passages.lengths.mean()),
         "ours_per_s": n / t_ours, "paper_per_s": n / t_paper, "speedup": t_paper / t_ours,
+        "flop_ratio": paper_computed / computed,
         "ours_gflops": computed / t_ours / 1e9, "useful_gflops": useful / t_ours / 1e9,
         "fraction_of_peak": computed / t_ours / 1e9 / peaks[precision], "peak_used": precision,
         "ours_s": ours_s, "paper_s": paper_s,
     }
     echo(f"encoding {n} passages (mean {result['mean_tokens']:.0f} tokens): ours {result['ours_per_s']:.1f}/s, "
          f"paper's way {result['paper_per_s']:.1f}/s -> {result['speedup']:.2f}x; "
-         f"{result['ours_gflops']:.0f} GFLOP/s = {result['fraction_of_peak']:.0%} of the {precision} matmul peak")
+         f"{result['ours_gflops']:.0f} GFLOP/s = {result['fraction_of_peak']:.0%} of the {precision} matmul peak; "
+         f"the paper's way computes {result['flop_ratio']:.2f}x our FLOPs")
     return result
 
 
@@ -226,13 +229,33 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         return steps * TRAIN_BATCH / elapsed, peak
 
-    (ours, ours_peak), (paper, _) = run("ours"), run("paper")
-    cached, cached_peak = run("ours", chunk=TRAIN_BATCH // 4)
-    result = {"ours_triples_per_s": ours, "paper_triples_per_s": paper, "speedup": ours / paper, "steps": steps, "batch": TRAIN_BATCH,
-              "grad_cache_triples_per_s": cached, "grad_cache_chunk": TRAIN_BATCH // 4, "grad_cache_time_cost": ours / cached - 1,
+    def padded(texts, rows: range, multiple: int | None) -> tuple[int, int]:
+        longest = int(texts.lengths[rows.start : rows.stop].max())
+        return len(rows), (-(-longest // multiple) * multiple if multiple else PAPER_PAD)
+
+    timed = range(1, steps + 1)
+    flop_ratio = (
+        sum(encoder_flops([padded(questions, range(s * TRAIN_BATCH, (s + 1) * TRAIN_BATCH), None),
+                           padded(passages, range(s * 2 * TRAIN_BATCH, (s + 1) * 2 * TRAIN_BATCH), None)]) for s in timed)
+        / sum(encoder_flops([padded(questions, range(s * TRAIN_BATCH, (s + 1) * TRAIN_BATCH), PAD_MULTIPLE),
+                             padded(passages, range(s * 2 * TRAIN_BATCH, (s + 1) * 2 * TRAIN_BATCH), PAD_MULTIPLE)]) for s in timed)
+    )
+    chunk = TRAIN_BATCH // 4
+    runs: dict[str, list[tuple[float, float | None]]] = {"ours": [], "paper": [], "grad_cache": []}
+    for repeat in range(size.repeats):  # interleaved, so drifts in clock speed hit all three alike
+        echo(f"  training run {repeat + 1}/{size.repeats}: ours, the paper's way, the gradient cache ({steps} timed steps each)")
+        runs["ours"].append(run("ours"))
+        runs["paper"].append(run("paper"))
+        runs["grad_cache"].append(run("ours", chunk=chunk))
+    ours, paper, cached = (statistics.median(rate for rate, _ in runs[way]) for way in ("ours", "paper", "grad_cache"))
+    ours_peak, cached_peak = (max((peak for _, peak in runs[way] if peak is not None), default=None) for way in ("ours", "grad_cache"))
+    result = {"ours_triples_per_s": ours, "paper_triples_per_s": paper, "speedup": ours / paper, "flop_ratio": flop_ratio, "steps": steps, "batch": TRAIN_BATCH,
+              "repeats": size.repeats, "runs_triples_per_s": {way: [rate for rate, _ in got] for way, got in runs.items()},
+              "grad_cache_triples_per_s": cached, "grad_cache_chunk": chunk, "grad_cache_time_cost": ours / cached - 1,
               "peak_gpu_gb": ours_peak, "grad_cache_peak_gpu_gb": cached_peak}
-    echo(f"training (batch {TRAIN_BATCH}, two towers, AdamW): ours {ours:.2f} triples/s, paper's way {paper:.2f} -> {ours / paper:.2f}x")
-    echo(f"gradient cache (the same batch in chunks of {TRAIN_BATCH // 4}): {cached:.2f} triples/s, {ours / cached - 1:+.0%} time per step")
+    echo(f"training (batch {TRAIN_BATCH}, two towers, AdamW): ours {ours:.2f} triples/s, paper's way {paper:.2f} -> {ours / paper:.2f}x; "
+         f"the paper's way computes {flop_ratio:.2f}x our FLOPs")
+    echo(f"gradient cache (the same batch in chunks of {chunk}): {cached:.2f} triples/s, {ours / cached - 1:+.0%} time per step")
     return result
 
 
@@ -297,9 +320,9 @@ def goals(report: dict[str, Any]) -> list[tuple[str, bool, str]]:
     """Each goal of issue 5 with whether this run met it."""
     enc, train, search = report["encode"], report["train"], report["search"]
     return [
-        ("encoding >= 3x the paper's way", enc["speedup"] >= 3, f"{enc['speedup']:.2f}x"),
+        ("encoding >= 3x the paper's way", enc["speedup"] >= 3, f"{enc['speedup']:.2f}x (padding alone: {enc['flop_ratio']:.2f}x the FLOPs)"),
         ("encoding >= 55% of matmul peak", enc["fraction_of_peak"] >= 0.55, f"{enc['fraction_of_peak']:.0%} of {enc['peak_used']}"),
-        ("training >= 3x the paper's way", train["speedup"] >= 3, f"{train['speedup']:.2f}x"),
+        ("training >= 3x the paper's way", train["speedup"] >= 3, f"{train['speedup']:.2f}x (padding alone: {train['flop_ratio']:.2f}x the FLOPs)"),
         ("search overhead <= 10%", search["overhead"] <= 0.10, f"{search['overhead']:+.1%}"),
         ("second cell tokenizes in ~0 s", report["token_cache"]["second_cell_s"] < 0.05 * report["token_cache"]["first_cell_s"],
          f"{report['token_cache']['second_cell_s']:.3f}s vs {report['token_cache']['first_cell_s']:.2f}s"),
