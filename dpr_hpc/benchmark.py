@@ -187,6 +187,10 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
     questions = _nq_like(rng, TRAIN_BATCH * (steps + 1), mean=12, sd=4, low=6, high=34)
     passages = _nq_like(rng, 2 * TRAIN_BATCH * (steps + 1), mean=140, sd=45, low=24, high=256)
 
+    def step_rows(step: int) -> tuple[list[int], list[int]]:
+        """The questions of a step, and their positives and hard negatives."""
+        return list(range(step * TRAIN_BATCH, (step + 1) * TRAIN_BATCH)), list(range(step * 2 * TRAIN_BATCH, (step + 1) * 2 * TRAIN_BATCH))
+
     def run(way: str, chunk: int = 0) -> tuple[float, float | None]:
         """Triples per second, and the peak GPU memory in GiB (None on CPU)."""
         torch.manual_seed(0)
@@ -196,25 +200,25 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
         fmt = precision if way == "ours" else "fp32"
         scaler = grad_scaler(fmt, device)
         pad = {"multiple": PAD_MULTIPLE} if way == "ours" else {"pad_to": PAPER_PAD}
+
+        def batches(texts, rows: list[int]) -> list:
+            size = chunk or len(rows)
+            return [to_device(pad_batch(rows_of(texts, rows[i : i + size]), 0, **pad), device) for i in range(0, len(rows), size)]
+
         elapsed = 0.0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for step in range(steps + 1):  # step 0 warms up, untimed
-            q_rows = list(range(step * TRAIN_BATCH, (step + 1) * TRAIN_BATCH))
-            p_rows = list(range(step * 2 * TRAIN_BATCH, (step + 1) * 2 * TRAIN_BATCH))
-            q = to_device(pad_batch(rows_of(questions, q_rows), 0, **pad), device)
-            p = to_device(pad_batch(rows_of(passages, p_rows), 0, **pad), device)
+            q_rows, p_rows = step_rows(step)
+            q_batches, p_batches = batches(questions, q_rows), batches(passages, p_rows)
             _sync(device)
             start = time.perf_counter()
             if chunk:
-                def chunks_of(texts, rows: list[int]) -> list:
-                    return [to_device(pad_batch(rows_of(texts, rows[i : i + chunk]), 0, **pad), device) for i in range(0, len(rows), chunk)]
-
                 scale = scaler.scale if scaler else (lambda x: x)
-                grad_cache_backward(q_tower, p_tower, chunks_of(questions, q_rows), chunks_of(passages, p_rows), lambda: autocast(fmt, device), scale)
+                grad_cache_backward(q_tower, p_tower, q_batches, p_batches, lambda: autocast(fmt, device), scale)
             else:
                 with autocast(fmt, device):
-                    qv, pv = q_tower(**q), p_tower(**p)
+                    qv, pv = q_tower(**q_batches[0]), p_tower(**p_batches[0])
                 loss = dpr_nll_loss(qv.float(), pv.float())
                 (scaler.scale(loss) if scaler else loss).backward()
             if scaler is None:
@@ -229,17 +233,16 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         return steps * TRAIN_BATCH / elapsed, peak
 
-    def padded(texts, rows: range, multiple: int | None) -> tuple[int, int]:
-        longest = int(texts.lengths[rows.start : rows.stop].max())
-        return len(rows), (-(-longest // multiple) * multiple if multiple else PAPER_PAD)
+    def step_flops(step: int, multiple: int | None) -> float:
+        """A step's forward FLOPs, padded to a multiple or (None) to the paper's 256."""
+        shapes = []
+        for texts, rows in zip((questions, passages), step_rows(step)):
+            longest = int(texts.lengths[rows].max())
+            shapes.append((len(rows), -(-longest // multiple) * multiple if multiple else PAPER_PAD))
+        return encoder_flops(shapes)
 
     timed = range(1, steps + 1)
-    flop_ratio = (
-        sum(encoder_flops([padded(questions, range(s * TRAIN_BATCH, (s + 1) * TRAIN_BATCH), None),
-                           padded(passages, range(s * 2 * TRAIN_BATCH, (s + 1) * 2 * TRAIN_BATCH), None)]) for s in timed)
-        / sum(encoder_flops([padded(questions, range(s * TRAIN_BATCH, (s + 1) * TRAIN_BATCH), PAD_MULTIPLE),
-                             padded(passages, range(s * 2 * TRAIN_BATCH, (s + 1) * 2 * TRAIN_BATCH), PAD_MULTIPLE)]) for s in timed)
-    )
+    flop_ratio = sum(step_flops(s, None) for s in timed) / sum(step_flops(s, PAD_MULTIPLE) for s in timed)
     chunk = TRAIN_BATCH // 4
     runs: dict[str, list[tuple[float, float | None]]] = {"ours": [], "paper": [], "grad_cache": []}
     for repeat in range(size.repeats):  # interleaved, so drifts in clock speed hit all three alike
