@@ -6,7 +6,7 @@ in one run on one machine, tagged with the node like every other result.
   our achieved FLOP rate against this machine's matrix-multiply peak, measured in the same run;
 - training throughput (triples/s: a question, its positive, a hard negative): ours (per-batch
   padding, precision `auto`) vs the paper's (padded to 256, fp32), and the time cost of the
-  gradient cache on the same batch;
+  gradient cache on the same batch; all three take the train stage's own step (train_step.py);
 - per-query search: our timed path vs a bare FAISS loop on the same index;
 - the token cache: tokenizing for a first cell vs for a second cell with the same tokenizer.
 
@@ -179,9 +179,9 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
 
     from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device
     from dpr_hpc.modeling.encoding import PAD_MULTIPLE
-    from dpr_hpc.modeling.grad_cache import grad_cache_backward
-    from dpr_hpc.modeling.loss import dpr_nll_loss
-    from dpr_hpc.modeling.precision import autocast, grad_scaler
+    from dpr_hpc.grid.config import TrainConfig
+    from dpr_hpc.modeling.precision import grad_scaler
+    from dpr_hpc.modeling.train_step import backward_batch, clip_and_step
 
     steps = size.train_steps
     questions = _nq_like(rng, TRAIN_BATCH * (steps + 1), mean=12, sd=4, low=6, high=34)
@@ -213,20 +213,8 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
             q_batches, p_batches = batches(questions, q_rows), batches(passages, p_rows)
             _sync(device)
             start = time.perf_counter()
-            if chunk:
-                scale = scaler.scale if scaler else (lambda x: x)
-                grad_cache_backward(q_tower, p_tower, q_batches, p_batches, lambda: autocast(fmt, device), scale)
-            else:
-                with autocast(fmt, device):
-                    qv, pv = q_tower(**q_batches[0]), p_tower(**p_batches[0])
-                loss = dpr_nll_loss(qv.float(), pv.float())
-                (scaler.scale(loss) if scaler else loss).backward()
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            backward_batch(q_tower, p_tower, q_batches, p_batches, bool(chunk), fmt, device, scaler)
+            clip_and_step(params, optimizer, scaler, TrainConfig.max_grad_norm)
             _sync(device)
             if step:
                 elapsed += time.perf_counter() - start

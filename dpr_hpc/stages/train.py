@@ -27,10 +27,9 @@ from dpr_hpc.layout import RunLayout
 from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device, tokenize_passages, tokenize_questions
 from dpr_hpc.modeling.batch_probe import CPU_FALLBACK, MAX_BATCH, gpu_step_probe, largest_fitting_power_of_two
 from dpr_hpc.modeling.encoding import PAD_MULTIPLE
-from dpr_hpc.modeling.grad_cache import grad_cache_backward
 from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
-from dpr_hpc.modeling.loss import dpr_nll_loss
 from dpr_hpc.modeling.precision import autocast, grad_scaler, resolve_precision
+from dpr_hpc.modeling.train_step import backward_batch, clip_and_step
 from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import now_iso
 from dpr_hpc.resume.rng import capture_rng, restore_rng
@@ -141,18 +140,9 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | Non
             position.next_batch = 0
         while position.next_batch < steps_per_epoch:
             rows = position.order[position.next_batch * batch_size : (position.next_batch + 1) * batch_size]
-            if chunk_size:
-                loss = grad_cache_backward(
-                    question_encoder, passage_encoder, *batches.chunks(rows, chunk_size, device),
-                    autocast=lambda: autocast(precision, device), scale=scaler.scale if scaler else lambda x: x,
-                )
-            else:
-                questions, passages = batches.batch(rows, device)
-                with autocast(precision, device):
-                    question_vectors, passage_vectors = question_encoder(**questions), passage_encoder(**passages)
-                loss = dpr_nll_loss(question_vectors.float(), passage_vectors.float())
-                (scaler.scale(loss) if scaler else loss).backward()
-            _clip_and_step(parameters, optimizer, scaler, cfg.max_grad_norm)
+            question_batches, passage_batches = batches.chunks(rows, chunk_size, device)
+            loss = backward_batch(question_encoder, passage_encoder, question_batches, passage_batches, bool(chunk_size), precision, device, scaler)
+            clip_and_step(parameters, optimizer, scaler, cfg.max_grad_norm)
             scheduler.step()
             position.step_losses.append(loss.item())
             position.step += 1
@@ -206,20 +196,6 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | Non
         },
         discard=[paths.resume],
     )
-
-
-def _clip_and_step(parameters: list, optimizer, scaler, max_grad_norm: float) -> None:
-    """Clip and step; with fp16 the gradients are unscaled before clipping, and a step whose
-    gradients overflowed is skipped by the scaler."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
-        scaler.update()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def _batch_size(cell: CellConfig, stage_dir, question_encoder, passage_encoder, tokenizer, device, precision: str, examples: int) -> tuple[int, dict[str, Any]]:
@@ -284,20 +260,15 @@ class _TokenizedExamples:
         self.passage_pad = passage_tokenizer.pad_token_id
 
     def chunks(self, rows: list[int], chunk_size: int, device: torch.device) -> tuple[list[dict], list[dict]]:
-        """The batch as the gradient cache takes it: chunks of questions and of passages (the
-        same passage list as `batch`), each chunk padded to its own longest sequence."""
-        questions, passages = self._sequences(rows)
-        return self._padded_chunks(questions, chunk_size, self.question_pad, device), self._padded_chunks(passages, chunk_size, self.passage_pad, device)
-
-    def batch(self, rows: list[int], device: torch.device) -> tuple[dict, dict]:
-        """Questions, and passages with the B positives first and then the hard negatives."""
-        questions, passages = self._sequences(rows)
-        return self._padded_chunks(questions, len(questions), self.question_pad, device)[0], self._padded_chunks(passages, len(passages), self.passage_pad, device)[0]
-
-    def _sequences(self, rows: list[int]):
+        """The batch's questions, and its passages (the B positives first, then the hard
+        negatives), in chunks of `chunk_size` (0: one chunk each, the whole batch), each chunk
+        padded to its own longest sequence."""
         negatives = [self.negative_row[i] for i in rows if i in self.negative_row]
-        return rows_of(self.questions.texts, rows), rows_of(self.positives.texts, rows) + rows_of(self.negatives.texts, negatives)
+        questions = rows_of(self.questions.texts, rows)
+        passages = rows_of(self.positives.texts, rows) + rows_of(self.negatives.texts, negatives)
+        return self._padded_chunks(questions, chunk_size, self.question_pad, device), self._padded_chunks(passages, chunk_size, self.passage_pad, device)
 
     @staticmethod
     def _padded_chunks(sequences, chunk_size: int, pad_id: int, device: torch.device) -> list[dict]:
-        return [to_device(pad_batch(sequences[i : i + chunk_size], pad_id, PAD_MULTIPLE), device) for i in range(0, len(sequences), chunk_size)]
+        size = chunk_size or len(sequences)
+        return [to_device(pad_batch(sequences[i : i + size], pad_id, PAD_MULTIPLE), device) for i in range(0, len(sequences), size)]
