@@ -144,6 +144,7 @@ def encoder_flops(batch_shapes: list[tuple[int, int]], hidden: int = 384, layers
 
 
 def _bench_encoding(encoder, passages, device, precision, repeats, peaks, echo) -> dict[str, Any]:
+    from dpr_hpc.modeling.batching import padded_width
     from dpr_hpc.modeling.encoding import PAD_MULTIPLE, encode
 
     n = len(passages)
@@ -154,7 +155,7 @@ def _bench_encoding(encoder, passages, device, precision, repeats, peaks, echo) 
         ours_s.append(ours().encode_s)
         paper_s.append(paper().encode_s)
     lengths = np.sort(passages.lengths)[::-1]
-    our_shapes = [(len(chunk), int(-(-chunk.max() // PAD_MULTIPLE) * PAD_MULTIPLE)) for chunk in np.array_split(lengths, range(OUR_ENCODE_BATCH, n, OUR_ENCODE_BATCH))]
+    our_shapes = [(len(chunk), padded_width(int(chunk.max()), PAD_MULTIPLE)) for chunk in np.array_split(lengths, range(OUR_ENCODE_BATCH, n, OUR_ENCODE_BATCH))]
     computed = encoder_flops(our_shapes)
     useful = encoder_flops([(1, int(length)) for length in passages.lengths])
     paper_computed = encoder_flops([(n, PAPER_PAD)])
@@ -177,15 +178,16 @@ def _bench_encoding(encoder, passages, device, precision, repeats, peaks, echo) 
 def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, Any]:
     import torch
 
-    from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device
-    from dpr_hpc.modeling.encoding import PAD_MULTIPLE
     from dpr_hpc.grid.config import TrainConfig
+    from dpr_hpc.modeling.batching import pad_batch, padded_width, rows_of, to_device
+    from dpr_hpc.modeling.encoding import PAD_MULTIPLE
     from dpr_hpc.modeling.precision import grad_scaler
     from dpr_hpc.modeling.train_step import backward_batch, clip_and_step
 
     steps = size.train_steps
     questions = _nq_like(rng, TRAIN_BATCH * (steps + 1), mean=12, sd=4, low=6, high=34)
     passages = _nq_like(rng, 2 * TRAIN_BATCH * (steps + 1), mean=140, sd=45, low=24, high=256)
+    padding = {"ours": {"multiple": PAD_MULTIPLE}, "paper": {"pad_to": PAPER_PAD}}  # pad_batch's arguments
 
     def step_rows(step: int) -> tuple[list[int], list[int]]:
         """The questions of a step, and their positives and hard negatives."""
@@ -199,7 +201,7 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         fmt = precision if way == "ours" else "fp32"
         scaler = grad_scaler(fmt, device)
-        pad = {"multiple": PAD_MULTIPLE} if way == "ours" else {"pad_to": PAPER_PAD}
+        pad = padding[way]
 
         def batches(texts, rows: list[int]) -> list:
             size = chunk or len(rows)
@@ -221,16 +223,13 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         return steps * TRAIN_BATCH / elapsed, peak
 
-    def step_flops(step: int, multiple: int | None) -> float:
-        """A step's forward FLOPs, padded to a multiple or (None) to the paper's 256."""
-        shapes = []
-        for texts, rows in zip((questions, passages), step_rows(step)):
-            longest = int(texts.lengths[rows].max())
-            shapes.append((len(rows), -(-longest // multiple) * multiple if multiple else PAPER_PAD))
-        return encoder_flops(shapes)
+    def step_flops(step: int, pad: dict[str, int]) -> float:
+        """A step's forward FLOPs with its batches padded the way `pad` (pad_batch's) says."""
+        rows_per_tower = zip((questions, passages), step_rows(step))
+        return encoder_flops([(len(rows), padded_width(int(texts.lengths[rows].max()), **pad)) for texts, rows in rows_per_tower])
 
     timed = range(1, steps + 1)
-    flop_ratio = sum(step_flops(s, None) for s in timed) / sum(step_flops(s, PAD_MULTIPLE) for s in timed)
+    flop_ratio = sum(step_flops(s, padding["paper"]) for s in timed) / sum(step_flops(s, padding["ours"]) for s in timed)
     chunk = TRAIN_BATCH // 4
     runs: dict[str, list[tuple[float, float | None]]] = {"ours": [], "paper": [], "grad_cache": []}
     for repeat in range(size.repeats):  # interleaved, so drifts in clock speed hit all three alike

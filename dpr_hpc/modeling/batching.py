@@ -83,10 +83,14 @@ def _tokenize(tokenizer, texts: list[str], titles: list[str] | None, max_length:
     return TokenizedTexts(flat, flat_types, offsets)
 
 
+def padded_width(longest: int, multiple: int = 1, pad_to: int | None = None) -> int:
+    """The width `pad_batch` gives a batch whose longest sequence has `longest` tokens."""
+    return pad_to if pad_to is not None else -(-longest // multiple) * multiple
+
+
 def pad_batch(sequences: Sequence[TokenRow], pad_id: int, multiple: int = 1, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """A batch padded to its longest sequence rounded up to `multiple`, or to `pad_to` tokens."""
-    longest = max(len(ids) for ids, _ in sequences)
-    width = pad_to if pad_to is not None else -(-longest // multiple) * multiple
+    width = padded_width(max(len(ids) for ids, _ in sequences), multiple, pad_to)
     input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(sequences), width), dtype=np.int64)
     with_types = sequences[0][1] is not None
