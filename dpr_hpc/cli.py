@@ -7,10 +7,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from dpr_hpc.errors import DprHpcError, UsageError
 from dpr_hpc.layout import DEFAULT_RUNS_ROOT, RunLayout
+
+if TYPE_CHECKING:
+    from dpr_hpc.plan import Plan
 
 DESCRIPTION = """\
 Run the grid of "Improving Efficiency in Dense Passage Retrieval" (DPR bi-encoders with BERT,
@@ -53,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         help="folder holding one run folder per grid name (default: $DPR_HPC_RUNS or ./runs)",
     )
 
-    plan = commands.add_parser("plan", help="print the cells and stage jobs a grid expands to; runs nothing")
+    plan = commands.add_parser(
+        "plan", parents=[runs_root], help="print the cells and stage jobs a grid expands to; runs nothing",
+        description="Expand a grid into cells and stage jobs. Cells that agree on a stage's identity share its job "
+        "(one training for an ef_search sweep); a job whose output is already in the store under --runs-root is marked "
+        "as existing, whichever grid made it.",
+    )
     plan.add_argument("grid", type=Path, help="grid file (YAML)")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(handler=_plan)
@@ -124,15 +132,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args: argparse.Namespace) -> int:
     from dpr_hpc.grid import load_grid
-    from dpr_hpc.plan import make_plan
+    from dpr_hpc.plan import StageJob, make_plan
+    from dpr_hpc.results import Records
 
     grid = load_grid(args.grid, require_data=False)
-    plan = make_plan(grid)
+    store = RunLayout.for_grid(grid.name, args.runs_root).store
+    hashes = store.content_hashes() if store.root.is_dir() else None
+    plan = make_plan(grid, hashes)
+    records = Records(store, hashes)
+    existing = {job for job in plan.jobs() if store.root.is_dir() and records.check(job).complete}
     if args.json:
-        print(json.dumps({**plan.to_json(), "missing_data": list(grid.missing_data)}, indent=2))
+        jobs = [{**job, "exists": StageJob(job["stage"], job["key"], job["repeat"]) in existing} for job in plan.to_json()["jobs"]]
+        print(json.dumps({**plan.to_json(), "jobs": jobs, "missing_data": list(grid.missing_data)}, indent=2))
         return 0
     jobs = list(plan.jobs())
-    print(f"grid {grid.name} ({args.grid}): {len(plan.cells)} cells, {len(jobs)} stage jobs")
+    counts = {stage: sum(1 for j in jobs if j.stage == stage) for stage in ("train", "index", "infer")}
+    shared = sum(1 for j in jobs if len(plan.users(j)) > 1)
+    print(f"grid {grid.name} ({args.grid}): {len(plan.cells)} cells, {len(jobs)} stage jobs "
+          f"({counts['train']} train, {counts['index']} index, {counts['infer']} infer); "
+          f"{shared} shared by several cells, {len(existing)} already in the store")
     rows = [
         [c.cell_id, c.group, c.encoder_label, str(c.embedding_size),
          str(c.batch_size or "-") + (f" (chunks of {c.grad_cache.chunk_size})" if c.train and c.grad_cache.chunk_size else ""),
@@ -140,6 +158,10 @@ def _plan(args: argparse.Namespace) -> int:
         for c in plan.cells
     ]
     print(_columns(["CELL", "GROUP", "ENCODER", "ES", "BS", "STAGE JOBS"], rows))
+    print()
+    job_rows = [[j.stage, str(j.repeat), j.key, plan.users(j)[0] + (f" +{len(plan.users(j)) - 1} more" if len(plan.users(j)) > 1 else ""),
+                 "exists" if j in existing else "to run"] for j in jobs]
+    print(_columns(["STAGE", "R", "KEY", "CELLS", "STORE"], job_rows))
     _note_missing(grid.missing_data)
     return 0
 
@@ -155,6 +177,16 @@ def _local_limits(args: argparse.Namespace) -> dict[str, float]:
             raise UsageError(f"--signal-delay: expected a positive number of seconds, got {args.signal_delay}")
         limits["signal_delay_s"] = args.signal_delay
     return limits
+
+
+def _note_left_out(table) -> None:
+    left_out = table.attrs.get("left_out", [])
+    if left_out:
+        print(f"note: {len(left_out)} stage record(s) left out of the table, not complete; submit the grid again to rerun them:", file=sys.stderr)
+        for line in left_out:
+            print(f"  {line}", file=sys.stderr)
+    if table.attrs.get("left_cells"):
+        print(f"note: {table.attrs['left_cells']}", file=sys.stderr)
 
 
 def _note_missing(missing_files: Sequence[str]) -> None:
@@ -178,8 +210,12 @@ def _submit(args: argparse.Namespace) -> int:
         raise UsageError("--time-limit and --signal-delay apply to the local backend only; on SLURM set time and signal_delay_s in the profile")
     grid = load_grid(args.grid, require_data=not args.dry_run)
     resources = grid.resources(args.profile)
-    plan = make_plan(grid)
     layout = RunLayout.for_grid(grid.name, args.runs_root)
+    if not args.dry_run:
+        from dpr_hpc.runstate import bind_grid
+
+        bind_grid(layout, args.grid)
+    plan = make_plan(grid, layout.store.content_hashes())
     echo = lambda line: print(line, flush=True)  # noqa: E731
     if backend == "slurm":
         slurm = SlurmBackend(layout, plan, resources, echo, hold=args.hold, retry_failed=args.retry_failed)
@@ -198,15 +234,16 @@ def _submit(args: argparse.Namespace) -> int:
 def _cancel(args: argparse.Namespace) -> int:
     from dpr_hpc.backends import scheduler
     from dpr_hpc.ledger import Ledger
-    from dpr_hpc.runstate import load_plan
 
-    for layout in _layouts(args.target, args.runs_root):
-        plan = load_plan(layout)
+    for layout, plan in _runs(args.target, args.runs_root):
         unknown = set(args.cell) - {c.cell_id for c in plan.cells}
         if unknown:
             raise UsageError(f"{layout.root}: no cell {sorted(unknown)[0]} in this run")
-        ids = {key: job_id for key, job_id in Ledger.read(layout).latest_ids().items() if not args.cell or key.split("/")[0] in args.cell}
-        view = scheduler.query(list(ids.values()))
+        cells = args.cell or [c.cell_id for c in plan.cells]
+        jobs = {job for cell_id in cells for stage in plan.cell(cell_id).stages for job in plan.cell_jobs(cell_id, stage)}
+        ledger = Ledger.read(layout.store)
+        ids = {job.id: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
+        view = scheduler.query(sorted(set(ids.values())), since=ledger.first_submitted(list(jobs)))
         active = [job_id for job_id in ids.values() if job_id in view.jobs and view.jobs[job_id].active]
         scheduler.cancel(active)
         print(f"grid {plan.grid_name}: cancelled {len(active)} SLURM jobs")
@@ -214,24 +251,27 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dpr_hpc.runstate import load_plan
     from dpr_hpc.status import stage_states, summary_line
 
     everything = []
-    for layout in _layouts(args.target, args.runs_root):
-        plan = load_plan(layout)
+    for layout, plan in _runs(args.target, args.runs_root):
         report = stage_states(layout, plan)
         states = report.states
         if args.json:
-            everything.append({"grid": plan.grid_name, "run_dir": str(layout.root), "source": report.source, "jobs": [s.to_json() for s in states], "summary": summary_line(states)})
+            everything.append({"grid": plan.grid_name, "run_dir": str(layout.root), "source": report.source,
+                               "rows": [row.to_json() for row in report.rows], "summary": summary_line(states),
+                               "left_cells": report.left_cells})
             continue
         print(f"grid {plan.grid_name} ({layout.root}); states from the {report.source}")
         rows = [
-            [s.job.cell_id, s.job.stage, str(s.job.repeat), s.state, s.job_id, s.node, s.detail + (f"  log: {s.log}" if s.state in ("FAILED", "TIMEOUT") and s.log else "")]
-            for s in states
+            [row.cell_id, s.job.stage, str(s.job.repeat), s.job.key[:8] + ("*" if row.shared_by > 1 else ""), s.state, s.job_id, s.node,
+             s.detail + (f"  log: {s.log}" if s.state in ("FAILED", "TIMEOUT") and s.log else "")]
+            for row in report.rows for s in [row.state]
         ]
-        print(_columns(["CELL", "STAGE", "R", "STATE", "JOB", "NODE", "DETAIL"], rows))
-        print(summary_line(states))
+        print(_columns(["CELL", "STAGE", "R", "KEY", "STATE", "JOB", "NODE", "DETAIL"], rows))
+        print(summary_line(states) + ("  (KEY*: a job shared by several cells)" if any(r.shared_by > 1 for r in report.rows) else ""))
+        if report.left_cells:
+            print(report.left_cells)
     if args.json:
         print(json.dumps(everything, indent=2))
     return 0
@@ -239,11 +279,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _collect(args: argparse.Namespace) -> int:
     from dpr_hpc.collect import collect_table, markdown, write_table
-    from dpr_hpc.runstate import load_plan
 
     outputs = []
-    for layout in _layouts(args.target, args.runs_root):
-        plan = load_plan(layout)
+    for layout, plan in _runs(args.target, args.runs_root):
         table = collect_table(layout, plan, median=args.median)
         stem = f"{plan.grid_name}-median" if args.median else plan.grid_name
         csv_path, md_path = write_table(table, args.out, stem)
@@ -252,6 +290,7 @@ def _collect(args: argparse.Namespace) -> int:
             continue
         print(f"grid {plan.grid_name}: {len(table)} rows -> {csv_path}, {md_path}")
         print(markdown(table))
+        _note_left_out(table)
     if args.json:
         print(json.dumps(outputs, indent=2))
     return 0
@@ -288,20 +327,30 @@ def _generate_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layouts(target: str | None, runs_root: Path) -> list[RunLayout]:
-    """A grid file's run folder, a run folder given directly, or every run under the runs root."""
+def _runs(target: str | None, runs_root: Path) -> list[tuple[RunLayout, "Plan"]]:
+    """What status, collect and cancel act on, with its plan: a grid file as it is now (its
+    current cells and keys), a run folder given directly, or every run under the runs root (as
+    last submitted)."""
+    from dpr_hpc.runstate import load_plan
+
     if target is None:
         found = sorted(p.parent for p in Path(runs_root).glob("*/plan.json"))
         if not found:
             raise UsageError(f"no runs under {runs_root}; run 'dpr-hpc submit GRID' first or name a run folder")
-        return [RunLayout(p.resolve()) for p in found]
+        return [(layout, load_plan(layout)) for layout in (RunLayout(p.resolve()) for p in found)]
     path = Path(target)
     if path.is_file():
         from dpr_hpc.grid import load_grid
+        from dpr_hpc.plan import make_plan
+        from dpr_hpc.runstate import check_binding
 
-        return [RunLayout.for_grid(load_grid(path, require_data=False).name, runs_root)]
+        grid = load_grid(path, require_data=False)
+        layout = RunLayout.for_grid(grid.name, runs_root)
+        check_binding(layout, path)
+        return [(layout, make_plan(grid, layout.store.content_hashes() if layout.store.root.is_dir() else None))]
     if (path / "plan.json").is_file():
-        return [RunLayout(path.resolve())]
+        layout = RunLayout(path.resolve())
+        return [(layout, load_plan(layout))]
     raise UsageError(f"{target}: neither a grid file nor a run folder with plan.json")
 
 

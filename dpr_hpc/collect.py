@@ -2,20 +2,24 @@
 
 One row per repeat (train figures repeat along, index and infer figures are their repeat's),
 or with `median=True` one row per cell: the median over repeats, their count and spread.
+Only complete records give figures: a stale one (an input or upstream output changed since it
+ran) is left out, and the table's `attrs["left_out"]` says which and why, so the table never
+pairs a new training time with an old accuracy.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
-from dpr_hpc.errors import ResultInvalidError
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
-from dpr_hpc.results import load_record
+from dpr_hpc.results import Records
+from dpr_hpc.runstate import cell_history, superseded
+from dpr_hpc.status import left_cells_line
 
 CELL_COLUMNS = ["cell_id", "group", "encoder", "embedding_size", "batch_size", "projection"]
 FIGURE_COLUMNS = [
@@ -27,14 +31,34 @@ SPREAD_OF = {"pei_s": "pei_spread_s", "ita_mean_ms": "ita_mean_spread_ms"}
 
 
 def collect_table(layout: RunLayout, plan: Plan, median: bool = False) -> pd.DataFrame:
-    rows = [row for cell in plan.cells for row in _cell_rows(layout, plan, cell.cell_id)]
+    records = Records(layout.store)
+    left_out: list[str] = []
+    history = cell_history(layout)
+
+    def record(cell_id: str, job: StageJob) -> dict[str, Any] | None:
+        check = records.check(job)
+        if check.complete:
+            return check.record
+        why = check.reason if check.state != "missing" else superseded(history, plan, job, records)
+        if why:
+            left_out.append(f"{cell_id} {job.stage} r{job.repeat}: {why}")
+        return None
+
+    rows = [row for cell in plan.cells for row in _cell_rows(record, plan, cell.cell_id)]
     table = pd.DataFrame(rows, columns=CELL_COLUMNS + ["repeat"] + FIGURE_COLUMNS + NODE_COLUMNS)
-    return _median_per_cell(table) if median else table
+    table = _median_per_cell(table) if median else table
+    table.attrs["left_out"] = left_out
+    table.attrs["left_cells"] = left_cells_line(layout, plan, records)
+    return table
 
 
-def _cell_rows(layout: RunLayout, plan: Plan, cell_id: str) -> list[dict[str, Any]]:
+def _cell_rows(read: Callable[[str, StageJob], dict[str, Any] | None], plan: Plan, cell_id: str) -> list[dict[str, Any]]:
     cell = plan.cell(cell_id)
-    train = _record(layout, plan, StageJob(cell_id, "train", 0)) if not cell.evaluate_only else None
+
+    def record(stage: str, repeat: int) -> dict[str, Any] | None:
+        return read(cell_id, StageJob(stage, plan.keys[cell_id][stage], repeat))
+
+    train = record("train", 0) if not cell.evaluate_only else None
     base: dict[str, Any] = {
         "cell_id": cell_id,
         "group": cell.group,
@@ -48,8 +72,8 @@ def _cell_rows(layout: RunLayout, plan: Plan, cell_id: str) -> list[dict[str, An
     rows = []
     for repeat in range(max(cell.repeats.index, cell.repeats.infer)):
         row = {**base, "repeat": repeat}
-        index = _record(layout, plan, StageJob(cell_id, "index", repeat)) if repeat < cell.repeats.index else None
-        infer = _record(layout, plan, StageJob(cell_id, "infer", repeat)) if repeat < cell.repeats.infer else None
+        index = record("index", repeat) if repeat < cell.repeats.index else None
+        infer = record("infer", repeat) if repeat < cell.repeats.infer else None
         if index:
             row.update({k: index["timings"][k] for k in ("pei_s", "encode_s", "index_build_s")})
             row["index_node"] = node_label(index["node"])
@@ -59,13 +83,6 @@ def _cell_rows(layout: RunLayout, plan: Plan, cell_id: str) -> list[dict[str, An
             row["infer_node"] = node_label(infer["node"])
         rows.append(row)
     return rows
-
-
-def _record(layout: RunLayout, plan: Plan, job: StageJob) -> dict[str, Any] | None:
-    try:
-        return load_record(layout.stage(job).result, plan.cell(job.cell_id), job)
-    except ResultInvalidError:
-        return None
 
 
 def _median_per_cell(table: pd.DataFrame) -> pd.DataFrame:

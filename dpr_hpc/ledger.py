@@ -1,4 +1,5 @@
-"""The ledger: every scheduler job id each stage job has had, written under a lock file.
+"""The ledger: every scheduler job id each stage job has had, one per runs root (grids share
+stage jobs, so they share the record of what was queued), written under a lock file.
 
 It lets `status`, `cancel` and a later `submit` work from any shell at any time, with no
 process kept alive, and it is what stops two concurrent submits from submitting a stage twice:
@@ -7,6 +8,7 @@ a submit holds the lock from reading the ledger until it has recorded what it su
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,12 +17,13 @@ from typing import Any, Iterator
 
 from dpr_hpc.errors import UsageError
 from dpr_hpc.fsutil import read_json, write_json_atomic
-from dpr_hpc.layout import RunLayout
+from dpr_hpc.store import StageStore
 from dpr_hpc.locks import HEARTBEAT_S, LockFile
 from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import now_iso
 
 LOCK_TIMEOUT_S = 600
+NONCE_LENGTH = 16
 # How long a submitted job may go unlisted by sacct and squeue before it counts as gone: sacct
 # lags fresh submissions, and without accounting squeue forgets jobs once they end.
 UNLISTED_GRACE_S = 300
@@ -32,9 +35,9 @@ class Ledger:
     entries: dict[str, list[dict[str, Any]]]
 
     @classmethod
-    def read(cls, layout: RunLayout) -> "Ledger":
+    def read(cls, store: StageStore) -> "Ledger":
         """Raises UsageError (one line, exit 2) when ledger.json is not a ledger."""
-        path = layout.root / "ledger.json"
+        path = store.ledger_file
         if not path.is_file():
             return cls(path, {})
         try:
@@ -47,15 +50,29 @@ class Ledger:
 
     @classmethod
     @contextmanager
-    def locked(cls, layout: RunLayout) -> Iterator["Ledger"]:
-        layout.root.mkdir(parents=True, exist_ok=True)
-        lock = LockFile(layout.root / "ledger.lock", purpose="ledger", heartbeat_s=HEARTBEAT_S, timeout_s=LOCK_TIMEOUT_S)
+    def locked(cls, store: StageStore) -> Iterator["Ledger"]:
+        store.root.mkdir(parents=True, exist_ok=True)
+        lock = LockFile(store.ledger_lock, purpose="ledger", heartbeat_s=HEARTBEAT_S, timeout_s=LOCK_TIMEOUT_S)
         with lock:
-            yield cls.read(layout)
+            yield cls.read(store)
 
     def latest(self, job: StageJob) -> dict[str, Any] | None:
-        history = self.entries.get(job.key)
+        history = self.entries.get(job.id)
         return history[-1] if history else None
+
+    def nonce(self, job: StageJob) -> str:
+        """The tag the job's next sbatch carries (in --comment): the same until that submission is
+        recorded, so a submit killed between sbatch and this ledger's write finds the job it
+        queued by its tag, and adopts it instead of queueing a second copy."""
+        attempt = len(self.entries.get(job.id, []))
+        return hashlib.sha256(f"{self.path.resolve()}|{job.id}|{attempt}".encode()).hexdigest()[:NONCE_LENGTH]
+
+    def first_submitted(self, jobs: list[StageJob] | None = None) -> str | None:
+        """When the earliest of these jobs (default: all) was first submitted: sacct is asked from
+        then, so a recycled job id of someone else's older job cannot answer for ours."""
+        ids = [j.id for j in jobs] if jobs is not None else list(self.entries)
+        stamps = [h[0]["submitted_at"] for i in ids if (h := self.entries.get(i))]
+        return min(stamps) if stamps else None
 
     def recently_submitted(self, job: StageJob, now: datetime | None = None) -> bool:
         latest = self.latest(job)
@@ -65,11 +82,12 @@ class Ledger:
         return ((now or datetime.now(timezone.utc)) - submitted).total_seconds() < UNLISTED_GRACE_S
 
     def latest_ids(self) -> dict[str, str]:
-        return {key: history[-1]["job_id"] for key, history in self.entries.items() if history}
+        return {job_id: history[-1]["job_id"] for job_id, history in self.entries.items() if history}
 
-    def record(self, job: StageJob, job_id: str, backend: str = "slurm") -> None:
+    def record(self, job: StageJob, job_id: str, backend: str = "slurm", **extra: Any) -> None:
         """Append and write at once, so a submit that dies half-way keeps what it submitted."""
-        self.entries.setdefault(job.key, []).append({"job_id": job_id, "submitted_at": now_iso(), "backend": backend})
+        entry = {"job_id": job_id, "submitted_at": now_iso(), "backend": backend, **extra}
+        self.entries.setdefault(job.id, []).append(entry)
         write_json_atomic(self.path, self.entries)
 
 

@@ -1,92 +1,180 @@
-"""Result records: one JSON file per stage job, the only evidence that a stage is done.
+"""Result records: one JSON file per stage job, the only evidence that a stage is done, and
+its provenance: the content of every input it read and the digest of every upstream record.
 
-A stage counts as complete when its record parses, matches the cell's current config hash,
-carries the figures its stage must report, and the artifacts it lists still exist.
+A record is checked, never trusted:
+    missing      no record (ENOENT, and only that): the stage has not run
+    unreadable   any other read error (EIO, ESTALE, a permission error, broken JSON): callers
+                 stop and name the file; nothing is rerun on a guess
+    invalid      wrong schema, stage, key or repeat, or a figure its stage must report is absent
+    stale        an artifact is gone or has another size, an input's content changed, or an
+                 upstream record changed, went away or is itself not complete
+    complete     everything above holds
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dpr_hpc.errors import ResultInvalidError
-from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.content import ContentHashes, sha256_bytes, sha256_file
+from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.plan import StageJob
+from dpr_hpc.store import AttemptPaths, JobFolder, StageStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REQUIRED_FIGURES: dict[str, dict[str, tuple[str, ...]]] = {
     "train": {"timings": ("ttt_s",), "metrics": ("epoch_loss",)},
     "index": {"timings": ("encode_s", "index_build_s", "pei_s"), "metrics": ("num_passages",)},
     "infer": {"timings": ("ita_mean_ms", "ita_sd_ms"), "metrics": ("num_questions",)},
 }
+# Artifacts up to this size are hashed when recorded and when checked; larger ones are checked
+# by size (a checkpoint or a FAISS index of several GB would make `status` slow).
+HASHED_ARTIFACT_BYTES = 1 << 20
+DONE, MISSING, UNREADABLE, INVALID, STALE = "complete", "missing", "unreadable", "invalid", "stale"
+
+
+@dataclass(frozen=True)
+class RecordCheck:
+    state: str
+    reason: str = ""
+    record: dict[str, Any] | None = None
+    digest: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.state == DONE
+
+    @property
+    def attempt(self) -> int | None:
+        return self.record.get("attempt") if self.record else None
 
 
 def make_record(
     cell: CellConfig,
     job: StageJob,
     *,
+    attempt: int,
+    inputs: dict[str, Any],
+    upstream: dict[str, str],
     metrics: dict[str, Any],
     timings: dict[str, Any],
     node: dict[str, Any],
     started_at: str,
     finished_at: str,
-    artifacts: Sequence[str] = (),
+    artifacts: dict[str, dict[str, Any]],
     details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
-        "cell_id": cell.cell_id,
-        "config_hash": cell.config_hash,
         "stage": job.stage,
+        "key": job.key,
         "repeat": job.repeat,
+        "attempt": attempt,
+        "cell_id": cell.cell_id,
         "config": cell.to_json(),
+        "inputs": inputs,
+        "upstream": upstream,
         "metrics": metrics,
         "timings": timings,
         "node": node,
         "started_at": started_at,
         "finished_at": finished_at,
-        "artifacts": list(artifacts),
+        "artifacts": artifacts,
         "details": details or {},
     }
 
 
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    write_json_atomic(path, record)
+def describe_artifacts(attempt: AttemptPaths, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Size (and SHA-256 where cheap) of each artifact, named relative to its attempt folder;
+    a folder stands for every file in it."""
+    described: dict[str, dict[str, Any]] = {}
+    for name in names:
+        path = attempt.dir / name
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            size = file.stat().st_size
+            described[file.relative_to(attempt.dir).as_posix()] = {
+                "bytes": size, "sha256": sha256_file(file) if size <= HASHED_ARTIFACT_BYTES else None,
+            }
+    return described
 
 
-def load_record(path: Path, cell: CellConfig, job: StageJob) -> dict[str, Any]:
-    """The record of `job`, or ResultInvalidError saying why it cannot be trusted."""
-    try:
-        record = read_json(path)
-    except FileNotFoundError:
-        raise ResultInvalidError(f"{path}: no result record") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ResultInvalidError(f"{path}: unreadable result record ({exc})") from None
-    problem = _problem(record, cell, job, path.parent)
-    if problem:
-        raise ResultInvalidError(f"{path}: {problem}")
-    return record
+def write_record(folder: JobFolder, attempt: AttemptPaths, record: dict[str, Any]) -> None:
+    """The attempt keeps its own copy; result.json switches to it in one rename."""
+    write_json_atomic(attempt.record, record)
+    write_json_atomic(folder.result, record)
 
 
-def is_complete(path: Path, cell: CellConfig, job: StageJob) -> bool:
-    try:
-        load_record(path, cell, job)
-    except ResultInvalidError:
-        return False
-    return True
+class Records:
+    """Checks of the store's records for one command, each made once: status, submit and
+    collect ask for the same upstream record many times."""
+
+    def __init__(self, store: StageStore, hashes: ContentHashes | None = None) -> None:
+        self.store = store
+        self.hashes = hashes or store.content_hashes()
+        self._checks: dict[StageJob, RecordCheck] = {}
+
+    def check(self, job: StageJob) -> RecordCheck:
+        if job not in self._checks:
+            self._checks[job] = self._check(job)
+        return self._checks[job]
+
+    def forget(self) -> None:
+        """Drop every remembered check: after a job ran, its record and its dependants' differ."""
+        self._checks.clear()
+
+    def attempt_of(self, job: StageJob) -> AttemptPaths:
+        """The complete attempt's folder of a job (whose check must be complete)."""
+        check = self.check(job)
+        if not check.complete:
+            raise ValueError(f"{job.id} is {check.state}: {check.reason}")
+        return self.store.job(job).attempt(check.attempt)
+
+    def _check(self, job: StageJob) -> RecordCheck:
+        folder = self.store.job(job)
+        try:
+            data = folder.result.read_bytes()
+        except FileNotFoundError:
+            return RecordCheck(MISSING)
+        except OSError as exc:
+            return RecordCheck(UNREADABLE, f"{folder.result}: {exc.strerror or exc}")
+        try:
+            record = json.loads(data)
+        except ValueError as exc:
+            return RecordCheck(UNREADABLE, f"{folder.result}: not valid JSON ({exc})")
+        digest = sha256_bytes(data)
+        problem = _invalid(record, job)
+        if problem:
+            return RecordCheck(INVALID, problem, record if isinstance(record, dict) else None, digest)
+        stale = _damaged(record, folder) or _inputs_changed(record, self.hashes) or self._upstream_changed(record)
+        if stale:
+            return RecordCheck(STALE, stale, record, digest)
+        return RecordCheck(DONE, "", record, digest)
+
+    def _upstream_changed(self, record: dict[str, Any]) -> str | None:
+        for job_id, digest in record.get("upstream", {}).items():
+            stage, key, repeat = job_id.split("/")
+            upstream = self.check(StageJob(stage, key, int(repeat.lstrip("r"))))
+            if not upstream.complete:
+                return f"its upstream {stage} {key[:8]} {repeat} is {upstream.state}" + (f" ({upstream.reason})" if upstream.reason else "")
+            if upstream.digest != digest:
+                return f"its upstream {stage} {key[:8]} {repeat} was rerun since (record changed)"
+        return None
 
 
-def _problem(record: Any, cell: CellConfig, job: StageJob, stage_dir: Path) -> str | None:
+def _invalid(record: Any, job: StageJob) -> str | None:
     if not isinstance(record, dict):
         return "not a JSON object"
     if record.get("schema") != SCHEMA_VERSION:
         return f"schema {record.get('schema')!r}, expected {SCHEMA_VERSION}"
-    expected = {"cell_id": cell.cell_id, "config_hash": cell.config_hash, "stage": job.stage, "repeat": job.repeat}
-    for key, value in expected.items():
-        if record.get(key) != value:
-            return f"{key} is {record.get(key)!r}, expected {value!r}"
+    for name, value in (("stage", job.stage), ("key", job.key), ("repeat", job.repeat)):
+        if record.get(name) != value:
+            return f"{name} is {record.get(name)!r}, expected {value!r}"
+    if not isinstance(record.get("attempt"), int):
+        return "no attempt number"
     for section, names in REQUIRED_FIGURES[job.stage].items():
         figures = record.get(section)
         if not isinstance(figures, dict):
@@ -94,7 +182,33 @@ def _problem(record: Any, cell: CellConfig, job: StageJob, stage_dir: Path) -> s
         for name in names:
             if name not in figures:
                 return f"missing {section}.{name}"
-    for artifact in record.get("artifacts", []):
-        if not (stage_dir / artifact).exists():
-            return f"artifact {artifact} is missing"
+    return None
+
+
+def _damaged(record: dict[str, Any], folder: JobFolder) -> str | None:
+    attempt = folder.attempt(record["attempt"])
+    for name, expected in record.get("artifacts", {}).items():
+        path = attempt.dir / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"artifact {name} is missing"
+        if size != expected.get("bytes"):
+            return f"artifact {name} has {size} bytes, recorded {expected.get('bytes')}"
+        if expected.get("sha256") and size <= HASHED_ARTIFACT_BYTES and sha256_file(path) != expected["sha256"]:
+            return f"artifact {name} changed (SHA-256 differs from the record)"
+    return None
+
+
+def _inputs_changed(record: dict[str, Any], hashes: ContentHashes) -> str | None:
+    for role, spec in record.get("inputs", {}).items():
+        path = Path(spec["path"])
+        if not path.exists():
+            return f"its input {role} ({path}) is gone"
+        try:
+            now = hashes.folder(path) if spec.get("kind") == "folder" else hashes.file(path)
+        except OSError:
+            return f"its input {role} ({path}) is gone"
+        if now != spec["sha256"]:
+            return f"its input {role} ({path}) changed since it ran"
     return None

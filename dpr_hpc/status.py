@@ -1,28 +1,33 @@
-"""Where every cell x stage x repeat stands, read from the run folder.
+"""Where every stage job stands, read from the store, the ledger and the scheduler; and where
+each cell of the grid stands through the jobs it uses.
 
-A stage is COMPLETED only when its result record validates; markers left by the stage runner
-tell FAILED and RUNNING apart from PENDING; a job whose inputs can no longer come is BLOCKED.
+A job is COMPLETED only when its record checks out (dpr_hpc.results): its artifacts intact,
+its inputs' content unchanged, its upstream records the ones it was made from. A record that
+fails those checks is STALE, with the reason, and `submit` reruns it. A record that cannot be
+read at all is UNREADABLE: nothing is rerun on a guess. A live claim is RUNNING; a claim whose
+heartbeat stopped, INTERRUPTED. Markers and the scheduler tell FAILED and PENDING apart, and a
+job whose inputs can no longer come is BLOCKED.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
 from dpr_hpc.backends import scheduler
-from dpr_hpc.errors import ResultInvalidError
-from dpr_hpc.layout import RunLayout, StagePaths
+from dpr_hpc.claim import dead_claim, live_claim
+from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import Ledger
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
-from dpr_hpc.results import load_record
-from dpr_hpc.runstate import latest_log, read_marker, resumable
+from dpr_hpc.results import Records, RecordCheck
+from dpr_hpc.runstate import cell_history, latest_log, read_marker, resumable, superseded
+from dpr_hpc.store import JobFolder
 
-STATES = ("COMPLETED", "RUNNING", "PENDING", "REQUEUED", "FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "BLOCKED")
-_DEAD_ENDS = ("FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "BLOCKED")
+STATES = ("COMPLETED", "STALE", "RUNNING", "PENDING", "REQUEUED", "FAILED", "TIMEOUT", "CANCELLED",
+          "INTERRUPTED", "BLOCKED", "UNREADABLE", "UNKNOWN")
+_DEAD_ENDS = ("FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "BLOCKED", "UNREADABLE")
 
 
 @dataclass(frozen=True)
@@ -39,79 +44,135 @@ class StageState:
 
 
 @dataclass(frozen=True)
+class CellStage:
+    """One row of `status`: a cell's stage repeat, and the state of the job behind it."""
+
+    cell_id: str
+    state: StageState
+    shared_by: int  # how many of the grid's cells use this job
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cell_id": self.cell_id, "shared_by": self.shared_by, **self.state.to_json()}
+
+
+@dataclass(frozen=True)
 class StatusReport:
-    states: list[StageState]
-    source: str  # where job states came from: the run folder alone, sacct, or squeue
+    jobs: dict[StageJob, StageState]
+    rows: list[CellStage]
+    source: str  # where job states came from: the store alone, sacct, or squeue
+    left_cells: str  # a line about cells that left the grid, or ""
+
+    @property
+    def states(self) -> list[StageState]:
+        return list(self.jobs.values())
 
 
-def stage_states(layout: RunLayout, plan: Plan) -> StatusReport:
-    """Every stage job's state: the run folder's records and markers, and for jobs in the
-    ledger what the scheduler says of them, asked once for all of them."""
-    ledger = Ledger.read(layout)
-    ids = ledger.latest_ids()
-    view = scheduler.query(list(ids.values())) if ids and scheduler.slurm_available() else None
-    states: dict[StageJob, StageState] = {}
-    for job in plan.jobs():
-        states[job] = _state_of(layout, plan, job, states, ids.get(job.key), view, ledger.recently_submitted(job))
-    source = "run folder" if view is None else f"run folder and {view.source}"
-    if ids and view is None:
+def stage_states(layout: RunLayout, plan: Plan, records: Records | None = None) -> StatusReport:
+    """Every stage job's state, the scheduler asked once for all of them."""
+    store = layout.store
+    records = records or Records(store)
+    ledger = Ledger.read(store)
+    jobs = list(plan.jobs())
+    ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
+    view, source = None, "store"
+    if ids and scheduler.slurm_available():
+        try:
+            view = scheduler.query(sorted(set(ids.values())), since=ledger.first_submitted(list(ids)))
+            source = f"store and {view.source}"
+        except scheduler.SchedulerUnreachableError as unreachable:
+            source = f"store only: {unreachable}"
+            return _report(layout, plan, records, {job: _unknown(job, records, ids.get(job), str(unreachable)) for job in jobs}, source)
+    elif ids:
         source += " (SLURM jobs in the ledger, but no SLURM commands here)"
-    return StatusReport(list(states.values()), source)
+    states: dict[StageJob, StageState] = {}
+    history = cell_history(layout)
+    for job in jobs:
+        check = records.check(job)
+        if check.state == "missing" and (why := superseded(history, plan, job, records)):
+            check = RecordCheck("stale", why)
+        states[job] = _state_of(store.job(job), plan, job, check, states, ids.get(job), view, ledger.recently_submitted(job))
+    return _report(layout, plan, records, states, source)
+
+
+def _report(layout: RunLayout, plan: Plan, records: Records, states: dict[StageJob, StageState], source: str) -> StatusReport:
+    rows = [
+        CellStage(cell.cell_id, states[job], len(plan.users(job)))
+        for cell in plan.cells for stage in cell.stages for job in plan.cell_jobs(cell.cell_id, stage)
+    ]
+    return StatusReport(states, rows, source, left_cells_line(layout, plan, records))
+
+
+def _unknown(job: StageJob, records: Records, job_id: str | None, why: str) -> StageState:
+    check = records.check(job)
+    if check.complete:
+        return _completed(job, check, job_id)
+    return StageState(job, "UNKNOWN" if job_id else _without_scheduler(check), detail=why if job_id else check.reason, job_id=job_id or "")
+
+
+def _without_scheduler(check: RecordCheck) -> str:
+    return {"stale": "STALE", "invalid": "STALE", "unreadable": "UNREADABLE"}.get(check.state, "PENDING")
+
+
+def _completed(job: StageJob, check: RecordCheck, job_id: str | None) -> StageState:
+    return StageState(job, "COMPLETED", node_label(check.record["node"]), headline(check.record), job_id=job_id or "")
 
 
 def _state_of(
-    layout: RunLayout, plan: Plan, job: StageJob, known: dict[StageJob, StageState],
+    folder: JobFolder, plan: Plan, job: StageJob, check: RecordCheck, known: dict[StageJob, StageState],
     job_id: str | None = None, view: scheduler.SchedulerView | None = None, recent: bool = False,
 ) -> StageState:
-    paths = layout.stage(job)
-    invalid = ""
-    if paths.result.exists():
-        try:
-            record = load_record(paths.result, plan.cell(job.cell_id), job)
-            return StageState(job, "COMPLETED", node_label(record["node"]), headline(record), job_id=job_id or "")
-        except ResultInvalidError as exc:
-            invalid = f"result ignored: {exc}"
-    log = str(latest_log(paths) or "")
+    if check.complete:
+        return _completed(job, check, job_id)
+    if check.state == "unreadable":
+        return StageState(job, "UNREADABLE", detail=f"{check.reason}; fix or remove it, then submit again", job_id=job_id or "")
+    log = str(latest_log(folder) or "")
+    holder = live_claim(folder)
+    if holder:
+        state = StageState(job, "RUNNING", holder.get("host", ""), f"pid {holder.get('pid')}" + (f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""), log, job_id or "")
+        return _with_progress(state, folder)
+    stale = check.state in ("stale", "invalid")
     dead = [dep for dep in plan.dependencies(job) if known[dep].state in _DEAD_ENDS]
     blocked = StageState(job, "BLOCKED", detail=f"{dead[0].stage} r{dead[0].repeat} {known[dead[0]].state.lower()}", job_id=job_id or "") if dead else None
-    state = _unfinished_state(paths, job, job_id, view, log, invalid, recent, blocked)
-    training = training_progress(paths)
-    if training and state.state != "BLOCKED":
-        state = replace(state, detail=f"{state.detail}; {training}" if state.detail else training)
-    return state
-
-
-def _unfinished_state(
-    paths: StagePaths, job: StageJob, job_id: str | None, view: scheduler.SchedulerView | None,
-    log: str, invalid: str, recent: bool, blocked: StageState | None,
-) -> StageState:
     if job_id and view is not None:
-        state = _scheduler_state(job, job_id, view.jobs.get(job_id), log, invalid, recent)
-        if state.state in _DEAD_ENDS and resumable(paths):
-            return StageState(job, "INTERRUPTED", state.node, f"{state.detail}; stopped after a checkpoint: submit again to resume", log, job_id)
-        # Cancelled by SLURM (kill-on-invalid-dep), or waiting on a dependency that failed.
-        return blocked if blocked and state.state in ("PENDING", "CANCELLED", "BLOCKED") else state
-    failure = read_marker(paths.failure)
+        info = view.jobs.get(job_id)
+        if (info is not None and info.active) or (info is None and recent) or not stale:
+            state = _scheduler_state(job, job_id, info, log, check.reason, recent)
+            if state.state in _DEAD_ENDS and resumable(folder):
+                state = StageState(job, "INTERRUPTED", state.node, f"{state.detail}; stopped after a checkpoint: submit again to resume", log, job_id)
+            elif blocked and state.state in ("PENDING", "CANCELLED", "BLOCKED"):
+                state = blocked  # cancelled by SLURM (kill-on-invalid-dep), or waiting on a failed job
+            return _with_progress(state, folder)
+    if stale:
+        return StageState(job, "STALE", detail=f"{check.reason}; submit reruns it", log=log, job_id=job_id or "")
+    return _with_progress(_marked_state(folder, job, log, blocked), folder)
+
+
+def _marked_state(folder: JobFolder, job: StageJob, log: str, blocked: StageState | None) -> StageState:
+    """A job the scheduler does not speak for (the local backend's): its attempt's markers."""
+    attempt = folder.latest_attempt()
+    failure = read_marker(attempt.failure) if attempt else None
     if failure:
         return StageState(job, "FAILED", failure.get("host", ""), failure.get("error", ""), log)
-    running = read_marker(paths.running)
-    if running:
-        if running.get("host") == socket.gethostname() and not running.get("slurm_job_id") and not _alive(running.get("pid")):
-            return StageState(job, "INTERRUPTED", running["host"], "the process died without a result; submit again to resume", log)
-        return StageState(job, "RUNNING", running.get("host", ""), f"since {running.get('started_at', '?')}", log)
-    interrupted = read_marker(paths.interrupted)
+    dead = dead_claim(folder)
+    if dead:
+        return StageState(job, "INTERRUPTED", dead.get("host", ""), "the job died without a result (its claim's heartbeat stopped); submit again to resume", log)
+    interrupted = read_marker(attempt.interrupted) if attempt else None
     if interrupted:
         return StageState(job, "INTERRUPTED", interrupted.get("host", ""), f"{interrupted.get('reason', '')}; submit again to resume", log)
-    if blocked:
-        return blocked
-    return StageState(job, "PENDING", detail=invalid)
+    return blocked or StageState(job, "PENDING")
 
 
-def training_progress(paths: StagePaths) -> str:
+def _with_progress(state: StageState, folder: JobFolder) -> StageState:
+    training = training_progress(folder) if state.job.stage == "train" and state.state != "BLOCKED" else ""
+    return replace(state, detail=f"{state.detail}; {training}" if state.detail else training) if training else state
+
+
+def training_progress(folder: JobFolder) -> str:
     """'epoch 3/40, step 1200/16000, 2 restarts' for a training that has started and not finished."""
-    if paths.result.exists():
+    attempt = folder.latest_attempt()
+    if attempt is None or attempt.record.exists():
         return ""
-    progress = read_marker(paths.progress)
+    progress = read_marker(attempt.progress)
     if not progress:
         return ""
     restarts = progress.get("restarts", 0)
@@ -138,6 +199,21 @@ def _scheduler_state(job: StageJob, job_id: str, info: scheduler.JobInfo | None,
     return StageState(job, state, info.node, f"{info.state} exit code {info.exit_code}", log, job_id)
 
 
+def left_cells_line(layout: RunLayout, plan: Plan, records: Records) -> str:
+    """Cells planned here before that the grid no longer has: counted, never hidden or deleted."""
+    gone = {cell_id: entry for cell_id, entry in cell_history(layout).items() if not plan.has_cell(cell_id)}
+    if not gone:
+        return ""
+    ledger = Ledger.read(layout.store)
+    with_results = with_jobs = 0
+    for entry in gone.values():
+        jobs = [StageJob(stage, key, r) for stage, key in entry["keys"].items() for r in range(entry.get("repeats", {}).get(stage, 1) if stage != "train" else 1)]
+        with_results += any(records.check(j).complete for j in jobs)
+        with_jobs += any(ledger.latest(j) for j in jobs if not records.check(j).complete)
+    return (f"{len(gone)} cell(s) left the grid since an earlier submit: {with_results} with results, "
+            f"{with_jobs} with submitted jobs not complete (nothing deleted; their outputs stay in the store)")
+
+
 def headline(record: dict[str, Any]) -> str:
     """The figure a person looks for first in each stage's record."""
     t, m = record["timings"], record["metrics"]
@@ -153,15 +229,3 @@ def summary_line(states: list[StageState]) -> str:
     counts = Counter(s.state for s in states)
     parts = [f"{counts[state]} {state}" for state in STATES if counts[state]]
     return f"{len(states)} stage jobs: " + ", ".join(parts)
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -1,7 +1,9 @@
 """Local backend: the stage graph on this machine, in dependency order, one job at a time.
 
 Each job runs in its own process through submitit's LocalExecutor, as it would on a node:
-its peak memory is its own and its log lands beside its result.
+its peak memory is its own and its log lands beside its result. A job that SLURM has queued
+or is running (the ledger and the scheduler say so), or that another process has claimed, is
+left alone: one writer per stage job.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from typing import Callable
 
 import submitit
 
-from dpr_hpc.backends.report import SubmitReport
-from dpr_hpc.errors import ResultInvalidError, UsageError
+from dpr_hpc.backends import scheduler
+from dpr_hpc.backends.report import SubmitReport, check_records, rerun_reasons
+from dpr_hpc.claim import live_claim
+from dpr_hpc.errors import UsageError
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.locks import HEARTBEAT_S, LockFile, LockHeldError, describe_holder
 from dpr_hpc.plan import Plan, StageJob
-from dpr_hpc.results import is_complete, load_record
-from dpr_hpc.runstate import save_plan
+from dpr_hpc.ledger import Ledger
+from dpr_hpc.results import Records
+from dpr_hpc.runstate import cell_history, save_plan
 from dpr_hpc.stages.runner import stage_job_entry
 from dpr_hpc.status import headline
 
@@ -68,29 +73,58 @@ class LocalBackend:
         except LockHeldError as exc:
             raise UsageError(f"{self.layout.root}: another submit is running on this run folder ({describe_holder(exc.holder)})") from None
         try:
+            records = Records(self.layout.store)
+            checks = check_records(self.plan, records)
+            reasons = rerun_reasons(self.plan, checks, cell_history(self.layout), records)
             save_plan(self.layout, self.plan, grid_file)
-            return self._run_all()
+            return self._run_all(records, checks, reasons)
         finally:
             lock.release()
 
-    def _run_all(self) -> SubmitReport:
+    def _run_all(self, records: Records, checks: dict, reasons: dict) -> SubmitReport:
         report = SubmitReport()
         jobs = list(self.plan.jobs())
         width = len(str(len(jobs)))
+        on_slurm = self._queued_on_slurm(jobs, checks)
         for number, job in enumerate(jobs, start=1):
-            tag = f"[{number:>{width}}/{len(jobs)}] {job.stage:<5} r{job.repeat} {job.cell_id}"
-            cell = self.plan.cell(job.cell_id)
-            if is_complete(self.layout.stage(job).result, cell, job):
+            users = self.plan.users(job)
+            shared = f" (+{len(users) - 1} cells)" if len(users) > 1 else ""
+            tag = f"[{number:>{width}}/{len(jobs)}] {job.stage:<5} r{job.repeat} {users[0]}{shared}"
+            check = records.check(job)
+            if check.complete:
                 report.skipped.append(job)
                 continue
-            lost = [dep for dep in self.plan.dependencies(job) if dep in report.failed or dep in report.blocked]
+            if job in on_slurm:
+                report.active.append(job)
+                self.echo(f"{tag}  left alone: queued or running on SLURM as job {on_slurm[job]}")
+                continue
+            holder = live_claim(self.layout.store.job(job))
+            if holder:
+                report.active.append(job)
+                self.echo(f"{tag}  left alone: {describe_holder(holder)}")
+                continue
+            lost = [dep for dep in self.plan.dependencies(job) if dep in report.failed or dep in report.blocked or dep in report.active]
             if lost:
                 report.blocked.append(job)
-                self.echo(f"{tag}  BLOCKED ({lost[0].stage} failed)")
+                self.echo(f"{tag}  BLOCKED ({lost[0].stage} {'not done here' if lost[0] in report.active else 'failed'})")
                 continue
-            self._run_one(job, tag, report)
+            if job in reasons:
+                self.echo(f"{tag}  {reasons[job]}")
+            self._run_one(job, tag, report, records)
         self.echo(f"local: {report.summary()}")
         return report
+
+    def _queued_on_slurm(self, jobs: list[StageJob], checks: dict) -> dict[StageJob, str]:
+        """Jobs not complete whose latest SLURM job the scheduler lists as queued or running."""
+        ledger = Ledger.read(self.layout.store)
+        ids = {job: entry["job_id"] for job in jobs if not checks[job].complete and (entry := ledger.latest(job)) and entry.get("backend") == "slurm"}
+        if not ids:
+            return {}
+        if not scheduler.slurm_available():
+            raise UsageError(f"{len(ids)} stage job(s) of this grid were submitted to SLURM, but no SLURM commands are here to "
+                             "tell whether they still run; submit from the cluster, or cancel them there first")
+        view = scheduler.query(sorted(set(ids.values())), since=ledger.first_submitted(list(ids)))
+        return {job: job_id for job, job_id in ids.items() if (info := view.jobs.get(job_id)) is not None and info.active}
 
     def executor_parameters(self) -> dict:
         """One GPU per job where there is one, as each job has on the paper's cluster."""
@@ -99,20 +133,19 @@ class LocalBackend:
             "gpus_per_node": 1 if self.gpus else 0, "visible_gpus": self.gpus[:1],
         }
 
-    def _run_one(self, job: StageJob, tag: str, report: SubmitReport) -> None:
-        paths = self.layout.stage(job)
-        executor = submitit.LocalExecutor(folder=paths.jobs, max_num_timeout=DEFAULT_MAX_REQUEUES)
+    def _run_one(self, job: StageJob, tag: str, report: SubmitReport, records: Records) -> None:
+        folder = self.layout.store.job(job)
+        executor = submitit.LocalExecutor(folder=folder.jobs, max_num_timeout=DEFAULT_MAX_REQUEUES)
         executor.update_parameters(**self.executor_parameters())
         self.echo(f"{tag}  running")
         started = time.perf_counter()
-        handle = executor.submit(stage_job_entry, str(self.layout.root), job.cell_id, job.stage, job.repeat)
+        handle = executor.submit(stage_job_entry, str(self.layout.runs_root), job.stage, job.key, job.repeat)
         try:
             while not handle.done():
                 time.sleep(0.2)
             handle.result()
         except KeyboardInterrupt:
             handle.cancel(check=False)
-            paths.running.unlink(missing_ok=True)
             raise
         except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
             report.failed.append(job)
@@ -120,11 +153,11 @@ class LocalBackend:
             self.echo(f"{tag}  FAILED after {time.perf_counter() - started:.1f}s: {reason[:200]}")
             self.echo(f"{' ' * len(tag)}  log: {handle.paths.stderr}")
             return
-        try:
-            record = load_record(paths.result, self.plan.cell(job.cell_id), job)
-        except ResultInvalidError as exc:  # e.g. the package changed under a running grid
+        records.forget()
+        check = records.check(job)
+        if not check.complete:  # e.g. the package changed under a running grid
             report.failed.append(job)
-            self.echo(f"{tag}  FAILED: its result record is not valid: {exc}")
+            self.echo(f"{tag}  FAILED: its result record is {check.state}: {check.reason}")
             return
         report.ran.append(job)
-        self.echo(f"{tag}  done in {time.perf_counter() - started:.1f}s  {headline(record)}")
+        self.echo(f"{tag}  done in {time.perf_counter() - started:.1f}s  {headline(check.record)}")

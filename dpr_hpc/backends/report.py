@@ -1,10 +1,46 @@
-"""What a submit did, job by job, whichever backend ran it."""
+"""What a submit does, job by job, whichever backend runs it: the records checked first, then
+what ran, what was skipped and why."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dpr_hpc.plan import StageJob
+from dpr_hpc.errors import DprHpcError
+from dpr_hpc.plan import Plan, StageJob
+from dpr_hpc.results import RecordCheck, Records
+
+
+class RecordUnreadableError(DprHpcError):
+    """A record exists but cannot be read (EIO, ESTALE, permissions, broken JSON). Nothing is
+    submitted: rerunning would overwrite outputs on a guess."""
+
+    exit_code = 1
+
+
+def check_records(plan: Plan, records: Records) -> dict[StageJob, RecordCheck]:
+    """Every job's record, checked before anything is submitted, so an unreadable one stops
+    the submit whole rather than half-way."""
+    checks = {job: records.check(job) for job in plan.jobs()}
+    unreadable = [check.reason for check in checks.values() if check.state == "unreadable"]
+    if unreadable:
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise RecordUnreadableError(f"cannot read a stage record, so nothing was submitted: {unreadable[0]}{more}; "
+                                    "fix the file system or permissions, or move the record aside to run the stage again")
+    return checks
+
+
+def rerun_reasons(plan: Plan, checks: dict[StageJob, RecordCheck], history: dict, records: Records) -> dict[StageJob, str]:
+    """Why each job that is not complete runs again, for those that ran before: its own record is
+    stale, or it replaces an earlier key's record of the same cell (an input's content changed)."""
+    from dpr_hpc.runstate import superseded
+
+    reasons = {}
+    for job, check in checks.items():
+        if check.state in ("stale", "invalid"):
+            reasons[job] = f"rerun: its record is {check.state} ({check.reason})"
+        elif check.state == "missing" and (why := superseded(history, plan, job, records)):
+            reasons[job] = f"rerun: it {why}"
+    return reasons
 
 
 @dataclass

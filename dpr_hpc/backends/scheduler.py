@@ -11,7 +11,12 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from datetime import datetime
 
+from dpr_hpc.errors import DprHpcError
+
+# The tag in a job's --comment that names the stage job it runs (Ledger.nonce).
+TAG_PREFIX = "dpr-hpc:"
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED"}
 
 
@@ -49,18 +54,42 @@ def slurm_available() -> bool:
     return shutil.which("sbatch") is not None
 
 
-def query(job_ids: list[str]) -> SchedulerView:
+def query(job_ids: list[str], since: str | None = None) -> SchedulerView:
+    """What SLURM says of these jobs. Raises SchedulerUnreachableError when neither sacct nor
+    squeue answers: reading every job as gone would make submit queue running jobs again."""
     if not job_ids:
         return SchedulerView({}, "none")
     try:
-        jobs = _sacct(job_ids)
+        jobs = _sacct(job_ids, since)
         source = "sacct"
     except SchedulerError as exc:
         jobs, source = {}, f"squeue (sacct unavailable: {exc})"
+        sacct_error = str(exc)
+    else:
+        sacct_error = ""
     missing = [j for j in job_ids if j not in jobs]
     if missing:
-        jobs.update(_squeue(missing))
+        try:
+            jobs.update(_squeue(missing))
+        except SchedulerError as exc:
+            if sacct_error:
+                raise SchedulerUnreachableError(f"scheduler unreachable: sacct: {sacct_error}; squeue: {exc}") from None
     return SchedulerView(jobs, source)
+
+
+def queued_by_tag() -> dict[str, str]:
+    """This user's queued and running jobs by the dpr-hpc tag in their comment: how a submit
+    finds a job it queued but could not record (killed between sbatch and the ledger)."""
+    try:
+        out = _run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%k"])
+    except SchedulerError as exc:
+        raise SchedulerUnreachableError(f"scheduler unreachable: squeue: {exc}") from None
+    tagged = {}
+    for line in out.splitlines():
+        job_id, _, comment = line.partition("|")
+        if comment.startswith(TAG_PREFIX):
+            tagged[comment[len(TAG_PREFIX):].strip()] = job_id.strip()
+    return tagged
 
 
 def submit_capacity() -> int | None:
@@ -97,8 +126,15 @@ class SchedulerError(RuntimeError):
     pass
 
 
-def _sacct(job_ids: list[str]) -> dict[str, JobInfo]:
-    out = _run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobIDRaw,State,ExitCode,NodeList,Elapsed,Reason"])
+class SchedulerUnreachableError(DprHpcError):
+    """Neither sacct nor squeue answered: nothing can be known, so nothing is submitted."""
+
+    exit_code = 1
+
+
+def _sacct(job_ids: list[str], since: str | None = None) -> dict[str, JobInfo]:
+    window = ["-S", _sacct_time(since)] if since else []
+    out = _run(["sacct", "-X", "-n", "-P", *window, "-j", ",".join(job_ids), "-o", "JobIDRaw,State,ExitCode,NodeList,Elapsed,Reason"])
     jobs = {}
     for line in out.splitlines():
         fields = line.split("|")
@@ -110,13 +146,14 @@ def _sacct(job_ids: list[str]) -> dict[str, JobInfo]:
 
 
 def _squeue(job_ids: list[str]) -> dict[str, JobInfo]:
-    try:
-        out = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%N|%M|%r"])
-    except SchedulerError:
-        return {}  # squeue rejects a list holding only ids it has forgotten
+    """This user's jobs among `job_ids` that squeue still lists (it forgets ended ones)."""
+    out = _run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%N|%M|%r"])
+    wanted = set(job_ids)
     jobs = {}
     for line in out.splitlines():
         job_id, state, node, elapsed, reason = (line.split("|") + [""] * 5)[:5]
+        if job_id not in wanted:
+            continue
         jobs[job_id] = JobInfo(job_id, state, "", node, elapsed, "" if reason == "None" else reason)
     return jobs
 
@@ -129,3 +166,8 @@ def _run(command: list[str]) -> str:
     if done.returncode != 0:
         raise SchedulerError((done.stderr or done.stdout).strip().splitlines()[-1] if (done.stderr or done.stdout).strip() else f"{command[0]} exited {done.returncode}")
     return done.stdout
+
+
+def _sacct_time(iso: str) -> str:
+    """An ISO timestamp (UTC, as the ledger writes them) as sacct's local YYYY-MM-DDTHH:MM:SS."""
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%dT%H:%M:%S")

@@ -3,10 +3,14 @@
 
 Repeats are separate jobs, so they can land on different nodes. Each submission is recorded in
 the ledger before the next one is made; a second submit (even a concurrent one) sees it there.
+Each sbatch carries a tag (`--comment=dpr-hpc:<nonce>`, Ledger.nonce): a job queued by a submit
+that died before recording it, or by an sbatch that timed out after queueing, is found by its
+tag and adopted, never queued twice. If the scheduler cannot be asked, nothing is submitted.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import time
@@ -19,13 +23,13 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from dpr_hpc.backends import scheduler
 from dpr_hpc.backends.profile import StageResources
-from dpr_hpc.backends.report import SubmitReport
+from dpr_hpc.backends.report import SubmitReport, check_records, rerun_reasons
 from dpr_hpc.errors import DprHpcError
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import Ledger
 from dpr_hpc.plan import Plan, StageJob
-from dpr_hpc.results import is_complete
-from dpr_hpc.runstate import resumable, save_plan
+from dpr_hpc.results import RecordCheck, Records
+from dpr_hpc.runstate import cell_history, resumable, save_plan
 from dpr_hpc.stages.runner import stage_job_entry
 
 SUBMIT_ATTEMPTS = 4
@@ -56,14 +60,22 @@ class SlurmBackend:
         self.hold = hold
         self.retry_failed = retry_failed
         self.capacity: int | None = None
-        self._completed: dict[StageJob, bool] = {}  # read once per submit: dependants ask again
+        self._checks: dict[StageJob, RecordCheck] = {}  # read once per submit: dependants ask again
+        self._reasons: dict[StageJob, str] = {}
+        self._sbatch_count = 0
 
     def submit(self, grid_file: Path) -> SubmitReport:
         report = SubmitReport()
-        self._completed.clear()
-        with Ledger.locked(self.layout) as ledger:
+        store = self.layout.store
+        records = Records(store)
+        self._checks = check_records(self.plan, records)
+        self._reasons = rerun_reasons(self.plan, self._checks, cell_history(self.layout), records)
+        with Ledger.locked(store) as ledger:
+            jobs = [job for job in self.plan.jobs() if not self._complete(job)]
+            self._adopt_tagged(jobs, ledger, scheduler.queued_by_tag())
+            ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
+            view = scheduler.query(sorted(set(ids.values())), since=ledger.first_submitted(list(ids)))
             save_plan(self.layout, self.plan, grid_file)
-            view = scheduler.query(list(ledger.latest_ids().values()))
             self.capacity = scheduler.submit_capacity()
             queued: dict[StageJob, str] = {}
             for job in self.plan.jobs():
@@ -83,13 +95,15 @@ class SlurmBackend:
             )
             if orphaned:  # waits on a job that ended without a result (now resubmitted): it can never run
                 scheduler.cancel([latest["job_id"]])
-                self.echo(f"{job.key}: job {latest['job_id']} waited on an upstream job that ended; submitting it again")
+                self.echo(f"{job.id}: job {latest['job_id']} waited on an upstream job that ended; submitting it again")
             elif (info.active if info else ledger.recently_submitted(job)):
                 queued[job] = latest["job_id"]
                 report.active.append(job)
                 return
-            if resumable(self.layout.stage(job)):
-                self.echo(f"{job.key}: job {latest['job_id']} stopped after a checkpoint; resuming it")
+            if job in self._reasons:
+                self.echo(f"{job.id}: {self._reasons[job]}")
+            elif resumable(self.layout.store.job(job)):
+                self.echo(f"{job.id}: job {latest['job_id']} stopped after a checkpoint; resuming it")
             elif orphaned or (info is not None and info.never_started):
                 pass  # cancelled before it ran: submitted again like a new job
             elif not self.retry_failed:
@@ -97,7 +111,7 @@ class SlurmBackend:
                 (report.failed if upstream_done else report.blocked).append(job)
                 if upstream_done:
                     ended = info.state if info else "(no longer listed by the scheduler)"
-                    self.echo(f"{job.key}: job {latest['job_id']} ended {ended} without a result; --retry-failed resubmits it")
+                    self.echo(f"{job.id}: job {latest['job_id']} ended {ended} without a result; --retry-failed resubmits it")
                 return
         dependencies = []
         for dep in self.plan.dependencies(job):
@@ -110,36 +124,53 @@ class SlurmBackend:
         if self.capacity is not None and len(report.ran) >= self.capacity:
             report.deferred.append(job)
             return
-        job_id = self._sbatch(job, dependencies)
-        ledger.record(job, job_id)
+        job_id = self._sbatch(job, dependencies, ledger.nonce(job))
+        ledger.record(job, job_id, tag=ledger.nonce(job))
         queued[job] = job_id
         report.ran.append(job)
         after = f" after {','.join(dependencies)}" if dependencies else ""
-        self.echo(f"{job.key}: submitted as job {job_id}{after}")
+        self.echo(f"{job.id}: submitted as job {job_id}{after}")
 
     def _complete(self, job: StageJob) -> bool:
-        if job not in self._completed:
-            self._completed[job] = is_complete(self.layout.stage(job).result, self.plan.cell(job.cell_id), job)
-        return self._completed[job]
+        check = self._checks.get(job)
+        return check is not None and check.complete
 
-    def _sbatch(self, job: StageJob, dependencies: list[str]) -> str:
-        executor = submitit.SlurmExecutor(folder=self.layout.stage(job).jobs, max_num_timeout=self.resources[job.stage].max_requeues)
-        executor.update_parameters(**self.sbatch_parameters(job, dependencies))
+    def _adopt_tagged(self, jobs: list[StageJob], ledger: Ledger, tagged: dict[str, str]) -> None:
+        """Record the queued jobs that carry a tag this ledger has not recorded yet."""
+        for job in jobs:
+            job_id = tagged.get(ledger.nonce(job))
+            if job_id is not None:
+                self.echo(f"{job.id}: adopting SLURM job {job_id}, queued by an earlier submit that did not record it")
+                ledger.record(job, job_id, tag=ledger.nonce(job), adopted=True)
+
+    def _sbatch(self, job: StageJob, dependencies: list[str], nonce: str) -> str:
+        executor = submitit.SlurmExecutor(folder=self.layout.store.job(job).jobs, max_num_timeout=self.resources[job.stage].max_requeues)
+        executor.update_parameters(**self.sbatch_parameters(job, dependencies, nonce))
         error: Exception | None = None
         for attempt in range(SUBMIT_ATTEMPTS):
+            if attempt:  # the failed sbatch may have queued the job after all: look for its tag first
+                queued = scheduler.queued_by_tag().get(nonce)
+                if queued is not None:
+                    self.echo(f"{job.id}: sbatch reported a failure but queued job {queued}; adopting it")
+                    return queued
             try:
-                return executor.submit(stage_job_entry, str(self.layout.root), job.cell_id, job.stage, job.repeat).job_id
+                job_id = executor.submit(stage_job_entry, str(self.layout.runs_root), job.stage, job.key, job.repeat).job_id
+                self._sbatch_count += 1
+                if _fault_after_sbatch(self._sbatch_count):
+                    os._exit(137)  # fault injection: a submit killed between sbatch and the ledger write
+                return job_id
             except (submitit_utils.FailedJobError, submitit_utils.FailedSubmissionError, OSError) as exc:
                 error = exc
                 if attempt + 1 < SUBMIT_ATTEMPTS:
                     time.sleep(BACKOFF_S * 2**attempt)
         message = str(error).strip().splitlines()[-1] if error and str(error).strip() else repr(error)
-        raise SubmissionError(f"sbatch failed {SUBMIT_ATTEMPTS} times for {job.key}: {message} (earlier submissions are in the ledger)")
+        raise SubmissionError(f"sbatch failed {SUBMIT_ATTEMPTS} times for {job.id}: {message} (earlier submissions are in the ledger)")
 
-    def sbatch_parameters(self, job: StageJob, dependencies: list[str]) -> dict:
+    def sbatch_parameters(self, job: StageJob, dependencies: list[str], nonce: str = "<tag>") -> dict:
         r = self.resources[job.stage]
         params: dict = {
-            "job_name": f"dpr-{job.stage}-r{job.repeat}-{job.cell_id}",
+            "job_name": f"dpr-{job.stage}-r{job.repeat}-{self.plan.users(job)[0]}",
+            "comment": f"{scheduler.TAG_PREFIX}{nonce}",
             "time": r.time_min,
             "cpus_per_task": r.cpus_per_task,
             # The job acts on the warning this long before its end, however early SLURM sends it.
@@ -158,11 +189,20 @@ class SlurmBackend:
         """The exact sbatch scripts submit would write, with the dependency on every upstream job
         named by its stage (a real submit fills in the SLURM job id)."""
         scripts = []
+        records = Records(self.layout.store)
+        self._checks = {job: records.check(job) for job in self.plan.jobs()}
         for job in self.plan.jobs():
             if self._complete(job):
                 continue
-            deps = [f"<{dep.key}>" for dep in self.plan.dependencies(job) if not self._complete(dep)]
-            folder = self.layout.stage(job).jobs
+            deps = [f"<{dep.id}>" for dep in self.plan.dependencies(job) if not self._complete(dep)]
+            folder = self.layout.store.job(job).jobs
             command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"  # as submitit writes it
             scripts.append((job, _make_sbatch_string(command=command, folder=folder, **self.sbatch_parameters(job, deps))))
         return scripts
+
+
+def _fault_after_sbatch(count: int) -> bool:
+    """DPR_HPC_FAULT=kill-after-sbatch:N: the test hook that kills a submit right after its Nth
+    sbatch, before the ledger records it."""
+    fault = os.environ.get("DPR_HPC_FAULT", "")
+    return fault.startswith("kill-after-sbatch:") and count == int(fault.split(":", 1)[1])

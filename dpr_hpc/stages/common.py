@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from dpr_hpc.grid import CellConfig
-from dpr_hpc.layout import RunLayout
+from dpr_hpc.plan import StageJob
+from dpr_hpc.store import AttemptPaths
 
 
 @dataclass
@@ -25,6 +26,18 @@ class StageOutput:
     # Folders only needed to resume (training checkpoints, embedding shards): the runner deletes
     # them once the result record is safely written, not before.
     discard: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """Where a stage job writes and what it reads, handed over by the runner: the job's own
+    working attempt, the complete outputs of the upstream stages, the shared token cache."""
+
+    job: StageJob
+    out: AttemptPaths
+    trained: AttemptPaths | None = None  # the train output (index and infer of a trained cell)
+    index: AttemptPaths | None = None  # index repeat 0's output (infer)
+    token_cache: Path | None = None
 
 
 def pick_device() -> torch.device:
@@ -52,31 +65,32 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return peak
 
 
-def encoder_source(cell: CellConfig, run: RunLayout, tower: str) -> str:
-    """Where a tower's weights come from: the cell's trained checkpoint, or the named model for
-    an evaluation-only cell."""
+def encoder_source(cell: CellConfig, io: StageIO, tower: str) -> str:
+    """Where a tower's weights come from: the trained checkpoint the job reads, or the named
+    model for an evaluation-only cell."""
     if cell.evaluate_only:
         name = cell.question_encoder if tower == "question" else cell.passage_encoder
         return cell.model_path(name)
-    folder = run.question_encoder_dir(cell.cell_id) if tower == "question" else run.passage_encoder_dir(cell.cell_id)
-    return str(folder)
+    if io.trained is None:
+        raise ValueError(f"{io.job.id}: no trained model handed to this job")
+    return str(io.trained.encoder(tower))
 
 
-def load_trained_tower(cell: CellConfig, run: RunLayout, tower: str, device: torch.device):
+def load_trained_tower(cell: CellConfig, io: StageIO, tower: str, device: torch.device):
     """The encoder and tokenizer that the index (passage) or infer (question) stage encodes with."""
     from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
 
-    source = encoder_source(cell, run, tower)
+    source = encoder_source(cell, io, tower)
     return DprEncoder.from_pretrained(source, cell.embedding_size).to(device), load_tokenizer(source)
 
 
-def tokenized(run: RunLayout, cell: CellConfig, what: str, data_file: Path, tokenizer, build):
-    """`build()`'s tokens through the grid's token cache: tokenized once per tokenizer, file
-    and settings, whichever cell or stage asks first."""
+def tokenized(io: StageIO, cell: CellConfig, what: str, data_file: Path, tokenizer, build):
+    """`build()`'s tokens through the runs root's token cache: tokenized once per tokenizer,
+    file and settings, whichever grid, cell or stage asks first."""
     from dpr_hpc.modeling.token_cache import TokenCache
 
     settings = {"max_length": cell.text.max_length, "embed_title": cell.text.embed_title}
-    return TokenCache(run.token_cache).get(what, data_file, tokenizer, settings, build)
+    return TokenCache(io.token_cache).get(what, data_file, tokenizer, settings, build)
 
 
 def progress(message: str) -> None:

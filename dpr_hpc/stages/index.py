@@ -7,36 +7,35 @@ encoding time of every shard, whichever job wrote it.
 
 from __future__ import annotations
 
-import json
 import time
+
+import numpy as np
 
 from dpr_hpc.data import evaluation_pool, read_records
 from dpr_hpc.grid import CellConfig
-from dpr_hpc.layout import RunLayout
 from dpr_hpc.modeling.batching import tokenize_passages
 from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
 from dpr_hpc.modeling.searcher import build_index, save_index
-from dpr_hpc.plan import StageJob
-from dpr_hpc.stages.common import StageOutput, load_trained_tower, peak_memory, pick_device, progress, tokenized
+from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, progress, tokenized
 
 
-def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
+def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     device = pick_device()
     precision = resolve_precision(cell.precision, device)
-    encoder, tokenizer = load_trained_tower(cell, run, "passage", device)
+    encoder, tokenizer = load_trained_tower(cell, io, "passage", device)
     dev_file = cell.data_path("dev")
     pool = evaluation_pool(read_records(dev_file), source=str(dev_file))
     if not pool:
         raise ValueError(f"{dev_file}: the evaluation pool is empty (no question has a positive passage)")
 
     started = time.perf_counter()
-    texts = tokenized(run, cell, "dev-passages", dev_file, tokenizer,
+    texts = tokenized(io, cell, "dev-passages", dev_file, tokenizer,
                       lambda: tokenize_passages(tokenizer, pool, cell.text.max_length, cell.text.embed_title))
     tokenize_s = time.perf_counter() - started
     progress(f"encoding {len(pool)} passages ({precision}, {'cached' if texts.hit else 'fresh'} tokens)")
 
-    paths = run.stage(StageJob(cell.cell_id, "index", repeat))
+    paths = io.out
     encoded = encode(encoder, texts.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision,
                      shard_dir=paths.shards, progress=progress)
     if encoded.reused_shards:
@@ -47,8 +46,8 @@ def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
     index_build_s = time.perf_counter() - started
     progress(f"encoded in {encoded.encode_s:.2f}s, {cell.index.type} index built in {index_build_s:.2f}s")
 
-    save_index(faiss_index, run.index_file(cell.cell_id, repeat))
-    run.passage_ids_file(cell.cell_id, repeat).write_text(json.dumps([p.passage_id for p in pool]))
+    save_index(faiss_index, paths.index_file)
+    np.save(paths.passage_ids, np.array([p.passage_id for p in pool], dtype=str))
     return StageOutput(
         metrics={"num_passages": len(pool), "dim": int(encoded.embeddings.shape[1])},
         timings={
@@ -58,7 +57,7 @@ def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
             "tokenize_s": tokenize_s,
             **peak_memory(device),
         },
-        artifacts=[str(p.relative_to(paths.dir)) for p in (run.index_file(cell.cell_id, repeat), run.passage_ids_file(cell.cell_id, repeat))],
+        artifacts=[paths.index_file.name, paths.passage_ids.name],
         details={"device": device.type, "index_type": cell.index.type, "precision": precision,
                  "tokens_cached": texts.hit, "reused_shards": encoded.reused_shards},
         discard=[paths.shards],

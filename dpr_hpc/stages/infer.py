@@ -6,29 +6,23 @@ each; question encoding is timed apart and excluded, as in the paper.
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 
 from dpr_hpc.data import dev_questions, evaluation_pool, read_records
 from dpr_hpc.grid import CellConfig
-from dpr_hpc.layout import RunLayout
 from dpr_hpc.metrics import answer_accuracy, distinct, retrieval_metrics
 from dpr_hpc.modeling.batching import tokenize_questions
 from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
 from dpr_hpc.modeling.searcher import load_index, search_one_at_a_time
-from dpr_hpc.plan import StageJob
-from dpr_hpc.stages.common import StageOutput, load_trained_tower, peak_memory, pick_device, progress, tokenized
+from dpr_hpc.plan import SEARCHED_INDEX_REPEAT
+from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, progress, tokenized
 
-# Every infer repeat searches the index of index repeat 0, so repeats differ only in timing.
-SEARCHED_INDEX_REPEAT = 0
-
-
-def infer(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
+def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     device = pick_device()
-    encoder, tokenizer = load_trained_tower(cell, run, "question", device)
+    encoder, tokenizer = load_trained_tower(cell, io, "question", device)
     dev_file = cell.data_path("dev")
     records = read_records(dev_file)
     questions = dev_questions(records, source=str(dev_file))
@@ -36,13 +30,15 @@ def infer(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
         raise ValueError(f"{dev_file}: no question has a positive passage")
 
     precision = resolve_precision(cell.precision, device)
-    tokens = tokenized(run, cell, "dev-questions", dev_file, tokenizer,
+    tokens = tokenized(io, cell, "dev-questions", dev_file, tokenizer,
                       lambda: tokenize_questions(tokenizer, [q.question for q in questions], cell.text.max_length))
     encoded = encode(encoder, tokens.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision)
     query_vectors, question_encode_s = encoded.embeddings, encoded.encode_s
 
-    faiss_index = load_index(run.index_file(cell.cell_id, SEARCHED_INDEX_REPEAT), cell.index)
-    passage_ids = json.loads(run.passage_ids_file(cell.cell_id, SEARCHED_INDEX_REPEAT).read_text())
+    if io.index is None:
+        raise ValueError(f"{io.job.id}: no index handed to this job")
+    faiss_index = load_index(io.index.index_file, cell.index)
+    passage_ids = np.load(io.index.passage_ids).tolist()
     progress(f"searching top {cell.top_k} of {len(passage_ids)} passages for {len(questions)} questions, one at a time")
     rows, times_ms = search_one_at_a_time(faiss_index, query_vectors, cell.top_k)
 
@@ -54,9 +50,7 @@ def infer(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
         ranked_texts = [[texts[pid] for pid in distinct(ranking)] for ranking in rankings]
         metrics.update(answer_accuracy(ranked_texts, [q.answers for q in questions], cell.top_k))
 
-    job = StageJob(cell.cell_id, "infer", repeat)
-    run.stage(job).dir.mkdir(parents=True, exist_ok=True)
-    np.save(run.rankings_file(job), rows)
+    np.save(io.out.rankings, rows)
     return StageOutput(
         metrics=metrics,
         timings={
@@ -67,6 +61,6 @@ def infer(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
             "question_encode_s": question_encode_s,
             **peak_memory(device),
         },
-        artifacts=[run.rankings_file(job).name],
+        artifacts=[io.out.rankings.name],
         details={"device": device.type, "searched_index_repeat": SEARCHED_INDEX_REPEAT, "precision": precision, "tokens_cached": tokens.hit},
     )

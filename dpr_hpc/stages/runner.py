@@ -1,5 +1,6 @@
-"""The entry point of every stage job, whichever backend runs it: read the cell from the run
-folder, run the stage, write its tagged result record (or a failure marker)."""
+"""The entry point of every stage job, whichever backend runs it: claim the job's folder in the
+store, read its settings, run the stage into a working attempt, write its record with the
+provenance of everything it read (or a failure marker), and release the claim."""
 
 from __future__ import annotations
 
@@ -9,19 +10,27 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from dpr_hpc.layout import RunLayout
+from dpr_hpc.claim import claim_stage
+from dpr_hpc.errors import DprHpcError
+from dpr_hpc.grid.config import cell_from_json
 from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import node_tags, now_iso
 from dpr_hpc.resume.signals import StopRequest, TrainingInterrupted
-from dpr_hpc.results import make_record, write_record
-from dpr_hpc.runstate import load_cell, mark_failed, mark_interrupted, mark_running
+from dpr_hpc.results import Records, describe_artifacts, make_record, write_record
+from dpr_hpc.runstate import mark_failed, mark_interrupted
+from dpr_hpc.stage_keys import stage_inputs
+from dpr_hpc.store import StageStore
 
 # A training stopped by a signal, its checkpoint written, and not requeued by submitit (plain
 # SIGTERM, or no submitit handler): the job ends with this code and a resubmit resumes it.
 EXIT_INTERRUPTED = 3
 
 if TYPE_CHECKING:  # the stages import torch; submitting jobs should not wait for that
-    from dpr_hpc.stages.common import StageOutput
+    from dpr_hpc.stages.common import StageIO, StageOutput
+
+
+class StageInputError(DprHpcError):
+    """An upstream output this job reads is not complete (or its record cannot be read)."""
 
 
 def _stage_functions() -> dict[str, Callable[..., "StageOutput"]]:
@@ -37,41 +46,62 @@ class StageJobEntry:
 
     On the warning signal before a time limit (or on preemption) submitit calls `checkpoint`
     and requeues the job with what it returns: the same stage job, which resumes from the state
-    on disk (the training's checkpoint, the index's finished shards).
+    its working attempt holds (the training's checkpoint, the index's finished shards).
     """
 
-    def __call__(self, run_root: str, cell_id: str, stage: str, repeat: int) -> dict[str, Any]:
-        return run_stage_job(run_root, cell_id, stage, repeat)
+    def __call__(self, runs_root: str, stage: str, key: str, repeat: int) -> dict[str, Any]:
+        return run_stage_job(runs_root, stage, key, repeat)
 
-    def checkpoint(self, run_root: str, cell_id: str, stage: str, repeat: int):
+    def checkpoint(self, runs_root: str, stage: str, key: str, repeat: int):
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(self, run_root, cell_id, stage, repeat)
+        return DelayedSubmission(self, runs_root, stage, key, repeat)
 
 
 stage_job_entry = StageJobEntry()
 
 
-def run_stage_job(run_root: str, cell_id: str, stage: str, repeat: int) -> dict[str, Any]:
-    """Run one stage job to completion; returns the headline figures of its record."""
+def run_stage_job(runs_root: str, stage: str, key: str, repeat: int) -> dict[str, Any]:
+    """Run one stage job to completion; returns the headline figures of its record. A second
+    copy of a job that is running exits at once (StageClaimedError) without writing."""
     quiet_libraries()
     threads = fit_threads_to_allocation()
-    layout = RunLayout(Path(run_root))
-    job = StageJob(cell_id, stage, repeat)
-    paths = layout.stage(job)
-    paths.dir.mkdir(parents=True, exist_ok=True)
-    cell = load_cell(layout, cell_id)
-    mark_running(paths)
-    started_at = now_iso()
-    node = node_tags()
-    stop = StopRequest().install() if stage == "train" else None
+    store = StageStore.at(Path(runs_root))
+    job = StageJob(stage, key, repeat)
+    folder = store.job(job)
+    folder.dir.mkdir(parents=True, exist_ok=True)
+    claim = claim_stage(folder, job)
+    try:
+        return _run_claimed(store, job, threads)
+    finally:
+        claim.release()
+
+
+def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[str, Any]:
+    spec = store.read_spec(job.stage, job.key)
+    cell = cell_from_json(spec.cell)
+    records = Records(store)
+    current = records.check(job)
+    if current.complete:
+        print(f"{job.id}: already complete (attempt {current.attempt}); nothing to do", flush=True)
+        return _headline(current.record)
+    if current.state == "unreadable":
+        raise StageInputError(f"{job.id}: its record cannot be read, so it is not rerun: {current.reason}")
+    io = _stage_io(store, records, job, spec.upstream, current.attempt)
+    paths = io.out
+    if current.state != "missing":
+        print(f"{job.id}: rerunning as attempt {paths.number}: the record of attempt {current.attempt} is {current.state} ({current.reason})", flush=True)
+    paths.failure.unlink(missing_ok=True)
+    paths.interrupted.unlink(missing_ok=True)
+    inputs = _input_provenance(cell, job.stage, records)
+    started_at, node = now_iso(), node_tags()
+    stop = StopRequest().install() if job.stage == "train" else None
     try:
         if stop is None:
-            output = _stage_functions()[stage](cell, layout, repeat)
+            output = _stage_functions()[job.stage](cell, io, job.repeat)
         else:
-            output = _stage_functions()[stage](cell, layout, repeat, stop=stop)
+            output = _stage_functions()[job.stage](cell, io, job.repeat, stop=stop)
     except TrainingInterrupted as stopped:
-        paths.running.unlink(missing_ok=True)
         mark_interrupted(paths, str(stopped))
         print(str(stopped), flush=True)
         if stop is not None:
@@ -82,18 +112,54 @@ def run_stage_job(run_root: str, cell_id: str, stage: str, repeat: int) -> dict[
         mark_failed(paths, error)
         raise
     finally:
-        paths.running.unlink(missing_ok=True)
         if stop is not None:
             stop.restore()
-    details = {**output.details, "threads": threads}
+    upstream = {up.id: records.check(up).digest for up in _upstream_jobs(spec.upstream)}
     record = make_record(
-        cell, job, metrics=output.metrics, timings=output.timings, node=node,
-        started_at=started_at, finished_at=now_iso(), artifacts=output.artifacts, details=details,
+        cell, job, attempt=paths.number, inputs=inputs, upstream=upstream,
+        metrics=output.metrics, timings=output.timings, node=node, started_at=started_at, finished_at=now_iso(),
+        artifacts=describe_artifacts(paths, output.artifacts), details={**output.details, "threads": threads},
     )
-    write_record(paths.result, record)
-    for folder in output.discard:
-        shutil.rmtree(folder, ignore_errors=True)
-    return {"timings": output.timings, "metrics": {k: v for k, v in output.metrics.items() if not isinstance(v, list)}}
+    write_record(store.job(job), paths, record)
+    for leftover in output.discard:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return _headline(record)
+
+
+def _upstream_jobs(upstream: dict[str, str]) -> list[StageJob]:
+    from dpr_hpc.plan import SEARCHED_INDEX_REPEAT
+
+    repeat_read = {"train": 0, "index": SEARCHED_INDEX_REPEAT}
+    return [StageJob(stage, key, repeat_read[stage]) for stage, key in upstream.items()]
+
+
+def _stage_io(store: StageStore, records: Records, job: StageJob, upstream: dict[str, str], complete_attempt: int | None) -> "StageIO":
+    """The job's working attempt and the complete upstream outputs it reads; an upstream that is
+    not complete stops the job before it writes anything."""
+    from dpr_hpc.stages.common import StageIO
+
+    read: dict[str, Any] = {}
+    for up in _upstream_jobs(upstream):
+        check = records.check(up)
+        if not check.complete:
+            raise StageInputError(f"{job.id}: its input {up.id} is {check.state}" + (f": {check.reason}" if check.reason else ""))
+        read["trained" if up.stage == "train" else "index"] = records.attempt_of(up)
+    out = store.job(job).working_attempt(complete_attempt)
+    return StageIO(job=job, out=out, token_cache=store.token_cache, **read)
+
+
+def _input_provenance(cell, stage: str, records: Records) -> dict[str, Any]:
+    """The content of every file and local folder the stage reads, as it is when it starts."""
+    provenance = {}
+    for role, (kind, path) in stage_inputs(cell, stage).items():
+        digest = records.hashes.folder(path) if kind == "folder" else records.hashes.file(path)
+        provenance[role] = {"kind": kind, "path": str(path), "sha256": digest}
+    records.hashes.save()
+    return provenance
+
+
+def _headline(record: dict[str, Any]) -> dict[str, Any]:
+    return {"timings": record["timings"], "metrics": {k: v for k, v in record["metrics"].items() if not isinstance(v, list)}}
 
 
 def fit_threads_to_allocation() -> int | None:

@@ -23,23 +23,22 @@ from transformers import get_linear_schedule_with_warmup
 from dpr_hpc.data import TrainingExample, read_records, training_examples
 from dpr_hpc.fsutil import read_json, write_json_atomic
 from dpr_hpc.grid import CellConfig
-from dpr_hpc.layout import RunLayout
 from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device, tokenize_passages, tokenize_questions
 from dpr_hpc.modeling.batch_probe import CPU_FALLBACK, MAX_BATCH, gpu_step_probe, largest_fitting_power_of_two
 from dpr_hpc.modeling.encoding import PAD_MULTIPLE
 from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
 from dpr_hpc.modeling.precision import autocast, grad_scaler, resolve_precision
 from dpr_hpc.modeling.train_step import backward_batch, clip_and_step
-from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import now_iso
 from dpr_hpc.resume.rng import capture_rng, restore_rng
 from dpr_hpc.resume.segments import FINISHED, Segment, SegmentLog
 from dpr_hpc.resume.signals import NeverStop, Stopper, TrainingInterrupted
 from dpr_hpc.resume.store import CheckpointStore
-from dpr_hpc.stages.common import StageOutput, peak_memory, pick_device, progress, seed_everything, synchronize, tokenized
+from dpr_hpc.stages.common import StageIO, StageOutput, peak_memory, pick_device, progress, seed_everything, synchronize, tokenized
 
-CHECKPOINT_MARKERS = ["checkpoint/question_encoder/dpr_encoder.json", "checkpoint/passage_encoder/dpr_encoder.json", "losses.json"]
-CHECKPOINT_FORMAT = 1
+# What the record lists (a folder stands for every file in it) and index and infer read.
+ARTIFACTS = ["checkpoint", "losses.json"]
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -54,12 +53,12 @@ class Position:
     epoch_losses: list[float] = field(default_factory=list)
 
 
-def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | None = None) -> StageOutput:
+def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None = None) -> StageOutput:
     cfg = cell.train
     if cfg is None:
         raise ValueError(f"cell {cell.cell_id} is evaluation-only and has no train stage")
     stop = stop or NeverStop()
-    paths = run.stage(StageJob(cell.cell_id, "train", repeat))
+    paths = io.out
     seed_everything(cfg.seed)
     device = pick_device()
     question_encoder = DprEncoder.from_pretrained(cell.model_path(cell.question_encoder), cell.embedding_size, cfg.dropout)
@@ -71,13 +70,13 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | Non
     if not examples:
         raise ValueError(f"{cell.data_path('train')}: no question has a positive passage")
     started = time.perf_counter()
-    batches = _TokenizedExamples(examples, question_tokenizer, passage_tokenizer, cell, run)
+    batches = _TokenizedExamples(examples, question_tokenizer, passage_tokenizer, cell, io)
     tokenize_s = time.perf_counter() - started
 
     question_encoder.to(device).train()
     passage_encoder.to(device).train()
     precision = resolve_precision(cell.precision, device)
-    batch_size, batch_choice = _batch_size(cell, paths.dir, question_encoder, passage_encoder, question_tokenizer, device, precision, len(examples))
+    batch_size, batch_choice = _batch_size(cell, paths.batch_size, question_encoder, passage_encoder, question_tokenizer, device, precision, len(examples))
     parameters = list(question_encoder.parameters()) + list(passage_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / batch_size)
@@ -94,7 +93,7 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | Non
         modules["scaler"] = scaler
     loaded = store.load_latest(map_location=device)
     if loaded is not None:
-        _check_belongs(loaded.state, cell, loaded.path)
+        _check_belongs(loaded.state, io.job.key, loaded.path)
         for name, module in modules.items():
             module.load_state_dict(loaded.state[name])
         order_generator.set_state(loaded.state["order_generator"])
@@ -110,7 +109,7 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | Non
         segment.ended_by, segment.ended_at = ended_by, now_iso()
         began = time.perf_counter()
         state = {
-            "format": CHECKPOINT_FORMAT, "cell_id": cell.cell_id, "config_hash": cell.config_hash,
+            "format": CHECKPOINT_FORMAT, "key": io.job.key,
             **{name: module.state_dict() for name, module in modules.items()},
             "order_generator": order_generator.get_state(), "rng": capture_rng(),
             "position": asdict(position), "segments": segments.to_json(),
@@ -168,9 +167,9 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | Non
     bank_time()
     segment.ended_by, segment.ended_at = FINISHED, now_iso()
 
-    question_encoder.save(run.question_encoder_dir(cell.cell_id), question_tokenizer)
-    passage_encoder.save(run.passage_encoder_dir(cell.cell_id), passage_tokenizer)
-    write_json_atomic(paths.dir / "losses.json", {"step_losses": position.step_losses, "epoch_losses": position.epoch_losses})
+    question_encoder.save(paths.question_encoder, question_tokenizer)
+    passage_encoder.save(paths.passage_encoder, passage_tokenizer)
+    write_json_atomic(paths.losses, {"step_losses": position.step_losses, "epoch_losses": position.epoch_losses})
     _write_progress(paths.progress, position, cfg.epochs, steps_per_epoch, segments, None)
     return StageOutput(
         metrics={"epoch_loss": position.epoch_losses, "final_loss": position.epoch_losses[-1], "steps": total_steps, "num_examples": len(examples)},
@@ -180,7 +179,7 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | Non
             "checkpoint_s": sum(s.checkpoint_s for s in segments.segments),
             **peak_memory(device),
         },
-        artifacts=CHECKPOINT_MARKERS,
+        artifacts=ARTIFACTS,
         details={
             "projection": question_encoder.projected,
             "native_size": question_encoder.native_size,
@@ -198,13 +197,12 @@ def train(cell: CellConfig, run: RunLayout, repeat: int = 0, stop: Stopper | Non
     )
 
 
-def _batch_size(cell: CellConfig, stage_dir, question_encoder, passage_encoder, tokenizer, device, precision: str, examples: int) -> tuple[int, dict[str, Any]]:
+def _batch_size(cell: CellConfig, chosen_file, question_encoder, passage_encoder, tokenizer, device, precision: str, examples: int) -> tuple[int, dict[str, Any]]:
     """The grid's batch size, or for `auto` the probe's answer, decided once per training: a
     resumed run reads it back, so it keeps its batch size on a node with another GPU."""
     requested = cell.train.batch_size
     if requested != "auto":
         return int(requested), {"batch_size": requested, "source": "grid"}
-    chosen_file = stage_dir / "batch_size.json"
     if chosen_file.is_file():
         chosen = read_json(chosen_file)
         return int(chosen["batch_size"]), chosen
@@ -224,9 +222,9 @@ def _batch_size(cell: CellConfig, stage_dir, question_encoder, passage_encoder, 
     return int(chosen["batch_size"]), chosen
 
 
-def _check_belongs(state: dict[str, Any], cell: CellConfig, path) -> None:
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("config_hash") != cell.config_hash:
-        raise ValueError(f"{path}: checkpoint of another configuration (format {state.get('format')}, cell {state.get('cell_id')}); delete it to start over")
+def _check_belongs(state: dict[str, Any], key: str, path) -> None:
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != key:
+        raise ValueError(f"{path}: checkpoint of another training (format {state.get('format')}, key {state.get('key')}); delete it to start over")
 
 
 def _write_progress(path, position: Position, epochs: int, steps_per_epoch: int, segments: SegmentLog, checkpoint: str | None) -> None:
@@ -243,15 +241,15 @@ class _TokenizedExamples:
     """Examples tokenized once (through the grid's token cache); a batch is their rows, padded
     to its longest sequence rounded up to a multiple of 8."""
 
-    def __init__(self, examples: list[TrainingExample], question_tokenizer, passage_tokenizer, cell: CellConfig, run: RunLayout) -> None:
+    def __init__(self, examples: list[TrainingExample], question_tokenizer, passage_tokenizer, cell: CellConfig, io: StageIO) -> None:
         max_length, titles = cell.text.max_length, cell.text.embed_title
         source = cell.data_path("train")
         with_negative = [i for i, e in enumerate(examples) if e.negative is not None]
-        self.questions = tokenized(run, cell, "train-questions", source, question_tokenizer,
+        self.questions = tokenized(io, cell, "train-questions", source, question_tokenizer,
                                    lambda: tokenize_questions(question_tokenizer, [e.question for e in examples], max_length))
-        self.positives = tokenized(run, cell, "train-positives", source, passage_tokenizer,
+        self.positives = tokenized(io, cell, "train-positives", source, passage_tokenizer,
                                    lambda: tokenize_passages(passage_tokenizer, [e.positive for e in examples], max_length, titles))
-        self.negatives = tokenized(run, cell, "train-negatives", source, passage_tokenizer,
+        self.negatives = tokenized(io, cell, "train-negatives", source, passage_tokenizer,
                                    lambda: tokenize_passages(passage_tokenizer, [examples[i].negative for i in with_negative], max_length, titles))
         self.negative_row = {example: row for row, example in enumerate(with_negative)}
         self.without_negative = len(examples) - len(with_negative)

@@ -1,0 +1,96 @@
+"""Content hashes of the inputs a stage reads: data files, local model folders, hub models.
+
+A stage's key and its record's provenance name inputs by content, never by path, so an edited
+dev file (or a retrained local model folder) is noticed even though its path is the same. A
+hash is remembered by (path, size, modification time) in one memo file under the runs root,
+so a multi-GB training file is read for hashing once, and hashed again only when it changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from dpr_hpc.fsutil import read_json, write_json_atomic
+
+HASH_CHUNK = 1 << 22
+
+
+class ContentHashes:
+    """SHA-256 of files and folders, memoised in `memo_file` (None: nothing remembered)."""
+
+    def __init__(self, memo_file: Path | None) -> None:
+        self.memo_file = memo_file
+        self._memo: dict[str, str] | None = None
+        self._dirty = False
+
+    def file(self, path: Path) -> str:
+        stat = path.stat()
+        stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        memo = self._load()
+        if stamp not in memo:
+            memo[stamp] = sha256_file(path)
+            self._dirty = True
+            self.save()
+        return memo[stamp]
+
+    def folder(self, path: Path) -> str:
+        """One hash over every file's relative name and content: a model folder's identity."""
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{self.file(file)}\n".encode())
+        return digest.hexdigest()
+
+    def save(self) -> None:
+        """Merge what this process learnt into the memo file (another job may have added to it)."""
+        if self.memo_file is None or not self._dirty or self._memo is None:
+            return
+        try:
+            on_disk = read_json(self.memo_file) if self.memo_file.is_file() else {}
+        except (OSError, ValueError):
+            on_disk = {}
+        write_json_atomic(self.memo_file, {**on_disk, **self._memo})
+        self._dirty = False
+
+    def _load(self) -> dict[str, str]:
+        if self._memo is None:
+            self._memo = {}
+            if self.memo_file is not None and self.memo_file.is_file():
+                try:
+                    self._memo = dict(read_json(self.memo_file))
+                except (OSError, ValueError):
+                    self._memo = {}  # a damaged memo only costs a re-hash
+        return self._memo
+
+
+def model_identity(name: str, local_path: str | None, hashes: ContentHashes) -> dict[str, Any]:
+    """A local folder by its content; a hub model by name and the revision the local Hugging
+    Face cache resolves it to (None when it is not cached here: the job will resolve it)."""
+    if local_path is not None:
+        folder = Path(local_path)
+        return {"folder_sha256": hashes.folder(folder) if folder.is_dir() else f"missing:{folder}"}
+    return {"hub": name, "revision": cached_hub_revision(name)}
+
+
+def cached_hub_revision(name: str, revision: str = "main") -> str | None:
+    """The commit the local Hugging Face cache holds for `name` (its refs/<revision> file)."""
+    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    ref = cache / f"models--{name.replace('/', '--')}" / "refs" / revision
+    try:
+        return ref.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
