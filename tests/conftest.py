@@ -90,10 +90,25 @@ def run_folder(tmp_path: Path, demo: Path, name: str, every: int = 0, extra: str
     return layout, plan.cells[0].cell_id
 
 
+def train_folder(layout, cell_id: str):
+    """The store folder of the cell's training job."""
+    from dpr_hpc.plan import StageJob
+    from dpr_hpc.runstate import load_plan
+
+    return layout.store.job(StageJob("train", load_plan(layout).keys[cell_id]["train"], 0))
+
+
+def train_attempt(layout, cell_id: str):
+    """The newest attempt of the cell's training: where its checkpoint, losses and resume state are."""
+    return train_folder(layout, cell_id).latest_attempt()
+
+
 def train_in_process(layout, cell_id: str, stop=None):
-    from dpr_hpc.runstate import load_cell
+    from dpr_hpc.plan import StageJob
+    from dpr_hpc.runstate import load_plan
+    from dpr_hpc.stages.runner import prepare_io
     from dpr_hpc.stages.train import train
 
-    return train(load_cell(layout, cell_id), layout, 0, stop=stop)
-
-
+    job = StageJob("train", load_plan(layout).keys[cell_id]["train"], 0)
+    cell, io = prepare_io(layout.runs_root, job)
+    return train(cell, io, 0, stop=stop)

@@ -48,7 +48,7 @@ def demo_run(demo_assets, tmp_path_factory):
 def status_json(work: Path, grid: Path) -> list[dict]:
     done = cli("status", grid, "--json", cwd=work)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)[0]["jobs"]
+    return json.loads(done.stdout)[0]["rows"]
 
 
 def test_submit_runs_every_stage_and_status_shows_them_completed(demo_run):
@@ -64,16 +64,16 @@ def test_submit_runs_every_stage_and_status_shows_them_completed(demo_run):
 
 def test_second_submit_starts_nothing(demo_run):
     work, grid, _ = demo_run
-    logs_before = sorted(work.glob("runs/e2e/cells/*/*/*/jobs/*_log.out"))
+    logs_before = sorted(work.glob("runs/store/*/*/*/jobs/*_log.out"))
     again = cli("submit", grid, "--backend", "local", cwd=work)
     assert again.returncode == 0
     assert "0 ran, 8 already complete" in again.stdout
-    assert sorted(work.glob("runs/e2e/cells/*/*/*/jobs/*_log.out")) == logs_before
+    assert sorted(work.glob("runs/store/*/*/*/jobs/*_log.out")) == logs_before
 
 
 def test_records_carry_timings_and_node_tags(demo_run):
     work, _, _ = demo_run
-    records = [json.loads(p.read_text()) for p in work.glob("runs/e2e/cells/*/*/*/result.json")]
+    records = [json.loads(p.read_text()) for p in work.glob("runs/store/*/*/*/result.json")]
     assert len(records) == 8
     for record in records:
         node = record["node"]
@@ -136,10 +136,10 @@ def test_data_is_tokenized_once_per_tokenizer_and_shared_by_stages_and_cells(dem
     """Both cells use the same tokenizer: the dev passages and questions are tokenized by the
     first index and infer job, and every later job (other repeats, the other cell) reads them."""
     work, grid, first = demo_run
-    records = [json.loads(p.read_text()) for p in sorted(work.glob("runs/e2e/cells/*/*/*/result.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(work.glob("runs/store/*/*/*/result.json"))]
     by_time = sorted(records, key=lambda r: r["started_at"])
     for stage in ("index", "infer"):
         cached = [r["details"]["tokens_cached"] for r in by_time if r["stage"] == stage]
         assert cached == [False] + [True] * (len(cached) - 1), (stage, cached)
-    entries = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in work.glob("runs/e2e/cache/tokens/*.npz"))
+    entries = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in work.glob("runs/cache/tokens/*.npz"))
     assert entries == ["dev-passages", "dev-questions", "train-negatives", "train-positives", "train-questions"]

@@ -12,7 +12,7 @@ import pytest
 
 from dpr_hpc.fsutil import atomic_folder, file_digest, write_bytes_atomic, write_file_atomic, write_json_atomic
 from dpr_hpc.ledger import Ledger
-from dpr_hpc.layout import RunLayout
+from dpr_hpc.store import StageStore
 from dpr_hpc.locks import LockFile
 
 
@@ -33,11 +33,11 @@ def test_files_folders_and_locks_respect_a_group_umask(tmp_path, group_umask):
     write_file_atomic(tmp_path / "rankings.bin", lambda tmp: tmp.write_bytes(b"x"))
     with atomic_folder(tmp_path / "encoder") as folder:
         (folder / "weights.bin").write_bytes(b"w")
-    with Ledger.locked(RunLayout(tmp_path / "run")) as ledger:
-        ledger.entries["c/train/r0"] = []
+    with Ledger.locked(StageStore.at(tmp_path / "runs")) as ledger:
+        ledger.entries["train/k/r0"] = []
         write_json_atomic(ledger.path, ledger.entries)
-        assert _mode(tmp_path / "run" / "ledger.lock") == 0o664
-    for name in ("record.json", "ids.json", "rankings.bin", "run/ledger.json"):
+        assert _mode(tmp_path / "runs" / "store" / "ledger.lock") == 0o664
+    for name in ("record.json", "ids.json", "rankings.bin", "runs/store/ledger.json"):
         assert _mode(tmp_path / name) == 0o664, name
     assert _mode(tmp_path / "encoder") == 0o775
 

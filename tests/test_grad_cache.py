@@ -10,13 +10,13 @@ import weakref
 import pytest
 import torch
 
-from conftest import run_folder, train_in_process
+from conftest import run_folder, train_attempt, train_in_process
 from dpr_hpc.modeling.batch_probe import OutOfMemory, largest_fitting_power_of_two
 from dpr_hpc.modeling.batching import pad_batch
 from dpr_hpc.modeling.encoder import DprEncoder
 from dpr_hpc.modeling.grad_cache import grad_cache_backward
 from dpr_hpc.modeling.loss import dpr_nll_loss
-from dpr_hpc.plan import StageJob
+
 
 
 def _towers(demo, dropout: float) -> tuple[DprEncoder, DprEncoder]:
@@ -112,5 +112,5 @@ def test_demo_cell_trains_with_the_gradient_cache_and_records_it(demo_assets, tm
     layout, cell_id = run_folder(tmp_path, demo_assets, "gradcache", extra="    grad_cache: {chunk_size: 4}\n")
     output = train_in_process(layout, cell_id)
     assert output.details["grad_cache"] == {"chunk_size": 4} and output.details["batch_size"] == 16
-    losses = json.loads((layout.stage(StageJob(cell_id, "train", 0)).dir / "losses.json").read_text())["epoch_losses"]
+    losses = json.loads(train_attempt(layout, cell_id).losses.read_text())["epoch_losses"]
     assert losses[-1] < losses[0]

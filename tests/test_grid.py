@@ -68,10 +68,13 @@ def test_stages_depend_on_train_then_index_repeat_zero():
     grid = load_grid(REPO / "jobs" / "paper.yaml", require_data=False)
     plan = make_plan(grid)
     trained = grid.cells[5]  # BERT 768, five repeats
-    assert plan.dependencies(StageJob(trained.cell_id, "index", 3)) == (StageJob(trained.cell_id, "train", 0),)
-    assert plan.dependencies(StageJob(trained.cell_id, "infer", 4)) == (StageJob(trained.cell_id, "index", 0),)
+    train, index3, infer4 = (plan.cell_jobs(trained.cell_id, stage)[-1 if stage != "train" else 0] for stage in ("train", "index", "infer"))
+    assert (index3.repeat, infer4.repeat) == (4, 4)
+    assert plan.dependencies(index3) == (train,)
+    assert plan.dependencies(infer4) == (plan.cell_jobs(trained.cell_id, "index")[0],)
+    assert plan.inputs(infer4) == (train, plan.cell_jobs(trained.cell_id, "index")[0])  # reads the question encoder too
     original_dpr = grid.cells[-1]
-    assert plan.dependencies(StageJob(original_dpr.cell_id, "index", 0)) == ()
+    assert plan.dependencies(plan.cell_jobs(original_dpr.cell_id, "index")[0]) == ()
     jobs = list(plan.jobs())
     assert all(jobs.index(dep) < jobs.index(job) for job in jobs for dep in plan.dependencies(job))
 

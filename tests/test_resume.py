@@ -17,24 +17,24 @@ import torch
 
 from dpr_hpc.grid import load_grid
 from dpr_hpc.layout import RunLayout
-from dpr_hpc.plan import StageJob, make_plan
+from dpr_hpc.plan import make_plan
 from dpr_hpc.resume.signals import TrainingInterrupted
 from dpr_hpc.resume.store import CheckpointStore
-from conftest import GRID, StopAfter, run_folder as _run_folder, train_in_process as _train, write_grid
+from conftest import GRID, StopAfter, run_folder as _run_folder, train_attempt, train_folder, train_in_process as _train, write_grid
 
 
 def _weights(layout: RunLayout, cell_id: str) -> dict[str, torch.Tensor]:
     from dpr_hpc.modeling.encoder import DprEncoder
 
     weights = {}
-    for tower, folder in (("q", layout.question_encoder_dir(cell_id)), ("p", layout.passage_encoder_dir(cell_id))):
+    for tower, folder in (("q", train_attempt(layout, cell_id).question_encoder), ("p", train_attempt(layout, cell_id).passage_encoder)):
         state = DprEncoder.from_pretrained(str(folder), 48).state_dict()
         weights.update({f"{tower}.{k}": v for k, v in state.items()})
     return weights
 
 
 def _losses(layout: RunLayout, cell_id: str) -> list[float]:
-    return json.loads((layout.stage(StageJob(cell_id, "train", 0)).dir / "losses.json").read_text())["step_losses"]
+    return json.loads(train_attempt(layout, cell_id).losses.read_text())["step_losses"]
 
 
 def _assert_same_training(a: tuple[RunLayout, str], b: tuple[RunLayout, str]) -> None:
@@ -70,14 +70,14 @@ def test_training_stopped_twice_resumes_to_the_same_losses_and_weights(uninterru
     assert [s["ended_by"] for s in segments] == ["test stop", "test stop", "finished"]
     assert output.details["restarts"] == 2
     assert output.timings["ttt_s"] == pytest.approx(sum(s["train_s"] for s in segments), abs=1e-9)
-    assert output.metrics["epoch_loss"] == json.loads((layout.stage(StageJob(cell_id, "train", 0)).dir / "losses.json").read_text())["epoch_losses"]
+    assert output.metrics["epoch_loss"] == json.loads(train_attempt(layout, cell_id).losses.read_text())["epoch_losses"]
 
 
 def test_corrupted_latest_checkpoint_is_skipped_with_a_warning_and_the_previous_one_used(uninterrupted, demo_assets, tmp_path, capsys):
     layout, cell_id = _run_folder(tmp_path, demo_assets, "corrupt", every=8)
     with pytest.raises(TrainingInterrupted):
         _train(layout, cell_id, StopAfter(20))  # checkpoints at steps 8, 16 and (the stop) 20
-    resume = layout.stage(StageJob(cell_id, "train", 0)).resume
+    resume = train_attempt(layout, cell_id).resume
     newest = resume / "step-000000020.pt"
     assert sorted(p.name for p in resume.glob("*.pt")) == ["step-000000016.pt", "step-000000020.pt"]
     with newest.open("r+b") as handle:  # flip one byte in the middle
@@ -129,16 +129,16 @@ def test_kill_during_a_checkpoint_write_then_resubmit_resumes_from_the_previous_
     assert "FAILED" in killed.stdout
     layout = RunLayout(tmp_path / "runs" / "killed")
     cell_id = make_plan(load_grid(grid_file)).cells[0].cell_id
-    resume = layout.stage(StageJob(cell_id, "train", 0)).resume
+    resume = train_attempt(layout, cell_id).resume
     assert [p.name for p in resume.glob("*.pt")] == ["step-000000008.pt"]
     assert list(resume.glob(".step-000000016.pt.*.tmp"))  # the half-written file the kill left
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    log = "".join(p.read_text() for p in layout.stage(StageJob(cell_id, "train", 0)).jobs.glob("*_log.out"))
+    log = "".join(p.read_text() for p in train_folder(layout, cell_id).jobs.glob("*_log.out"))
     assert "resuming from step-000000008.pt" in log
     _assert_same_training(uninterrupted, (layout, cell_id))
-    record = json.loads(layout.stage(StageJob(cell_id, "train", 0)).result.read_text())
+    record = json.loads(train_folder(layout, cell_id).result.read_text())
     assert [s["ended_by"] for s in record["details"]["segments"]] == ["killed after its last checkpoint", "finished"]
     assert not resume.exists()  # checkpoints are dropped once the record is written
 
@@ -174,7 +174,7 @@ def test_local_time_limit_checkpoints_and_restarts_the_training_until_it_finishe
                "--time-limit", "0.5", "--signal-delay", "12"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
-    (record_file,) = (tmp_path / "runs" / "limited").glob("cells/*/train/r0/result.json")
+    (record_file,) = (tmp_path / "runs" / "store").glob("train/*/r0/result.json")
     record = json.loads(record_file.read_text())
     segments = record["details"]["segments"]
     assert len(segments) >= 2 and [s["ended_by"] for s in segments] == ["SIGUSR2"] * (len(segments) - 1) + ["finished"]

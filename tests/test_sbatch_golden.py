@@ -34,7 +34,7 @@ def scripts(data_files, tmp_path):
     backend = SlurmBackend(layout, make_plan(load_grid(grid)), load_profile(REPO / "slurm_templates" / "gpu24.yaml"))
     rendered = {job.stage: script for job, script in backend.dry_run()}
     # Machine-specific parts: where the run folder and the interpreter are.
-    return {stage: text.replace(str(layout.root), "<RUN>").replace(sys.executable, "<PYTHON>") for stage, text in rendered.items()}
+    return {stage: text.replace(str(layout.runs_root), "<RUNS>").replace(sys.executable, "<PYTHON>") for stage, text in rendered.items()}
 
 
 @pytest.mark.parametrize("stage", ["train", "index", "infer"])

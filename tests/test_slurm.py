@@ -43,7 +43,7 @@ def cli(*args, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
 
 
 def status(work: Path, grid: Path) -> list[dict]:
-    return json.loads(cli("status", grid, "--json", cwd=work, check=True).stdout)[0]["jobs"]
+    return json.loads(cli("status", grid, "--json", cwd=work, check=True).stdout)[0]["rows"]
 
 
 def wait_until_settled(work: Path, grid: Path, timeout_s: float = 600) -> list[dict]:
@@ -80,7 +80,7 @@ def test_grid_completes_on_the_real_cluster_with_job_ids_and_nodes(slurm_cluster
     jobs = wait_until_settled(tmp_path, grid)
     assert [j["state"] for j in jobs] == ["COMPLETED"] * 7
     assert all(j["job_id"].isdigit() and j["node"] for j in jobs)
-    records = [json.loads(p.read_text()) for p in tmp_path.glob("runs/slurm/cells/*/*/*/result.json")]
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("runs/store/*/*/*/result.json")]
     assert sorted(r["node"]["slurm_job_id"] for r in records) == sorted(j["job_id"] for j in jobs)
     assert all(r["node"]["slurm_node"] for r in records)
 
@@ -90,8 +90,9 @@ def test_grid_completes_on_the_real_cluster_with_job_ids_and_nodes(slurm_cluster
     cli("collect", grid, "--median", "--out", tmp_path / "results", cwd=tmp_path, check=True)
     on_slurm = pd.read_csv(tmp_path / "results" / "slurm-median.csv")
     local_grid = small_grid(tmp_path, demo_assets, name="local")
-    cli("submit", local_grid, "--backend", "local", cwd=tmp_path, check=True)
-    cli("collect", local_grid, "--median", "--out", tmp_path / "results", cwd=tmp_path, check=True)
+    # Its own runs root: in the same store the local run would find every job already done.
+    cli("submit", local_grid, "--backend", "local", "--runs-root", tmp_path / "local-runs", cwd=tmp_path, check=True)
+    cli("collect", local_grid, "--median", "--out", tmp_path / "results", "--runs-root", tmp_path / "local-runs", cwd=tmp_path, check=True)
     local = pd.read_csv(tmp_path / "results" / "local-median.csv")
     assert list(on_slurm.columns) == list(local.columns) and on_slurm.shape == local.shape
     assert on_slurm.drop(columns=[c for c in on_slurm.columns if c.endswith(("_s", "_ms"))]).notna().equals(
@@ -121,8 +122,9 @@ def test_failed_train_blocks_its_stages_and_retry_failed_resubmits_only_those(sl
     retried = cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, "--retry-failed", cwd=tmp_path, check=True)
     assert "5 submitted, 2 already complete" in retried.stdout
     assert {j["state"] for j in wait_until_settled(tmp_path, grid)} == {"COMPLETED"}
-    ledger = json.loads((tmp_path / "runs" / "slurm" / "ledger.json").read_text())
-    assert len(ledger[f"{train['cell_id']}/train/r0"]) == 2
+    ledger = json.loads((tmp_path / "runs" / "store" / "ledger.json").read_text())
+    # The fixed train file is another input: a new train key, submitted once; the failed one stays recorded.
+    assert [len(h) for key, h in ledger.items() if key.startswith("train/")] == [1, 1]
 
 
 def test_concurrent_submits_submit_each_stage_once_and_cancel_clears_them(slurm_cluster, demo_assets, tmp_path):
@@ -131,13 +133,15 @@ def test_concurrent_submits_submit_each_stage_once_and_cancel_clears_them(slurm_
     both = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in both]
     assert all(p.returncode == 0 for p in both)
-    ledger = json.loads((tmp_path / "runs" / "slurm" / "ledger.json").read_text())
+    ledger = json.loads((tmp_path / "runs" / "store" / "ledger.json").read_text())
     assert len(ledger) == 7 and all(len(history) == 1 for history in ledger.values())
     assert sorted("7 submitted" in out for out in outputs) == [False, True]
     ids = [history[0]["job_id"] for history in ledger.values()]
     queued = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i"], capture_output=True, text=True).stdout.split()
     assert sorted(queued) == sorted(ids)
     assert {j["state"] for j in status(tmp_path, grid)} == {"PENDING"}
+    local = cli("submit", grid, "--backend", "local", cwd=tmp_path, check=True)  # one writer: SLURM has them
+    assert local.stdout.count("left alone") == 7 and "0 ran" in local.stdout
 
     cli("cancel", grid, cwd=tmp_path, check=True)
     deadline = time.monotonic() + 30
@@ -166,7 +170,7 @@ def wait_for_training_step(work: Path, name: str, step: int, timeout_s: float = 
     """Until the running training has taken `step` steps (past its first checkpoint)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        found = list(work.glob(f"runs/{name}/cells/*/train/r0/progress.json"))
+        found = list(work.glob("runs/store/train/*/r0/attempts/*/progress.json"))
         if found and json.loads(found[0].read_text())["step"] >= step:
             return
         assert time.monotonic() < deadline, f"the training never reached step {step}"
@@ -174,7 +178,7 @@ def wait_for_training_step(work: Path, name: str, step: int, timeout_s: float = 
 
 
 def train_record(work: Path, name: str) -> dict:
-    (path,) = work.glob(f"runs/{name}/cells/*/train/r0/result.json")
+    (path,) = work.glob("runs/store/train/*/r0/result.json")
     return json.loads(path.read_text())
 
 

@@ -23,16 +23,24 @@ from dpr_hpc.status import stage_states
 
 FAKES = {
     "srun": "exit 0",
-    # Accepts two submissions, then refuses every one as a QOS limit would.
+    # Accepts two submissions, then refuses every one as a QOS limit would. Each accepted job
+    # is queued (PENDING) with the tag of its --comment.
     "sbatch": 'n=$(cat "$FAKE_SLURM/count" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "$FAKE_SLURM/count"\n'
-              'if [ $n -le 2 ]; then echo "Submitted batch job $((100+n))"; exit 0; fi\n'
+              'if [ $n -le 2 ]; then tag=$(sed -n "s/^#SBATCH --comment=//p" "${@: -1}")\n'
+              '  echo "$((100+n))|PENDING||0:00|Priority|$tag" >> "$FAKE_SLURM/queue"; echo "Submitted batch job $((100+n))"; exit 0; fi\n'
               'echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; exit 1',
     "sacct": 'echo "sacct: error: Slurm accounting storage is disabled" >&2; exit 1',
-    "squeue": 'for id in $(echo "$3" | tr , " "); do echo "$id|PENDING||0:00|Priority"; done',
+    # This user's queue: job|state|node|elapsed|reason, or job|comment for -o "%i|%k".
+    "squeue": 'touch "$FAKE_SLURM/queue"; if [[ "$*" == *"%k"* ]]; then cut -d"|" -f1,6 "$FAKE_SLURM/queue"; '
+              'else cut -d"|" -f1-5 "$FAKE_SLURM/queue"; fi',
     "sacctmgr": "exit 1",
     "scontrol": "exit 1",
     "scancel": "exit 0",
 }
+
+
+def plan_cell_id(grid) -> str:
+    return make_plan(load_grid(grid)).cells[0].cell_id
 
 
 @pytest.fixture
@@ -53,15 +61,17 @@ def test_sbatch_failures_are_retried_then_reported_and_earlier_jobs_stay_recorde
     grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
     code, out, err = run_cli(capsys, "submit", grid, "--backend", "slurm", "--runs-root", tmp_path / "runs")
     assert code == 1
-    assert "QOSMaxSubmitJobPerUserLimit" in err and "g" in err and "infer/r0" in err
+    assert "QOSMaxSubmitJobPerUserLimit" in err and "infer/" in err and plan_cell_id(grid) in err
     assert int((fake_slurm / "count").read_text()) == 2 + slurm.SUBMIT_ATTEMPTS
-    ledger = json.loads((tmp_path / "runs" / "g" / "ledger.json").read_text())
-    assert {key.split("/", 1)[1]: h[0]["job_id"] for key, h in ledger.items()} == {"train/r0": "101", "index/r0": "102"}
+    ledger = json.loads((tmp_path / "runs" / "store" / "ledger.json").read_text())
+    assert {key.split("/")[0]: h[0]["job_id"] for key, h in ledger.items()} == {"train": "101", "index": "102"}
 
 
 def test_status_falls_back_to_squeue_without_accounting_and_says_so(fake_slurm):
+    (fake_slurm / "queue").write_text("7|PENDING||0:00|Priority|\n8|PENDING||0:00|Priority|\n9|RUNNING|n1|0:10|None|\n")
     view = scheduler.query(["7", "8"])
     assert view.source.startswith("squeue (sacct unavailable: sacct: error: Slurm accounting storage is disabled")
+    assert set(view.jobs) == {"7", "8"}  # only the jobs asked about
     assert {j.state for j in view.jobs.values()} == {"PENDING"} and view.jobs["7"].reason == "Priority"
     assert scheduler.submit_capacity() is None
 
@@ -71,15 +81,48 @@ def test_a_job_the_scheduler_no_longer_lists_is_pending_only_for_a_grace_period(
     plan = make_plan(load_grid(grid))
     layout = RunLayout(tmp_path / "runs" / "g")
     save_plan(layout, plan, grid)
-    train = StageJob(plan.cells[0].cell_id, "train", 0)
-    with Ledger.locked(layout) as ledger:
+    train = next(plan.jobs())
+    with Ledger.locked(layout.store) as ledger:
         ledger.record(train, "999")
-    # The fake squeue lists every id it is asked about; make it list none, as after a job ends.
-    (fake_slurm / "squeue").write_text("#!/bin/bash\nexit 0\n")
+    # The fake queue is empty, as after a job ends and squeue forgets it.
     assert stage_states(layout, plan).states[0].state == "PENDING"
-    entries = Ledger.read(layout)
-    entries.entries[train.key][-1]["submitted_at"] = (datetime.now(timezone.utc) - timedelta(seconds=UNLISTED_GRACE_S + 1)).isoformat()
+    entries = Ledger.read(layout.store)
+    entries.entries[train.id][-1]["submitted_at"] = (datetime.now(timezone.utc) - timedelta(seconds=UNLISTED_GRACE_S + 1)).isoformat()
     write_json_atomic(entries.path, entries.entries)
     states = stage_states(layout, plan).states
     assert [s.state for s in states] == ["FAILED", "BLOCKED", "BLOCKED"]
     assert "no longer listed" in states[0].detail
+
+
+def test_a_submit_killed_between_sbatch_and_the_ledger_is_adopted_by_the_next(fake_slurm, data_files, tmp_path, monkeypatch):
+    """The fault hook kills the submit right after its first sbatch: the job is queued but not
+    recorded. The next submit finds it by its tag and records it; nothing is queued twice."""
+    import subprocess
+    import sys
+
+    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
+    command = [sys.executable, "-m", "dpr_hpc", "submit", str(grid), "--backend", "slurm", "--runs-root", str(tmp_path / "runs")]
+    killed = subprocess.run(command, env={**__import__("os").environ, "DPR_HPC_FAULT": "kill-after-sbatch:1"}, capture_output=True, text=True)
+    assert killed.returncode == 137
+    assert not (tmp_path / "runs" / "store" / "ledger.json").exists()
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert "adopting SLURM job 101" in again.stdout, again.stdout + again.stderr
+    queued = [line.split("|")[0] for line in (fake_slurm / "queue").read_text().splitlines()]
+    assert queued == ["101", "102"]  # train once (adopted), then its index; the infer hit the QOS limit
+    ledger = json.loads((tmp_path / "runs" / "store" / "ledger.json").read_text())
+    train = next(h for key, h in ledger.items() if key.startswith("train/"))
+    assert [e["job_id"] for e in train] == ["101"] and train[0]["adopted"] is True
+
+
+def test_an_unreachable_scheduler_stops_submit_and_status_says_so(fake_slurm, data_files, tmp_path, capsys):
+    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
+    code, _, _ = run_cli(capsys, "submit", grid, "--backend", "slurm", "--runs-root", tmp_path / "runs")
+    for name in ("squeue", "sacct"):
+        (fake_slurm / name).write_text("#!/bin/bash\necho \"slurm_load_jobs error: Unable to contact slurm controller\" >&2; exit 1\n")
+    count_before = (fake_slurm / "count").read_text()
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "slurm", "--runs-root", tmp_path / "runs", "--retry-failed")
+    assert code == 1 and "scheduler unreachable" in err and "Unable to contact slurm controller" in err
+    assert (fake_slurm / "count").read_text() == count_before  # nothing submitted
+    code, out, err = run_cli(capsys, "status", grid, "--runs-root", tmp_path / "runs")
+    assert code == 0 and "scheduler unreachable" in out
+    assert "FAILED" not in out and "UNKNOWN" in out

@@ -1,23 +1,30 @@
-"""Completion is decided by validated records; markers tell FAILED, RUNNING and INTERRUPTED apart."""
+"""Completion is decided by checked records in the stage store: provenance makes a record STALE,
+a read error makes it UNREADABLE (and stops submit), markers and claims tell FAILED, RUNNING
+and INTERRUPTED apart, and the plan shares stage jobs between cells whose stages agree."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import write_grid
+from conftest import run_cli, write_grid
 from dpr_hpc.grid import load_grid
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.plan import StageJob, make_plan
 from dpr_hpc.provenance import node_tags, now_iso
-from dpr_hpc.results import is_complete, make_record, write_record
+from dpr_hpc.results import Records, describe_artifacts, make_record, write_record
 from dpr_hpc.runstate import save_plan
 from dpr_hpc.status import stage_states
+
+FIGURES = dict(metrics={"epoch_loss": [1.0], "num_passages": 1, "num_questions": 1},
+               timings={"ttt_s": 1.0, "encode_s": 1, "index_build_s": 1, "pei_s": 2, "ita_mean_ms": 1, "ita_sd_ms": 0})
 
 
 @pytest.fixture
@@ -29,59 +36,174 @@ def run(data_files, tmp_path):
           - {name: b, encoder: bert-base-uncased, embedding_sizes: [64], repeats: {index: 2}}
     """)
     plan = make_plan(load_grid(path))
-    layout = RunLayout(tmp_path / "run")
+    layout = RunLayout(tmp_path / "runs" / "g")
     save_plan(layout, plan, path)
     return layout, plan, plan.cells[0]
 
 
-def complete(layout, cell, job, **overrides):
-    record = make_record(cell, job, metrics={"epoch_loss": [1.0], "num_passages": 1, "num_questions": 1},
-                         timings={"ttt_s": 1.0, "encode_s": 1, "index_build_s": 1, "pei_s": 2, "ita_mean_ms": 1, "ita_sd_ms": 0},
-                         node=node_tags(), started_at=now_iso(), finished_at=now_iso())
+def job_of(plan, stage: str, repeat: int = 0) -> StageJob:
+    return StageJob(stage, plan.keys[plan.cells[0].cell_id][stage], repeat)
+
+
+def complete(layout, plan, job: StageJob, artifact: str | None = "out.txt", **overrides) -> dict:
+    """A record for `job` as the runner writes it: inputs, upstream digests, artifacts."""
+    folder = layout.store.job(job)
+    attempt = folder.working_attempt(None)
+    if artifact:
+        (attempt.dir / artifact).write_text("output")
+    records = Records(layout.store)
+    upstream = {up.id: records.check(up).digest for up in plan.inputs(job)}
+    dev = plan.cells[0].data_path("dev")
+    inputs = {"dev_data": {"kind": "file", "path": str(dev), "sha256": records.hashes.file(dev)}} if job.stage != "train" else {}
+    record = make_record(plan.cells[0], job, attempt=attempt.number, inputs=inputs, upstream=upstream, node=node_tags(),
+                         started_at=now_iso(), finished_at=now_iso(),
+                         artifacts=describe_artifacts(attempt, [artifact] if artifact else []), **FIGURES)
     record.update(overrides)
-    write_record(layout.stage(job).result, record)
+    write_record(folder, attempt, record)
+    return record
 
 
-def states_by_key(layout, plan):
-    return {s.job.key.split("/", 1)[1]: s.state for s in stage_states(layout, plan).states}
+def states(layout, plan) -> dict[str, str]:
+    return {f"{s.job.stage}/r{s.job.repeat}": s.state for s in stage_states(layout, plan).states}
 
 
 def test_nothing_run_is_pending(run):
     layout, plan, _ = run
-    assert set(states_by_key(layout, plan).values()) == {"PENDING"}
+    assert set(states(layout, plan).values()) == {"PENDING"}
 
 
-def test_valid_record_completes_and_tampered_ones_do_not(run):
+def test_complete_records_stale_ones_and_unreadable_ones(run):
+    layout, plan, _ = run
+    train = job_of(plan, "train")
+    complete(layout, plan, train)
+    assert states(layout, plan)["train/r0"] == "COMPLETED"
+    complete(layout, plan, train, key="0" * 20)
+    assert states(layout, plan)["train/r0"] == "STALE"
+    record = complete(layout, plan, train)
+    (layout.store.job(train).attempt(record["attempt"]).dir / "out.txt").write_text("truncat")
+    report = stage_states(layout, plan)
+    assert report.jobs[train].state == "STALE" and "out.txt has 7 bytes, recorded 6" in report.jobs[train].detail
+    layout.store.job(train).result.write_text('{"schema": 2, "stage"')  # broken JSON: not guessed at
+    assert states(layout, plan)["train/r0"] == "UNREADABLE"
+
+
+def test_a_rewritten_or_removed_upstream_record_makes_its_dependants_stale(run):
+    layout, plan, _ = run
+    train, index, infer = job_of(plan, "train"), job_of(plan, "index"), job_of(plan, "infer")
+    for job in (train, index, infer):
+        complete(layout, plan, job)
+    assert states(layout, plan) == {"train/r0": "COMPLETED", "index/r0": "COMPLETED", "index/r1": "PENDING", "infer/r0": "COMPLETED"}
+    complete(layout, plan, train)  # a rerun of the training: a new attempt, a new record
+    report = stage_states(layout, plan)
+    assert (report.jobs[index].state, report.jobs[infer].state) == ("STALE", "STALE")
+    assert "upstream train" in report.jobs[index].detail and "rerun since" in report.jobs[index].detail
+    complete(layout, plan, index)
+    complete(layout, plan, infer)
+    assert states(layout, plan)["infer/r0"] == "COMPLETED"
+    layout.store.job(index).result.unlink()
+    report = stage_states(layout, plan)
+    assert report.jobs[infer].state == "STALE" and "upstream index" in report.jobs[infer].detail
+
+
+def test_an_edited_input_makes_the_records_that_read_it_stale(run):
     layout, plan, cell = run
-    train = StageJob(cell.cell_id, "train", 0)
-    complete(layout, cell, train)
-    assert is_complete(layout.stage(train).result, cell, train)
-    complete(layout, cell, train, config_hash="0" * 64)
-    assert not is_complete(layout.stage(train).result, cell, train)
-    complete(layout, cell, train, artifacts=["checkpoint/question_encoder/dpr_encoder.json"])
-    assert not is_complete(layout.stage(train).result, cell, train)
-    layout.stage(train).result.write_text('{"schema": 1, "cell_id"')  # truncated
-    assert not is_complete(layout.stage(train).result, cell, train)
-    assert states_by_key(layout, plan)["train/r0"] == "PENDING"
+    for job in (job_of(plan, "train"), job_of(plan, "index"), job_of(plan, "infer")):
+        complete(layout, plan, job)
+    dev = cell.data_path("dev")
+    dev.write_text(dev.read_text().replace('"a"', '"b"'))
+    report = stage_states(layout, plan)
+    assert report.jobs[job_of(plan, "train")].state == "COMPLETED"  # reads the train file only
+    assert report.jobs[job_of(plan, "index")].state == "STALE"
+    assert "dev_data" in report.jobs[job_of(plan, "index")].detail and "changed since it ran" in report.jobs[job_of(plan, "index")].detail
 
 
 def test_failed_stage_blocks_its_dependants(run):
-    layout, plan, cell = run
-    failed = layout.stage(StageJob(cell.cell_id, "train", 0)).failure
-    failed.parent.mkdir(parents=True)
-    failed.write_text(json.dumps({"error": "ValueError: boom", "host": "n1"}))
-    assert states_by_key(layout, plan) == {"train/r0": "FAILED", "index/r0": "BLOCKED", "index/r1": "BLOCKED", "infer/r0": "BLOCKED"}
+    layout, plan, _ = run
+    attempt = layout.store.job(job_of(plan, "train")).working_attempt(None)
+    attempt.failure.write_text(json.dumps({"error": "ValueError: boom", "host": "n1"}))
+    assert states(layout, plan) == {"train/r0": "FAILED", "index/r0": "BLOCKED", "index/r1": "BLOCKED", "infer/r0": "BLOCKED"}
 
 
-def test_running_marker_of_a_dead_process_reads_interrupted(run):
-    layout, plan, cell = run
+def test_claim_of_a_dead_process_reads_interrupted_and_a_live_one_running(run):
+    layout, plan, _ = run
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    marker = layout.stage(StageJob(cell.cell_id, "train", 0)).running
-    marker.parent.mkdir(parents=True)
-    marker.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
-    assert states_by_key(layout, plan)["train/r0"] == "INTERRUPTED"
-    marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    assert states_by_key(layout, plan)["train/r0"] == "RUNNING"
+    claim = layout.store.job(job_of(plan, "train")).claim
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    holder = {"pid": int(dead.stdout), "host": socket.gethostname(), "token": "t", "purpose": "train", "heartbeat": __import__("time").time()}
+    claim.write_text(json.dumps(holder))
+    assert states(layout, plan)["train/r0"] == "INTERRUPTED"
+    claim.write_text(json.dumps({**holder, "pid": os.getpid()}))
+    assert states(layout, plan)["train/r0"] == "RUNNING"
+    claim.write_text(json.dumps({**holder, "pid": os.getpid(), "host": "elsewhere", "heartbeat": 0}))  # heartbeat long gone
+    assert states(layout, plan)["train/r0"] == "INTERRUPTED"
+
+
+def test_an_unreadable_record_stops_submit_and_nothing_runs(run, capsys, monkeypatch):
+    layout, plan, _ = run
+    train = job_of(plan, "train")
+    complete(layout, plan, train)
+    result, real_read = layout.store.job(train).result, Path.read_bytes
+
+    def failing_read(path: Path) -> bytes:
+        if path == result:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing_read)
+    before = {p: p.read_bytes() for p in layout.store.root.rglob("*") if p.is_file() and p != result}
+    grid = json.loads(layout.plan_file.read_text())["grid_file"]
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", layout.runs_root)
+    assert code == 1
+    assert str(result) in err and "Input/output error" in err and "nothing was submitted" in err
+    assert "Traceback" not in err and "running" not in out
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_cells_share_the_jobs_their_stages_agree_on(data_files):
+    grid = write_grid(data_files, """
+        name: sweep
+        data: {train: train.json, dev: dev.json}
+        blocks:
+          - name: m64
+            encoder: bert-base-uncased
+            index: {hnsw_m: 64}
+            cells: [{embedding_size: 64, index: {ef_search: 32}}, {embedding_size: 64, index: {ef_search: 128}}, {embedding_size: 64, index: {ef_search: 256}}]
+          - name: m512
+            encoder: bert-base-uncased
+            index: {hnsw_m: 512}
+            cells: [{embedding_size: 64, index: {ef_search: 32}}, {embedding_size: 64, index: {ef_search: 128}}, {embedding_size: 64, index: {ef_search: 256}}]
+    """)
+    plan = make_plan(load_grid(grid))
+    stages = [job.stage for job in plan.jobs()]
+    assert (stages.count("train"), stages.count("index"), stages.count("infer")) == (1, 2, 6)
+    train = next(job for job in plan.jobs() if job.stage == "train")
+    assert len(plan.users(train)) == 6
+    # The key follows the content of the data, not its path.
+    moved = data_files / "moved"
+    moved.mkdir()
+    for name in ("train.json", "dev.json"):
+        (moved / name).write_text((data_files / name).read_text())
+    copy = write_grid(moved, grid.read_text().replace("name: sweep", "name: other"), "other.yaml")
+    assert make_plan(load_grid(copy)).keys == plan.keys
+
+
+def test_a_second_grid_file_with_the_same_name_is_refused(run, data_files, capsys):
+    layout, _, _ = run
+    other = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n", "other.yaml")
+    code, out, err = run_cli(capsys, "submit", other, "--backend", "local", "--runs-root", layout.runs_root)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "belongs to another grid file" in err and str(other) in err
+
+
+def test_status_counts_the_cells_that_left_an_edited_grid(run, data_files, capsys):
+    layout, plan, _ = run
+    complete(layout, plan, job_of(plan, "train"))
+    grid = Path(json.loads(layout.plan_file.read_text())["grid_file"])
+    grid.write_text(grid.read_text().replace("embedding_sizes: [64]", "embedding_sizes: [32]"))
+    code, out, _ = run_cli(capsys, "status", grid, "--runs-root", layout.runs_root)
+    assert code == 0
+    assert "1 cell(s) left the grid since an earlier submit: 1 with results" in out
+    assert "es32" in out and "es64" not in out.split("left the grid")[0]
 
 
 @pytest.mark.parametrize("listed, expected", [("3,5", {"gpus_per_node": 1, "visible_gpus": (3,)}), ("", {"gpus_per_node": 0, "visible_gpus": ()})])

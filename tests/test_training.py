@@ -14,8 +14,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_folder, train_in_process
-from dpr_hpc.plan import StageJob
+from conftest import run_folder, train_attempt, train_in_process
+
 
 
 def _curve(tmp_path, demo, name: str, precision: str, monkeypatch, pad_multiple: int) -> tuple[list[float], list[float]]:
@@ -24,7 +24,7 @@ def _curve(tmp_path, demo, name: str, precision: str, monkeypatch, pad_multiple:
     layout, cell_id = run_folder(tmp_path, demo, name, extra=f"    precision: {precision}\n    train: {{dropout: 0.0}}\n")
     output = train_in_process(layout, cell_id)
     assert output.details["precision"] == precision
-    losses = json.loads((layout.stage(StageJob(cell_id, "train", 0)).dir / "losses.json").read_text())
+    losses = json.loads(train_attempt(layout, cell_id).losses.read_text())
     return losses["step_losses"], losses["epoch_losses"]
 
 

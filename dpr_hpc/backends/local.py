@@ -103,10 +103,15 @@ class LocalBackend:
                 report.active.append(job)
                 self.echo(f"{tag}  left alone: {describe_holder(holder)}")
                 continue
-            lost = [dep for dep in self.plan.dependencies(job) if dep in report.failed or dep in report.blocked or dep in report.active]
+            elsewhere = [dep for dep in self.plan.dependencies(job) if dep in report.active]
+            if elsewhere:
+                report.active.append(job)
+                self.echo(f"{tag}  left alone: waits on {elsewhere[0].stage} r{elsewhere[0].repeat}, which another job runs")
+                continue
+            lost = [dep for dep in self.plan.dependencies(job) if dep in report.failed or dep in report.blocked]
             if lost:
                 report.blocked.append(job)
-                self.echo(f"{tag}  BLOCKED ({lost[0].stage} {'not done here' if lost[0] in report.active else 'failed'})")
+                self.echo(f"{tag}  BLOCKED ({lost[0].stage} failed)")
                 continue
             if job in reasons:
                 self.echo(f"{tag}  {reasons[job]}")

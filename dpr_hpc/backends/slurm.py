@@ -164,7 +164,7 @@ class SlurmBackend:
                 if attempt + 1 < SUBMIT_ATTEMPTS:
                     time.sleep(BACKOFF_S * 2**attempt)
         message = str(error).strip().splitlines()[-1] if error and str(error).strip() else repr(error)
-        raise SubmissionError(f"sbatch failed {SUBMIT_ATTEMPTS} times for {job.id}: {message} (earlier submissions are in the ledger)")
+        raise SubmissionError(f"sbatch failed {SUBMIT_ATTEMPTS} times for {job.id} (cell {self.plan.users(job)[0]}): {message} (earlier submissions are in the ledger)")
 
     def sbatch_parameters(self, job: StageJob, dependencies: list[str], nonce: str = "<tag>") -> dict:
         r = self.resources[job.stage]

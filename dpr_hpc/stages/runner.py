@@ -26,6 +26,7 @@ from dpr_hpc.store import StageStore
 EXIT_INTERRUPTED = 3
 
 if TYPE_CHECKING:  # the stages import torch; submitting jobs should not wait for that
+    from dpr_hpc.grid import CellConfig
     from dpr_hpc.stages.common import StageIO, StageOutput
 
 
@@ -124,6 +125,15 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[
     for leftover in output.discard:
         shutil.rmtree(leftover, ignore_errors=True)
     return _headline(record)
+
+
+def prepare_io(runs_root: Path, job: StageJob) -> tuple["CellConfig", "StageIO"]:
+    """The settings and the StageIO a job runs with, as the runner hands them over: for
+    calling a stage function in-process (tests, notebooks) without claiming or recording."""
+    store = StageStore.at(runs_root)
+    spec = store.read_spec(job.stage, job.key)
+    records = Records(store)
+    return cell_from_json(spec.cell), _stage_io(store, records, job, spec.upstream, records.check(job).attempt)
 
 
 def _upstream_jobs(upstream: dict[str, str]) -> list[StageJob]:
