@@ -126,6 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quick", action="store_true", help="small sizes (a minute on 2 CPU cores); for a smoke test, not for figures")
     bench.add_argument("--out", type=Path, default=Path("results"), help="where the JSON report goes (default: results/)")
+    bench.add_argument(
+        "--control-path", action="store_true",
+        help="instead: wall time of plan, status and a submit with every job already queued, on generated grids of "
+        "100 and 2,000 cells (the scheduler's answers simulated); about a minute",
+    )
     bench.set_defaults(handler=_bench)
     return parser
 
@@ -304,6 +309,15 @@ def _bench(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     fit_threads_to_allocation()
+    if args.control_path:
+        from dpr_hpc.bench_control import run_control_benchmark
+
+        report = run_control_benchmark(echo=lambda line: print(line, flush=True))
+        stamp = report["started_at"].replace(":", "").replace("-", "")[:15]
+        out = args.out / f"bench-control-{node_label(report['node'])}-{stamp}.json"
+        write_json_atomic(out, report)
+        print(f"report: {out}")
+        return 0
     report = run_benchmark(quick=args.quick, echo=lambda line: print(line, flush=True))
     report["goals"] = [{"goal": goal, "met": met, "measured": measured} for goal, met, measured in goals(report)]
     print()

@@ -9,6 +9,7 @@ a submit holds the lock from reading the ledger until it has recorded what it su
 from __future__ import annotations
 
 import hashlib
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dpr_hpc.errors import UsageError
-from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.fsutil import append_line
 from dpr_hpc.store import StageStore
 from dpr_hpc.locks import HEARTBEAT_S, LockFile
 from dpr_hpc.plan import StageJob
@@ -36,16 +37,27 @@ class Ledger:
 
     @classmethod
     def read(cls, store: StageStore) -> "Ledger":
-        """Raises UsageError (one line, exit 2) when ledger.json is not a ledger."""
+        """The ledger is an append-only log, one JSON line per submission, so recording a job
+        costs one short append however many jobs came before. A last line cut short by a crash
+        is ignored; anything else unreadable is a one-line error (exit 2)."""
         path = store.ledger_file
-        if not path.is_file():
-            return cls(path, {})
+        entries: dict[str, list[dict[str, Any]]] = {}
         try:
-            entries = read_json(path)
-        except (OSError, ValueError) as exc:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return cls(path, entries)
+        except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{path}: not readable as a ledger ({exc}); move it aside to start a new one") from None
-        if not isinstance(entries, dict) or not all(_is_history(h) for h in entries.values()):
-            raise UsageError(f"{path}: not a ledger (expected a mapping of stage jobs to lists of submissions)")
+        for number, line in enumerate(lines, start=1):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                if number == len(lines):
+                    break  # an append cut short by a crash: that submission was never confirmed
+                raise UsageError(f"{path}: line {number} is not a ledger entry; move the file aside to start a new one") from None
+            if not _is_entry(entry):
+                raise UsageError(f"{path}: line {number} is not a ledger entry (expected job, job_id and submitted_at)")
+            entries.setdefault(entry.pop("job"), []).append(entry)
         return cls(path, entries)
 
     @classmethod
@@ -85,14 +97,11 @@ class Ledger:
         return {job_id: history[-1]["job_id"] for job_id, history in self.entries.items() if history}
 
     def record(self, job: StageJob, job_id: str, backend: str = "slurm", **extra: Any) -> None:
-        """Append and write at once, so a submit that dies half-way keeps what it submitted."""
+        """Append and sync at once, so a submit that dies half-way keeps what it submitted."""
         entry = {"job_id": job_id, "submitted_at": now_iso(), "backend": backend, **extra}
         self.entries.setdefault(job.id, []).append(entry)
-        write_json_atomic(self.path, self.entries)
+        append_line(self.path, json.dumps({"job": job.id, **entry}, sort_keys=True))
 
 
-def _is_history(history: Any) -> bool:
-    return isinstance(history, list) and all(
-        isinstance(entry, dict) and isinstance(entry.get("job_id"), str) and isinstance(entry.get("submitted_at"), str)
-        for entry in history
-    )
+def _is_entry(entry: Any) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("job"), str) and isinstance(entry.get("job_id"), str) and isinstance(entry.get("submitted_at"), str)

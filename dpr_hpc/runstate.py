@@ -41,9 +41,10 @@ def save_plan(layout: RunLayout, plan: Plan, grid_file: Path) -> None:
     the store, where the job reads the settings it runs with."""
     bind_grid(layout, grid_file)
     store = layout.store
+    as_json = {cell.cell_id: cell.to_json() for cell in plan.cells}
     for job in plan.jobs():
         if job.repeat == 0:
-            store.write_spec(StageSpec(job.stage, job.key, plan.spec_cell(job).to_json(), plan.upstream_keys(job)))
+            store.write_spec(StageSpec(job.stage, job.key, as_json[plan.users(job)[0]], plan.upstream_keys(job)))
     history = cell_history(layout)
     stamp = now_iso()
     for cell in plan.cells:

@@ -39,6 +39,10 @@ class StageState:
     log: str = ""
     job_id: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.log, str):  # a _LazyLog: looked up now, for a state that shows it
+            object.__setattr__(self, "log", str(self.log))
+
     def to_json(self) -> dict[str, Any]:
         return {**self.job.to_json(), "state": self.state, "node": self.node, "detail": self.detail, "log": self.log, "job_id": self.job_id}
 
@@ -125,7 +129,7 @@ def _state_of(
         return _completed(job, check, job_id)
     if check.state == "unreadable":
         return StageState(job, "UNREADABLE", detail=f"{check.reason}; fix or remove it, then submit again", job_id=job_id or "")
-    log = str(latest_log(folder) or "")
+    log = _LazyLog(folder)
     holder = live_claim(folder)
     if holder:
         state = StageState(job, "RUNNING", holder.get("host", ""), f"pid {holder.get('pid')}" + (f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""), log, job_id or "")
@@ -147,7 +151,18 @@ def _state_of(
     return _with_progress(_marked_state(folder, job, log, blocked), folder)
 
 
-def _marked_state(folder: JobFolder, job: StageJob, log: str, blocked: StageState | None) -> StageState:
+class _LazyLog:
+    """The job's newest log, looked up only for the states that show it (a glob per job would
+    make `status` of a large grid slow)."""
+
+    def __init__(self, folder: JobFolder) -> None:
+        self.folder = folder
+
+    def __str__(self) -> str:
+        return str(latest_log(self.folder) or "")
+
+
+def _marked_state(folder: JobFolder, job: StageJob, log, blocked: StageState | None) -> StageState:
     """A job the scheduler does not speak for (the local backend's): its attempt's markers."""
     attempt = folder.latest_attempt()
     failure = read_marker(attempt.failure) if attempt else None

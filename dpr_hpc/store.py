@@ -2,7 +2,7 @@
 
     <runs root>/store/
         content-hashes.json                 input content hashes, by path, size and mtime
-        ledger.json, ledger.lock            scheduler job ids per stage job (ledger.py)
+        ledger.jsonl, ledger.lock           scheduler job ids per stage job, appended (ledger.py)
         <stage>/<key>/spec.json             the settings the stage runs with, its upstream keys
         <stage>/<key>/r<repeat>/
             result.json                     the record of the current complete attempt
@@ -178,7 +178,7 @@ class StageStore:
 
     @property
     def ledger_file(self) -> Path:
-        return self.root / "ledger.json"
+        return self.root / "ledger.jsonl"
 
     @property
     def ledger_lock(self) -> Path:

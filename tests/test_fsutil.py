@@ -12,6 +12,7 @@ import pytest
 
 from dpr_hpc.fsutil import atomic_folder, file_digest, write_bytes_atomic, write_file_atomic, write_json_atomic
 from dpr_hpc.ledger import Ledger
+from dpr_hpc.plan import StageJob
 from dpr_hpc.store import StageStore
 from dpr_hpc.locks import LockFile
 
@@ -34,10 +35,9 @@ def test_files_folders_and_locks_respect_a_group_umask(tmp_path, group_umask):
     with atomic_folder(tmp_path / "encoder") as folder:
         (folder / "weights.bin").write_bytes(b"w")
     with Ledger.locked(StageStore.at(tmp_path / "runs")) as ledger:
-        ledger.entries["train/k/r0"] = []
-        write_json_atomic(ledger.path, ledger.entries)
+        ledger.record(StageJob("train", "k", 0), "1")
         assert _mode(tmp_path / "runs" / "store" / "ledger.lock") == 0o664
-    for name in ("record.json", "ids.json", "rankings.bin", "runs/store/ledger.json"):
+    for name in ("record.json", "ids.json", "rankings.bin", "runs/store/ledger.jsonl"):
         assert _mode(tmp_path / name) == 0o664, name
     assert _mode(tmp_path / "encoder") == 0o775
 

@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+from dpr_hpc.ledger import Ledger
+from dpr_hpc.store import StageStore
 import pytest
 
 from conftest import REPO, write_grid
@@ -122,7 +125,7 @@ def test_failed_train_blocks_its_stages_and_retry_failed_resubmits_only_those(sl
     retried = cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, "--retry-failed", cwd=tmp_path, check=True)
     assert "5 submitted, 2 already complete" in retried.stdout
     assert {j["state"] for j in wait_until_settled(tmp_path, grid)} == {"COMPLETED"}
-    ledger = json.loads((tmp_path / "runs" / "store" / "ledger.json").read_text())
+    ledger = Ledger.read(StageStore.at(tmp_path / "runs")).entries
     # The fixed train file is another input: a new train key, submitted once; the failed one stays recorded.
     assert [len(h) for key, h in ledger.items() if key.startswith("train/")] == [1, 1]
 
@@ -133,7 +136,7 @@ def test_concurrent_submits_submit_each_stage_once_and_cancel_clears_them(slurm_
     both = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in both]
     assert all(p.returncode == 0 for p in both)
-    ledger = json.loads((tmp_path / "runs" / "store" / "ledger.json").read_text())
+    ledger = Ledger.read(StageStore.at(tmp_path / "runs")).entries
     assert len(ledger) == 7 and all(len(history) == 1 for history in ledger.values())
     assert sorted("7 submitted" in out for out in outputs) == [False, True]
     ids = [history[0]["job_id"] for history in ledger.values()]

@@ -13,12 +13,12 @@ from datetime import datetime, timedelta, timezone
 
 from conftest import run_cli, write_grid
 from dpr_hpc.backends import scheduler, slurm
-from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid import load_grid
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import UNLISTED_GRACE_S, Ledger
 from dpr_hpc.plan import StageJob, make_plan
 from dpr_hpc.runstate import save_plan
+from dpr_hpc.store import StageStore
 from dpr_hpc.status import stage_states
 
 FAKES = {
@@ -63,7 +63,7 @@ def test_sbatch_failures_are_retried_then_reported_and_earlier_jobs_stay_recorde
     assert code == 1
     assert "QOSMaxSubmitJobPerUserLimit" in err and "infer/" in err and plan_cell_id(grid) in err
     assert int((fake_slurm / "count").read_text()) == 2 + slurm.SUBMIT_ATTEMPTS
-    ledger = json.loads((tmp_path / "runs" / "store" / "ledger.json").read_text())
+    ledger = Ledger.read(StageStore.at(tmp_path / "runs")).entries
     assert {key.split("/")[0]: h[0]["job_id"] for key, h in ledger.items()} == {"train": "101", "index": "102"}
 
 
@@ -86,9 +86,10 @@ def test_a_job_the_scheduler_no_longer_lists_is_pending_only_for_a_grace_period(
         ledger.record(train, "999")
     # The fake queue is empty, as after a job ends and squeue forgets it.
     assert stage_states(layout, plan).states[0].state == "PENDING"
-    entries = Ledger.read(layout.store)
-    entries.entries[train.id][-1]["submitted_at"] = (datetime.now(timezone.utc) - timedelta(seconds=UNLISTED_GRACE_S + 1)).isoformat()
-    write_json_atomic(entries.path, entries.entries)
+    log = layout.store.ledger_file
+    entry = json.loads(log.read_text())
+    entry["submitted_at"] = (datetime.now(timezone.utc) - timedelta(seconds=UNLISTED_GRACE_S + 1)).isoformat()
+    log.write_text(json.dumps(entry) + "\n")
     states = stage_states(layout, plan).states
     assert [s.state for s in states] == ["FAILED", "BLOCKED", "BLOCKED"]
     assert "no longer listed" in states[0].detail
@@ -104,12 +105,12 @@ def test_a_submit_killed_between_sbatch_and_the_ledger_is_adopted_by_the_next(fa
     command = [sys.executable, "-m", "dpr_hpc", "submit", str(grid), "--backend", "slurm", "--runs-root", str(tmp_path / "runs")]
     killed = subprocess.run(command, env={**__import__("os").environ, "DPR_HPC_FAULT": "kill-after-sbatch:1"}, capture_output=True, text=True)
     assert killed.returncode == 137
-    assert not (tmp_path / "runs" / "store" / "ledger.json").exists()
+    assert not (tmp_path / "runs" / "store" / "ledger.jsonl").exists()
     again = subprocess.run(command, capture_output=True, text=True)
     assert "adopting SLURM job 101" in again.stdout, again.stdout + again.stderr
     queued = [line.split("|")[0] for line in (fake_slurm / "queue").read_text().splitlines()]
     assert queued == ["101", "102"]  # train once (adopted), then its index; the infer hit the QOS limit
-    ledger = json.loads((tmp_path / "runs" / "store" / "ledger.json").read_text())
+    ledger = Ledger.read(StageStore.at(tmp_path / "runs")).entries
     train = next(h for key, h in ledger.items() if key.startswith("train/"))
     assert [e["job_id"] for e in train] == ["101"] and train[0]["adopted"] is True
 

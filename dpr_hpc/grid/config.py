@@ -6,6 +6,7 @@ The defaults are the paper's (section 4.5), so a grid file only states what diff
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -165,12 +166,12 @@ class CellConfig:
             identity["grad_cache"] = dataclasses.asdict(self.grad_cache)
         return identity
 
-    @property
+    @functools.cached_property
     def config_hash(self) -> str:
         canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    @property
+    @functools.cached_property
     def cell_id(self) -> str:
         """Readable and stable: the same config gives the same id on any machine, any day."""
         slug = _slug(self.question_encoder)

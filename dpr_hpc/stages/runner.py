@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from dpr_hpc.claim import claim_stage
+from dpr_hpc.claim import StageClaimedError, claim_stage
 from dpr_hpc.errors import DprHpcError
 from dpr_hpc.grid.config import cell_from_json
 from dpr_hpc.plan import StageJob
@@ -24,6 +25,8 @@ from dpr_hpc.store import StageStore
 # A training stopped by a signal, its checkpoint written, and not requeued by submitit (plain
 # SIGTERM, or no submitit handler): the job ends with this code and a resubmit resumes it.
 EXIT_INTERRUPTED = 3
+# A second copy of a job whose claim another process holds: it wrote nothing.
+EXIT_CLAIMED = 4
 
 if TYPE_CHECKING:  # the stages import torch; submitting jobs should not wait for that
     from dpr_hpc.grid import CellConfig
@@ -71,7 +74,11 @@ def run_stage_job(runs_root: str, stage: str, key: str, repeat: int) -> dict[str
     job = StageJob(stage, key, repeat)
     folder = store.job(job)
     folder.dir.mkdir(parents=True, exist_ok=True)
-    claim = claim_stage(folder, job)
+    try:
+        claim = claim_stage(folder, job)
+    except StageClaimedError as held:
+        print(f"dpr-hpc: {held}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CLAIMED) from None
     try:
         return _run_claimed(store, job, threads)
     finally:
