@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dpr_hpc.fsutil import read_json, write_json_atomic
 
@@ -25,8 +25,18 @@ class ContentHashes:
         self.memo_file = memo_file
         self._memo: dict[str, str] | None = None
         self._dirty = False
+        self._asked: dict[Any, Any] = {}  # answers given to this command: one stat per file
+
+    def once(self, question: Any, answer: Callable[[], Any]) -> Any:
+        """`answer()`, asked once per instance: a plan of 2,000 cells names one data file 2,000 times."""
+        if question not in self._asked:
+            self._asked[question] = answer()
+        return self._asked[question]
 
     def file(self, path: Path) -> str:
+        return self.once(("file", str(path)), lambda: self._file(path))
+
+    def _file(self, path: Path) -> str:
         stat = path.stat()
         stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         memo = self._load()
@@ -70,8 +80,8 @@ def model_identity(name: str, local_path: str | None, hashes: ContentHashes) -> 
     Face cache resolves it to (None when it is not cached here: the job will resolve it)."""
     if local_path is not None:
         folder = Path(local_path)
-        return {"folder_sha256": hashes.folder(folder) if folder.is_dir() else f"missing:{folder}"}
-    return {"hub": name, "revision": cached_hub_revision(name)}
+        return hashes.once(("folder", local_path), lambda: {"folder_sha256": hashes.folder(folder) if folder.is_dir() else f"missing:{folder}"})
+    return hashes.once(("hub", name), lambda: {"hub": name, "revision": cached_hub_revision(name)})
 
 
 def cached_hub_revision(name: str, revision: str = "main") -> str | None:

@@ -46,8 +46,11 @@ def encoder_identities(cell: CellConfig, hashes: ContentHashes) -> dict[str, Any
 
 
 def data_identity(cell: CellConfig, split: str, hashes: ContentHashes) -> str:
-    path = cell.data_path(split)
-    return hashes.file(path) if path.is_file() else f"missing:{path}"
+    def identity() -> str:
+        path = cell.data_path(split)
+        return hashes.file(path) if path.is_file() else f"missing:{path}"
+
+    return hashes.once(("data", str(cell.base_dir), getattr(cell.data, split)), identity)
 
 
 def train_identity(cell: CellConfig, hashes: ContentHashes) -> dict[str, Any]:
