@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
-
-from dpr_hpc.ledger import Ledger
-from dpr_hpc.store import StageStore
 import pytest
 
 from conftest import REPO, write_grid
+from dpr_hpc.ledger import Ledger
+from dpr_hpc.store import StageStore
 
 pytestmark = pytest.mark.slow
 PROFILE = REPO / "slurm_templates" / "test-cluster.yaml"
