@@ -220,7 +220,7 @@ def _submit(args: argparse.Namespace) -> int:
         from dpr_hpc.runstate import bind_grid
 
         bind_grid(layout, args.grid)
-    plan = make_plan(grid, layout.store.content_hashes())
+    plan = make_plan(grid, None if args.dry_run else layout.store.content_hashes())  # a dry run writes nothing
     echo = lambda line: print(line, flush=True)  # noqa: E731
     if backend == "slurm":
         slurm = SlurmBackend(layout, plan, resources, echo, hold=args.hold, retry_failed=args.retry_failed)
