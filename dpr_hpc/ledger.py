@@ -1,4 +1,4 @@
-"""The ledger: every scheduler job id each stage job has had, written under a file lock.
+"""The ledger: every scheduler job id each stage job has had, written under a lock file.
 
 It lets `status`, `cancel` and a later `submit` work from any shell at any time, with no
 process kept alive, and it is what stops two concurrent submits from submitting a stage twice:
@@ -13,10 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from filelock import FileLock
-
+from dpr_hpc.errors import UsageError
 from dpr_hpc.fsutil import read_json, write_json_atomic
 from dpr_hpc.layout import RunLayout
+from dpr_hpc.locks import HEARTBEAT_S, LockFile
 from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import now_iso
 
@@ -33,14 +33,24 @@ class Ledger:
 
     @classmethod
     def read(cls, layout: RunLayout) -> "Ledger":
+        """Raises UsageError (one line, exit 2) when ledger.json is not a ledger."""
         path = layout.root / "ledger.json"
-        return cls(path, read_json(path) if path.is_file() else {})
+        if not path.is_file():
+            return cls(path, {})
+        try:
+            entries = read_json(path)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: not readable as a ledger ({exc}); move it aside to start a new one") from None
+        if not isinstance(entries, dict) or not all(_is_history(h) for h in entries.values()):
+            raise UsageError(f"{path}: not a ledger (expected a mapping of stage jobs to lists of submissions)")
+        return cls(path, entries)
 
     @classmethod
     @contextmanager
     def locked(cls, layout: RunLayout) -> Iterator["Ledger"]:
         layout.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(layout.root / "ledger.lock"), timeout=LOCK_TIMEOUT_S):
+        lock = LockFile(layout.root / "ledger.lock", purpose="ledger", heartbeat_s=HEARTBEAT_S, timeout_s=LOCK_TIMEOUT_S)
+        with lock:
             yield cls.read(layout)
 
     def latest(self, job: StageJob) -> dict[str, Any] | None:
@@ -61,3 +71,10 @@ class Ledger:
         """Append and write at once, so a submit that dies half-way keeps what it submitted."""
         self.entries.setdefault(job.key, []).append({"job_id": job_id, "submitted_at": now_iso(), "backend": backend})
         write_json_atomic(self.path, self.entries)
+
+
+def _is_history(history: Any) -> bool:
+    return isinstance(history, list) and all(
+        isinstance(entry, dict) and isinstance(entry.get("job_id"), str) and isinstance(entry.get("submitted_at"), str)
+        for entry in history
+    )

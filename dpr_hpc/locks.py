@@ -33,6 +33,9 @@ from typing import Any
 from dpr_hpc.errors import DprHpcError
 
 log = logging.getLogger(__name__)
+# For locks held longer than a few seconds: a beat every 30 s against the default stale bound
+# of 300 s leaves nine beats lost to a slow filesystem before the lock reads stale.
+HEARTBEAT_S = 30.0
 
 
 class LockHeldError(DprHpcError):

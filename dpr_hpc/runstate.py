@@ -30,8 +30,11 @@ def save_plan(layout: RunLayout, plan: Plan, grid_file: Path) -> None:
 def load_plan(layout: RunLayout) -> Plan:
     if not layout.plan_file.is_file():
         raise UsageError(f"{layout.root}: no plan.json here; run 'dpr-hpc submit GRID' first")
-    saved = read_json(layout.plan_file)
-    return Plan(saved["grid"], tuple(cell_from_json(c) for c in saved["cells"]))
+    try:
+        saved = read_json(layout.plan_file)
+        return Plan(saved["grid"], tuple(cell_from_json(c) for c in saved["cells"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{layout.plan_file}: damaged ({type(exc).__name__}: {exc}); 'dpr-hpc submit GRID' writes it again") from None
 
 
 def load_cell(layout: RunLayout, cell_id: str) -> CellConfig:

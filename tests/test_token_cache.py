@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dpr_hpc.modeling.batching import TokenizedTexts, tokenize_questions
 from dpr_hpc.modeling.encoder import load_tokenizer
@@ -74,3 +75,40 @@ def test_concurrent_jobs_build_a_missing_entry_once(tmp_path):
         hits = pool.map(_slow_request, [(str(tmp_path / "cache"), str(data), str(log))] * 3)
     assert log.read_text().count("built") == 1
     assert sorted(hits) == [False, True, True]
+
+
+def _truncate(entry: Path) -> None:
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+
+
+def _empty(entry: Path) -> None:
+    entry.write_bytes(b"")
+
+
+def _not_a_zip(entry: Path) -> None:
+    entry.write_bytes(b"PK\x03\x04 this is not the rest of a zip file")
+
+
+def _offsets_past_the_ids(entry: Path) -> None:
+    np.savez(entry.open("wb"), ids=np.arange(3, dtype=np.int32), offsets=np.array([0, 9], dtype=np.int64))
+
+
+def _missing_array(entry: Path) -> None:
+    np.savez(entry.open("wb"), ids=np.arange(3, dtype=np.int32))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _empty, _not_a_zip, _offsets_past_the_ids, _missing_array])
+def test_a_damaged_entry_is_built_again_with_a_warning(tmp_path, caplog, damage):
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    cache = TokenCache(tmp_path / "cache")
+    fake = type("Fake", (), {"backend_tokenizer": None, "get_vocab": lambda self: {"a": 0}})()
+    assert not cache.get("train-questions", data, fake, {}, lambda: _texts(5)).hit
+    (entry,) = (tmp_path / "cache").glob("train-questions-*.npz")
+    damage(entry)
+    with caplog.at_level("WARNING"):
+        again = cache.get("train-questions", data, fake, {}, lambda: _texts(7))
+    assert not again.hit and len(again.texts) == 1 and len(again.texts.ids) == 7
+    assert "is damaged" in caplog.text and "tokenizing again" in caplog.text
+    assert cache.get("train-questions", data, fake, {}, lambda: _texts(9)).hit  # the rebuilt entry is whole
+    assert not list((tmp_path / "cache").glob("*.lock"))

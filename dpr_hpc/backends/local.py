@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Callable
 
 import submitit
-from filelock import FileLock, Timeout
 
 from dpr_hpc.backends.report import SubmitReport
 from dpr_hpc.errors import ResultInvalidError, UsageError
 from dpr_hpc.layout import RunLayout
+from dpr_hpc.locks import HEARTBEAT_S, LockFile, LockHeldError, describe_holder
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.results import is_complete, load_record
 from dpr_hpc.runstate import save_plan
@@ -62,12 +62,16 @@ class LocalBackend:
 
     def submit(self, grid_file: Path) -> SubmitReport:
         self.layout.root.mkdir(parents=True, exist_ok=True)
+        lock = LockFile(self.layout.submit_lock, purpose="local submit", heartbeat_s=HEARTBEAT_S)
         try:
-            with FileLock(str(self.layout.submit_lock), timeout=0):
-                save_plan(self.layout, self.plan, grid_file)
-                return self._run_all()
-        except Timeout:
-            raise UsageError(f"{self.layout.root}: another submit is running on this run folder") from None
+            lock.acquire()
+        except LockHeldError as exc:
+            raise UsageError(f"{self.layout.root}: another submit is running on this run folder ({describe_holder(exc.holder)})") from None
+        try:
+            save_plan(self.layout, self.plan, grid_file)
+            return self._run_all()
+        finally:
+            lock.release()
 
     def _run_all(self) -> SubmitReport:
         report = SubmitReport()

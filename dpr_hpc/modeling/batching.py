@@ -47,8 +47,15 @@ class TokenizedTexts:
 
     @classmethod
     def load(cls, path: Path) -> "TokenizedTexts":
+        """Raises ValueError when the arrays do not fit together (a damaged file)."""
         with np.load(path) as saved:
-            return cls(saved["ids"], saved["types"] if "types" in saved else None, saved["offsets"])
+            texts = cls(saved["ids"], saved["types"] if "types" in saved else None, saved["offsets"])
+        offsets = texts.offsets
+        if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(texts.ids) or np.any(np.diff(offsets) < 0):
+            raise ValueError("offsets do not index the token ids")
+        if texts.types is not None and texts.types.shape != texts.ids.shape:
+            raise ValueError("token types and ids differ in length")
+        return texts
 
 
 def tokenize_questions(tokenizer, questions: Sequence[str], max_length: int) -> TokenizedTexts:

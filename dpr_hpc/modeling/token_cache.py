@@ -4,22 +4,29 @@ The paper's 28 cells use 4 tokenizers, so the data is tokenized 4 times, not 28 
 index and infer stages of a trained cell reuse what its training tokenized for the dev set).
 An entry is keyed by what was tokenized (which texts of which data file, by content hash), the
 tokenizer (a hash of its full definition) and the settings (maximum length, titles). Jobs that
-need the same entry at once build it once: the first holds a file lock, the rest wait and read.
+need the same entry at once build it once: the first holds a lock file (dpr_hpc.locks, which
+holds on shared filesystems), the rest wait and read. An entry that does not load, whatever
+the damage (a truncated zip, arrays that do not fit together), is built again with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
+import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from filelock import FileLock
-
-from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.fsutil import file_digest, read_json, write_file_atomic, write_json_atomic
+from dpr_hpc.locks import HEARTBEAT_S, LockFile
 from dpr_hpc.modeling.batching import TokenizedTexts
+
+log = logging.getLogger(__name__)
+# What np.load raises on a damaged .npz, and TokenizedTexts.load on arrays that do not fit.
+DAMAGED_ENTRY = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 @dataclass(frozen=True)
@@ -40,16 +47,17 @@ class TokenCache:
             return Lookup(build(), False, key)
         self.folder.mkdir(parents=True, exist_ok=True)
         entry = self.folder / f"{what}-{key}.npz"
-        with FileLock(str(entry) + ".lock"):
+        # Building a large entry takes minutes: the heartbeat keeps the waiting jobs from
+        # taking the builder's lock for a stale one; a builder that died leaves it stale.
+        with _lock(entry, f"tokenizing {entry.name}"):
             if entry.is_file():
                 try:
                     return Lookup(TokenizedTexts.load(entry), True, key)
-                except (OSError, ValueError, KeyError):
-                    entry.unlink(missing_ok=True)  # unreadable: build it again
+                except DAMAGED_ENTRY as exc:
+                    log.warning("token cache: %s is damaged (%s: %s); tokenizing again", entry, type(exc).__name__, exc)
+                    entry.unlink(missing_ok=True)
             texts = build()
-            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-            texts.save(tmp)
-            os.replace(tmp, entry)
+            write_file_atomic(entry, texts.save)
             return Lookup(texts, False, key)
 
     def key(self, what: str, data_file: Path, tokenizer, settings: dict) -> str:
@@ -63,13 +71,29 @@ class TokenCache:
         stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         memo_file = self.folder / "file-hashes.json" if self.folder else None
         if memo_file is not None:
-            with FileLock(str(memo_file) + ".lock"):
-                memo = read_json(memo_file) if memo_file.is_file() else {}
+            with _lock(memo_file, "data file hashes"):
+                memo = _read_memo(memo_file)
                 if stamp not in memo:
-                    memo[stamp] = _sha256(path)
+                    memo[stamp] = file_digest(path).sha256
                     write_json_atomic(memo_file, memo)
                 return memo[stamp]
-        return _sha256(path)
+        return file_digest(path).sha256
+
+
+def _read_memo(memo_file: Path) -> dict[str, str]:
+    """The remembered data-file hashes; a damaged memo is only a cache, so it starts over."""
+    try:
+        memo = read_json(memo_file)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("token cache: %s is damaged (%s); hashing the data files again", memo_file, exc)
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _lock(path: Path, purpose: str) -> LockFile:
+    return LockFile(path.with_name(path.name + ".lock"), purpose=purpose, heartbeat_s=HEARTBEAT_S, timeout_s=math.inf)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -85,10 +109,3 @@ def tokenizer_fingerprint(tokenizer) -> str:
     definition += type(tokenizer).__name__
     return hashlib.sha256(definition.encode()).hexdigest()[:16]
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
