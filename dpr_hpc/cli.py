@@ -165,6 +165,7 @@ def _note_missing(missing_files: Sequence[str]) -> None:
 def _submit(args: argparse.Namespace) -> int:
     from dpr_hpc.backends import scheduler
     from dpr_hpc.backends.local import LocalBackend
+    from dpr_hpc.backends.profile import grid_resources
     from dpr_hpc.backends.slurm import SlurmBackend
     from dpr_hpc.grid import load_grid
     from dpr_hpc.plan import make_plan
@@ -177,7 +178,7 @@ def _submit(args: argparse.Namespace) -> int:
     if backend == "slurm" and (args.time_limit is not None or args.signal_delay is not None):
         raise UsageError("--time-limit and --signal-delay apply to the local backend only; on SLURM set time and signal_delay_s in the profile")
     grid = load_grid(args.grid, require_data=not args.dry_run)
-    resources = grid.resources(args.profile)
+    resources = grid_resources(grid, args.profile)
     plan = make_plan(grid)
     layout = RunLayout.for_grid(grid.name, args.runs_root)
     echo = lambda line: print(line, flush=True)  # noqa: E731

@@ -20,7 +20,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 from dpr_hpc.backends import scheduler
 from dpr_hpc.backends.profile import StageResources
 from dpr_hpc.backends.report import SubmitReport
-from dpr_hpc.errors import DprHpcError
+from dpr_hpc.errors import DprHpcError, UsageError
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import Ledger
 from dpr_hpc.plan import Plan, StageJob
@@ -49,6 +49,9 @@ class SlurmBackend:
         hold: bool = False,
         retry_failed: bool = False,
     ) -> None:
+        if any(c.isspace() or not c.isprintable() for c in str(layout.root)):
+            # The run folder is written into #SBATCH --output/--error lines, which end at a space.
+            raise UsageError(f"{layout.root}: the run folder's path must not contain spaces or control characters for SLURM")
         self.layout = layout
         self.plan = plan
         self.resources = resources
@@ -147,7 +150,7 @@ class SlurmBackend:
             "signal_delay_s": r.signal_delay_s,
         }
         optional = {"partition": r.partition, "gres": r.gres, "account": r.account, "qos": r.qos,
-                    "mem": f"{r.mem_gb:g}GB" if r.mem_gb else None,
+                    "mem": r.sbatch_mem,
                     "dependency": "afterok:" + ":".join(dependencies) if dependencies else None}
         params.update({k: v for k, v in optional.items() if v is not None})
         # SLURM cancels a job whose dependency failed, instead of leaving it pending forever.
