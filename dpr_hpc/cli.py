@@ -206,8 +206,9 @@ def _cancel(args: argparse.Namespace) -> int:
         unknown = set(args.cell) - {c.cell_id for c in plan.cells}
         if unknown:
             raise UsageError(f"{layout.root}: no cell {sorted(unknown)[0]} in this run")
-        ids = {key: job_id for key, job_id in Ledger.read(layout).latest_ids().items() if not args.cell or key.split("/")[0] in args.cell}
-        view = scheduler.query(list(ids.values()))
+        ledger = Ledger.read(layout)
+        ids = {key: job_id for key, job_id in ledger.latest_ids().items() if not args.cell or key.split("/")[0] in args.cell}
+        view = scheduler.query(list(ids.values()), ledger.first_submission(), ledger.users())
         active = [job_id for job_id in ids.values() if job_id in view.jobs and view.jobs[job_id].active]
         scheduler.cancel(active)
         print(f"grid {plan.grid_name}: cancelled {len(active)} SLURM jobs")

@@ -7,6 +7,7 @@ a submit holds the lock from reading the ledger until it has recorded what it su
 
 from __future__ import annotations
 
+import getpass
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -64,12 +65,22 @@ class Ledger:
         submitted = datetime.fromisoformat(latest["submitted_at"])
         return ((now or datetime.now(timezone.utc)) - submitted).total_seconds() < UNLISTED_GRACE_S
 
+    def first_submission(self) -> datetime | None:
+        """When the first job of this ledger was submitted: sacct need look no further back."""
+        times = [datetime.fromisoformat(e["submitted_at"]) for history in self.entries.values() for e in history]
+        return min(times) if times else None
+
+    def users(self) -> list[str]:
+        """Who submitted this ledger's jobs (a group may share a run folder); this user for
+        entries from before users were recorded."""
+        return sorted({e.get("user") or getpass.getuser() for history in self.entries.values() for e in history})
+
     def latest_ids(self) -> dict[str, str]:
         return {key: history[-1]["job_id"] for key, history in self.entries.items() if history}
 
     def record(self, job: StageJob, job_id: str, backend: str = "slurm") -> None:
         """Append and write at once, so a submit that dies half-way keeps what it submitted."""
-        self.entries.setdefault(job.key, []).append({"job_id": job_id, "submitted_at": now_iso(), "backend": backend})
+        self.entries.setdefault(job.key, []).append({"job_id": job_id, "submitted_at": now_iso(), "backend": backend, "user": getpass.getuser()})
         write_json_atomic(self.path, self.entries)
 
 

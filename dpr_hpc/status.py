@@ -16,12 +16,13 @@ from dpr_hpc.backends import scheduler
 from dpr_hpc.errors import ResultInvalidError
 from dpr_hpc.layout import RunLayout, StagePaths
 from dpr_hpc.ledger import Ledger
+from dpr_hpc.locks import pid_alive
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
 from dpr_hpc.results import load_record
 from dpr_hpc.runstate import latest_log, read_marker, resumable
 
-STATES = ("COMPLETED", "RUNNING", "PENDING", "REQUEUED", "FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "BLOCKED")
+STATES = ("COMPLETED", "RUNNING", "PENDING", "REQUEUED", "HELD", "FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "BLOCKED")
 _DEAD_ENDS = ("FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "BLOCKED")
 
 
@@ -49,7 +50,7 @@ def stage_states(layout: RunLayout, plan: Plan) -> StatusReport:
     ledger what the scheduler says of them, asked once for all of them."""
     ledger = Ledger.read(layout)
     ids = ledger.latest_ids()
-    view = scheduler.query(list(ids.values())) if ids and scheduler.slurm_available() else None
+    view = scheduler.query(list(ids.values()), ledger.first_submission(), ledger.users()) if ids and scheduler.slurm_available() else None
     states: dict[StageJob, StageState] = {}
     for job in plan.jobs():
         states[job] = _state_of(layout, plan, job, states, ids.get(job.key), view, ledger.recently_submitted(job))
@@ -96,7 +97,7 @@ def _unfinished_state(
         return StageState(job, "FAILED", failure.get("host", ""), failure.get("error", ""), log)
     running = read_marker(paths.running)
     if running:
-        if running.get("host") == socket.gethostname() and not running.get("slurm_job_id") and not _alive(running.get("pid")):
+        if running.get("host") == socket.gethostname() and not running.get("slurm_job_id") and not pid_alive(running.get("pid")):
             return StageState(job, "INTERRUPTED", running["host"], "the process died without a result; submit again to resume", log)
         return StageState(job, "RUNNING", running.get("host", ""), f"since {running.get('started_at', '?')}", log)
     interrupted = read_marker(paths.interrupted)
@@ -125,17 +126,16 @@ def _scheduler_state(job: StageJob, job_id: str, info: scheduler.JobInfo | None,
         if recent:
             return StageState(job, "PENDING", detail="submitted; not yet listed by the scheduler", job_id=job_id)
         return StageState(job, "FAILED", detail="no longer listed by the scheduler, and no result", log=log, job_id=job_id)
-    if info.state == "PENDING":
+    if info.status == "PENDING":
         if info.reason.startswith("DependencyNeverSatisfied"):
             return StageState(job, "BLOCKED", detail="an upstream job failed", job_id=job_id)
         return StageState(job, "PENDING", detail=info.reason, job_id=job_id)
     if info.active:
-        state = "REQUEUED" if info.state.startswith("REQUEUE") else "RUNNING"
-        return StageState(job, state, info.node, f"elapsed {info.elapsed}", log, job_id)
-    if info.state == "COMPLETED":
+        detail = f"elapsed {info.elapsed}" if info.state in ("RUNNING", "REQUEUED") else f"{info.state}, elapsed {info.elapsed}"
+        return StageState(job, info.status, info.node, detail, log, job_id)
+    if info.status == "COMPLETED":
         return StageState(job, "FAILED", info.node, invalid or "the job ended without a valid result record", log, job_id)
-    state = info.state if info.state in STATES else "FAILED"  # OUT_OF_MEMORY, NODE_FAIL, ... read as FAILED
-    return StageState(job, state, info.node, f"{info.state} exit code {info.exit_code}", log, job_id)
+    return StageState(job, info.status, info.node, f"{info.state} exit code {info.exit_code}", log, job_id)
 
 
 def headline(record: dict[str, Any]) -> str:
@@ -154,14 +154,3 @@ def summary_line(states: list[StageState]) -> str:
     parts = [f"{counts[state]} {state}" for state in STATES if counts[state]]
     return f"{len(states)} stage jobs: " + ", ".join(parts)
 
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

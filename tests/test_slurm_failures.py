@@ -3,6 +3,7 @@ an sbatch that keeps failing, and accounting that is unavailable."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import stat
 from pathlib import Path
@@ -28,7 +29,8 @@ FAKES = {
               'if [ $n -le 2 ]; then echo "Submitted batch job $((100+n))"; exit 0; fi\n'
               'echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; exit 1',
     "sacct": 'echo "sacct: error: Slurm accounting storage is disabled" >&2; exit 1',
-    "squeue": 'for id in $(echo "$3" | tr , " "); do echo "$id|PENDING||0:00|Priority"; done',
+    # Lists what the test put in squeue.out, and keeps the arguments it was called with.
+    "squeue": 'echo "$@" >> "$FAKE_SLURM/squeue.args"; cat "$FAKE_SLURM/squeue.out" 2>/dev/null; exit 0',
     "sacctmgr": "exit 1",
     "scontrol": "exit 1",
     "scancel": "exit 0",
@@ -60,9 +62,12 @@ def test_sbatch_failures_are_retried_then_reported_and_earlier_jobs_stay_recorde
 
 
 def test_status_falls_back_to_squeue_without_accounting_and_says_so(fake_slurm):
+    (fake_slurm / "squeue.out").write_text("7|PENDING||0:00|Priority\n8|PENDING||0:00|Priority\n9|RUNNING|n1|1:00|None\n")
     view = scheduler.query(["7", "8"])
     assert view.source.startswith("squeue (sacct unavailable: sacct: error: Slurm accounting storage is disabled")
     assert {j.state for j in view.jobs.values()} == {"PENDING"} and view.jobs["7"].reason == "Priority"
+    assert set(view.jobs) == {"7", "8"}
+    assert f"-u {getpass.getuser()}" in (fake_slurm / "squeue.args").read_text()
     assert scheduler.submit_capacity() is None
 
 
@@ -74,8 +79,7 @@ def test_a_job_the_scheduler_no_longer_lists_is_pending_only_for_a_grace_period(
     train = StageJob(plan.cells[0].cell_id, "train", 0)
     with Ledger.locked(layout) as ledger:
         ledger.record(train, "999")
-    # The fake squeue lists every id it is asked about; make it list none, as after a job ends.
-    (fake_slurm / "squeue").write_text("#!/bin/bash\nexit 0\n")
+    (fake_slurm / "squeue.out").write_text("")  # lists none, as after a job ends
     assert stage_states(layout, plan).states[0].state == "PENDING"
     entries = Ledger.read(layout)
     entries.entries[train.key][-1]["submitted_at"] = (datetime.now(timezone.utc) - timedelta(seconds=UNLISTED_GRACE_S + 1)).isoformat()

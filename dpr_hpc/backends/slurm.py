@@ -66,7 +66,7 @@ class SlurmBackend:
         self._completed.clear()
         with Ledger.locked(self.layout) as ledger:
             save_plan(self.layout, self.plan, grid_file)
-            view = scheduler.query(list(ledger.latest_ids().values()))
+            view = scheduler.query(list(ledger.latest_ids().values()), ledger.first_submission(), ledger.users())
             self.capacity = scheduler.submit_capacity()
             queued: dict[StageJob, str] = {}
             for job in self.plan.jobs():
