@@ -10,13 +10,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from conftest import run_cli, write_grid
+from conftest import run_cli, submitted_run
 from dpr_hpc.backends import scheduler
-from dpr_hpc.grid import load_grid
-from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import Ledger
-from dpr_hpc.plan import StageJob, make_plan
-from dpr_hpc.runstate import save_plan
 from dpr_hpc.status import stage_states
 
 # The JOB STATE CODES of SLURM's sacct and squeue documentation, and what each must read as.
@@ -67,13 +63,7 @@ def test_the_table_covers_what_slurm_documents_and_held_states_are_not_failures(
 
 @pytest.fixture
 def run(data_files, tmp_path):
-    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
-    plan = make_plan(load_grid(grid))
-    layout = RunLayout(tmp_path / "runs" / "g")
-    save_plan(layout, plan, grid)
-    train = StageJob(plan.cells[0].cell_id, "train", 0)
-    with Ledger.locked(layout) as ledger:
-        ledger.record(train, "5")
+    layout, plan, _ = submitted_run(data_files, tmp_path, "5")
     return layout, plan
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from datetime import datetime, timedelta, timezone
 
-from conftest import run_cli, write_grid
+from conftest import run_cli, submitted_run, write_grid
 from dpr_hpc.backends import scheduler, slurm
 from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid import load_grid
@@ -72,13 +72,7 @@ def test_status_falls_back_to_squeue_without_accounting_and_says_so(fake_slurm):
 
 
 def test_a_job_the_scheduler_no_longer_lists_is_pending_only_for_a_grace_period(fake_slurm, data_files, tmp_path):
-    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
-    plan = make_plan(load_grid(grid))
-    layout = RunLayout(tmp_path / "runs" / "g")
-    save_plan(layout, plan, grid)
-    train = StageJob(plan.cells[0].cell_id, "train", 0)
-    with Ledger.locked(layout) as ledger:
-        ledger.record(train, "999")
+    layout, plan, train = submitted_run(data_files, tmp_path, "999")
     (fake_slurm / "squeue.out").write_text("")  # lists none, as after a job ends
     assert stage_states(layout, plan).states[0].state == "PENDING"
     entries = Ledger.read(layout)
