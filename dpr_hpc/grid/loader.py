@@ -29,6 +29,7 @@ import yaml
 
 from dpr_hpc.errors import GridError
 from dpr_hpc.grid.config import (
+    INDEX_KEEP,
     INDEX_TYPES,
     PRECISIONS,
     CellConfig,
@@ -79,6 +80,7 @@ FIELD_CHECKS: dict[str, _Check] = {
     "index.hnsw_m": _POSITIVE,
     "index.ef_construction": _POSITIVE,
     "index.ef_search": _POSITIVE,
+    "index.keep": (lambda v: v in INDEX_KEEP, f"one of {', '.join(INDEX_KEEP)} (which index repeats keep their index file)"),
     "repeats.index": _POSITIVE,
     "repeats.infer": _POSITIVE,
     "checkpoint.every_minutes": _POSITIVE,

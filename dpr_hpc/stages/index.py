@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from dpr_hpc.data import evaluation_pool, read_records
+from dpr_hpc.fsutil import write_bytes_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.modeling.batching import tokenize_passages
@@ -47,8 +49,14 @@ def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
     index_build_s = time.perf_counter() - started
     progress(f"encoded in {encoded.encode_s:.2f}s, {cell.index.type} index built in {index_build_s:.2f}s")
 
-    save_index(faiss_index, run.index_file(cell.cell_id, repeat))
-    run.passage_ids_file(cell.cell_id, repeat).write_text(json.dumps([p.passage_id for p in pool]))
+    index_file = run.index_file(cell.cell_id, repeat)
+    kept = keeps_index_file(cell, repeat)
+    if kept:
+        save_index(faiss_index, index_file)
+    else:  # only its timings were wanted; an earlier job's file goes too
+        index_file.unlink(missing_ok=True)
+    write_bytes_atomic(run.passage_ids_file(cell.cell_id, repeat), json.dumps([p.passage_id for p in pool]).encode())
+    artifacts: list[Path] = ([index_file] if kept else []) + [run.passage_ids_file(cell.cell_id, repeat)]
     return StageOutput(
         metrics={"num_passages": len(pool), "dim": int(encoded.embeddings.shape[1])},
         timings={
@@ -58,8 +66,14 @@ def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
             "tokenize_s": tokenize_s,
             **peak_memory(device),
         },
-        artifacts=[str(p.relative_to(paths.dir)) for p in (run.index_file(cell.cell_id, repeat), run.passage_ids_file(cell.cell_id, repeat))],
+        artifacts=[str(p.relative_to(paths.dir)) for p in artifacts],
         details={"device": device.type, "index_type": cell.index.type, "precision": precision,
-                 "tokens_cached": texts.hit, "reused_shards": encoded.reused_shards},
+                 "tokens_cached": texts.hit, "reused_shards": encoded.reused_shards,
+                 "encode_nodes": list(encoded.nodes), "index_file_kept": kept},
         discard=[paths.shards],
     )
+
+
+def keeps_index_file(cell: CellConfig, repeat: int) -> bool:
+    """Infer searches repeat 0's index; later repeats keep theirs only with `index.keep: all`."""
+    return repeat == 0 or cell.index.keep == "all"

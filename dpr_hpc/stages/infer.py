@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
 from dpr_hpc.data import dev_questions, evaluation_pool, read_records
+from dpr_hpc.fsutil import write_file_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.metrics import answer_accuracy, distinct, retrieval_metrics
@@ -55,8 +57,7 @@ def infer(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
         metrics.update(answer_accuracy(ranked_texts, [q.answers for q in questions], cell.top_k))
 
     job = StageJob(cell.cell_id, "infer", repeat)
-    run.stage(job).dir.mkdir(parents=True, exist_ok=True)
-    np.save(run.rankings_file(job), rows)
+    write_file_atomic(run.rankings_file(job), lambda tmp: _save_array(tmp, rows))
     return StageOutput(
         metrics=metrics,
         timings={
@@ -70,3 +71,8 @@ def infer(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
         artifacts=[run.rankings_file(job).name],
         details={"device": device.type, "searched_index_repeat": SEARCHED_INDEX_REPEAT, "precision": precision, "tokens_cached": tokens.hit},
     )
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as handle:  # np.save given a path would add '.npy' to a temporary name
+        np.save(handle, array)
