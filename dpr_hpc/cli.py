@@ -1,9 +1,11 @@
-"""dpr-hpc's command line. Exit codes: 0 success, 1 a stage job failed, 2 bad input."""
+"""dpr-hpc's command line. Exit codes: 0 success, 1 a stage job failed (or the scheduler did
+not answer), 2 bad input, 3 a submit that left jobs deferred by the cluster's submit limit."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,6 +13,10 @@ from typing import Sequence
 
 from dpr_hpc.errors import DprHpcError, UsageError
 from dpr_hpc.layout import DEFAULT_RUNS_ROOT, RunLayout
+
+# A submit that queued what it could but had to defer jobs over the cluster's submit limit:
+# not a failure, not done either (scripts that loop on submit wait on this code).
+EXIT_DEFERRED = 3
 
 DESCRIPTION = """\
 Run the grid of "Improving Efficiency in Dense Passage Retrieval" (DPR bi-encoders with BERT,
@@ -141,13 +147,14 @@ def _plan(args: argparse.Namespace) -> int:
     ]
     print(_columns(["CELL", "GROUP", "ENCODER", "ES", "BS", "STAGE JOBS"], rows))
     _note_missing(grid.missing_data)
+    _check_hub_models(grid, refuse=False)
     return 0
 
 
 def _local_limits(args: argparse.Namespace) -> dict[str, float]:
     limits: dict[str, float] = {}
     if args.time_limit is not None:
-        if not args.time_limit > 0:
+        if not (math.isfinite(args.time_limit) and args.time_limit > 0):
             raise UsageError(f"--time-limit: expected a positive number of minutes, got {args.time_limit:g}")
         limits["timeout_min"] = args.time_limit
     if args.signal_delay is not None:
@@ -160,6 +167,23 @@ def _local_limits(args: argparse.Namespace) -> dict[str, float]:
 def _note_missing(missing_files: Sequence[str]) -> None:
     for missing in missing_files:
         print(f"note: not found here (needed before submit): {missing}", file=sys.stderr)
+
+
+def _check_hub_models(grid, refuse: bool) -> None:
+    """Hub models absent from the local Hugging Face cache: a note, or with `refuse` (a real
+    submit) and the hub offline, a grid error, since every job would fail after its queue wait."""
+    from dpr_hpc.errors import GridError
+    from dpr_hpc.modeling.hub import hub_cache_dir, hub_offline, uncached
+
+    missing = uncached(model for cell in grid.cells for model in cell.hub_models)
+    offline = hub_offline()
+    if missing and offline and refuse:
+        group = next(cell.group for cell in grid.cells if missing[0] in cell.hub_models)
+        raise GridError(str(grid.path), f"block {group}: encoder", f"hub model {missing[0]} is not in the local Hugging Face cache "
+                        f"({hub_cache_dir()}) and the hub is offline (HF_HUB_OFFLINE); download it where the hub is reachable, or set HF_HOME to a cache that has it")
+    for model in missing:
+        after = "offline (HF_HUB_OFFLINE): submit refuses it" if offline else "downloaded on first use where the hub is reachable"
+        print(f"note: hub model {model} is not in the local Hugging Face cache ({hub_cache_dir()}); {after}", file=sys.stderr)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -188,12 +212,17 @@ def _submit(args: argparse.Namespace) -> int:
             for job, script in slurm.dry_run():
                 print(f"# ---- {job.key}\n{script}")
             _note_missing(grid.missing_data)
+            _check_hub_models(grid, refuse=False)
             return 0
         if not scheduler.slurm_available():
             raise UsageError("--backend slurm: no sbatch on PATH here")
+    local_limits = _local_limits(args) if backend == "local" else {}
+    _check_hub_models(grid, refuse=True)
     print(f"grid {grid.name}: {len(plan.cells)} cells, {len(list(plan.jobs()))} stage jobs -> {layout.root} ({backend})", flush=True)
-    report = (slurm if backend == "slurm" else LocalBackend(layout, plan, echo=echo, **_local_limits(args))).submit(args.grid)
-    return 0 if report.ok else 1
+    report = (slurm if backend == "slurm" else LocalBackend(layout, plan, echo=echo, **local_limits)).submit(args.grid)
+    if not report.ok:
+        return 1
+    return EXIT_DEFERRED if report.deferred else 0
 
 
 def _cancel(args: argparse.Namespace) -> int:

@@ -6,7 +6,6 @@ tell FAILED and RUNNING apart from PENDING; a job whose inputs can no longer com
 
 from __future__ import annotations
 
-import os
 import socket
 from collections import Counter
 from dataclasses import dataclass, replace

@@ -6,7 +6,6 @@ from __future__ import annotations
 import getpass
 import json
 import stat
-from pathlib import Path
 
 import pytest
 
@@ -15,11 +14,7 @@ from datetime import datetime, timedelta, timezone
 from conftest import run_cli, submitted_run, write_grid
 from dpr_hpc.backends import scheduler, slurm
 from dpr_hpc.fsutil import write_json_atomic
-from dpr_hpc.grid import load_grid
-from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import UNLISTED_GRACE_S, Ledger
-from dpr_hpc.plan import StageJob, make_plan
-from dpr_hpc.runstate import save_plan
 from dpr_hpc.status import stage_states
 
 FAKES = {

@@ -130,10 +130,16 @@ class CellConfig:
         return (self.base_dir / Path(written).expanduser()).resolve()
 
     def model_path(self, name: str) -> str:
-        """A hub name stays as it is; './x', '../x', '/x' and '~/x' are local folders."""
-        if name.startswith(("./", "../", "/", "~")):
+        """'./x', '../x', '/x' and '~/x' are local folders; so is 'org/x' when the grid's folder
+        holds one by that name (a job's working directory is not the grid's); else a hub name."""
+        if name.startswith(("./", "../", "/", "~")) or (self.base_dir / name).is_dir():
             return str((self.base_dir / Path(name).expanduser()).resolve())
         return name
+
+    @property
+    def hub_models(self) -> tuple[str, ...]:
+        """The encoders that are hub names, not local folders."""
+        return tuple(dict.fromkeys(n for n in (self.question_encoder, self.passage_encoder) if self.model_path(n) == n))
 
     @property
     def evaluate_only(self) -> bool:
