@@ -132,7 +132,10 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_orphans_are_pruned
     (store.folder / "step-000000000.json").write_text("{}")  # a sidecar without its checkpoint
     store.save(3, {"tensor": torch.arange(10) * 3})
     assert sorted(p.name for p in store.folder.iterdir()) == ["step-000000001.json", "step-000000001.pt", "step-000000003.json", "step-000000003.pt"]
-    assert "step-000000002.pt removed: no checksum file" in warnings[-1]
+    assert [w for w in warnings if "removed" in w] == ["warning: checkpoint step-000000002.pt removed: no checksum file (its write never finished)"]
+    store.save(4, {"tensor": torch.arange(10) * 4})  # prunes step 1 with its sidecar: no warning
+    assert sorted(p.name for p in store.folder.glob("*.pt")) == ["step-000000003.pt", "step-000000004.pt"]
+    assert len([w for w in warnings if "removed" in w]) == 1
 
 
 def test_store_skips_truncated_and_unfinished_checkpoints(tmp_path):

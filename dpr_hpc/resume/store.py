@@ -108,12 +108,11 @@ class CheckpointStore:
 
     def _prune(self) -> None:
         """Keep the KEEP newest complete checkpoints; drop orphans, which no load would use."""
-        candidates = self._candidates()
-        complete = [(p, s) for p, s in candidates if _sidecar(p).exists()]
+        complete = [(p, s) for p, s in self._candidates() if _sidecar(p).exists()]
         for path, _ in complete[KEEP:]:
             path.unlink(missing_ok=True)
             _sidecar(path).unlink(missing_ok=True)
-        for path, _ in candidates:
+        for path, _ in self._candidates():
             if not _sidecar(path).exists():
                 self.warn(f"warning: checkpoint {path.name} removed: no checksum file (its write never finished)")
                 path.unlink(missing_ok=True)
