@@ -169,3 +169,17 @@ def test_a_run_folder_path_that_would_break_sbatch_lines_is_refused(data_files, 
     grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
     with pytest.raises(UsageError, match="must not contain spaces"):
         SlurmBackend(RunLayout(tmp_path / "my runs" / "g"), make_plan(load_grid(grid)), load_profile(REPO / "slurm_templates" / "gpu24.yaml"))
+
+
+@pytest.mark.parametrize("first", ["dpr_hpc.backends.profile", "dpr_hpc.grid", "dpr_hpc.backends.slurm"])
+def test_no_import_circle_between_the_grid_and_the_backends(first):
+    """The grid validates its raw slurm section with dpr_hpc.grid.resources; only the backends
+    import the grid, never the reverse, whichever is imported first."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import {first}; import dpr_hpc.grid.loader, dpr_hpc.backends.profile"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    for module in (REPO / "dpr_hpc" / "grid").glob("*.py"):
+        assert "from dpr_hpc.backends" not in module.read_text() and "import dpr_hpc.backends" not in module.read_text(), module
