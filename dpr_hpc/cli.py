@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from dpr_hpc.errors import DprHpcError, UsageError
+from dpr_hpc.errors import DprHpcError, GridError, UsageError
 from dpr_hpc.layout import DEFAULT_RUNS_ROOT, RunLayout
 
 DESCRIPTION = """\
@@ -127,6 +127,7 @@ def _plan(args: argparse.Namespace) -> int:
     from dpr_hpc.plan import make_plan
 
     grid = load_grid(args.grid, require_data=False)
+    _check_checkpoints(grid)
     plan = make_plan(grid)
     if args.json:
         print(json.dumps({**plan.to_json(), "missing_data": list(grid.missing_data)}, indent=2))
@@ -136,12 +137,34 @@ def _plan(args: argparse.Namespace) -> int:
     rows = [
         [c.cell_id, c.group, c.encoder_label, str(c.embedding_size),
          str(c.batch_size or "-") + (f" (chunks of {c.grad_cache.chunk_size})" if c.train and c.grad_cache.chunk_size else ""),
+         f"{c.precision.train if c.train else '-'}/{c.precision.encode}",
          " ".join(f"{s}x{c.repeats.of(s)}" for s in c.stages)]
         for c in plan.cells
     ]
-    print(_columns(["CELL", "GROUP", "ENCODER", "ES", "BS", "STAGE JOBS"], rows))
+    print(_columns(["CELL", "GROUP", "ENCODER", "ES", "BS", "PRECISION TRAIN/ENCODE", "STAGE JOBS"], rows))
     _note_missing(grid.missing_data)
     return 0
+
+
+def _check_checkpoints(grid) -> None:
+    """Load every encoder checkpoint of the grid that is here (a local folder, or a hub model in
+    the Hugging Face cache) as its stage will, so a weight that does not load stops the grid
+    before the queue wait, not in the stage job."""
+    from dpr_hpc.modeling.encoder import CheckpointError, check_checkpoint
+    from dpr_hpc.stages.runner import quiet_libraries
+
+    checked: set[str] = set()
+    for cell in grid.cells:
+        for key in ("question_encoder", "passage_encoder"):
+            path = cell.model_path(getattr(cell, key))
+            if path in checked or (path != getattr(cell, key) and not Path(path).is_dir()):
+                continue  # a local folder that is absent here is listed as missing data
+            checked.add(path)
+            quiet_libraries()
+            try:
+                check_checkpoint(path)
+            except CheckpointError as error:
+                raise GridError(str(grid.path), f"block {cell.group}, {key}", f"expected a checkpoint whose every weight loads; {error}") from None
 
 
 def _local_limits(args: argparse.Namespace) -> dict[str, float]:
@@ -177,6 +200,7 @@ def _submit(args: argparse.Namespace) -> int:
     if backend == "slurm" and (args.time_limit is not None or args.signal_delay is not None):
         raise UsageError("--time-limit and --signal-delay apply to the local backend only; on SLURM set time and signal_delay_s in the profile")
     grid = load_grid(args.grid, require_data=not args.dry_run)
+    _check_checkpoints(grid)
     resources = grid.resources(args.profile)
     plan = make_plan(grid)
     layout = RunLayout.for_grid(grid.name, args.runs_root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import resource
 import sys
@@ -75,7 +76,7 @@ def tokenized(run: RunLayout, cell: CellConfig, what: str, data_file: Path, toke
     and settings, whichever cell or stage asks first."""
     from dpr_hpc.modeling.token_cache import TokenCache
 
-    settings = {"max_length": cell.text.max_length, "embed_title": cell.text.embed_title}
+    settings = dataclasses.asdict(cell.text)  # max length, titles, passage format
     return TokenCache(run.token_cache).get(what, data_file, tokenizer, settings, build)
 
 

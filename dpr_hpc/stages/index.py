@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 
-from dpr_hpc.data import evaluation_pool, read_records
+from dpr_hpc.data import evaluation_pool, pool_with_duplicates, read_records
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.modeling.batching import tokenize_passages
@@ -23,16 +23,17 @@ from dpr_hpc.stages.common import StageOutput, load_trained_tower, peak_memory, 
 
 def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
     device = pick_device()
-    precision = resolve_precision(cell.precision, device)
+    precision = resolve_precision(cell.precision.encode, device)
     encoder, tokenizer = load_trained_tower(cell, run, "passage", device)
     dev_file = cell.data_path("dev")
-    pool = evaluation_pool(read_records(dev_file), source=str(dev_file))
+    records = read_records(dev_file)
+    pool = evaluation_pool(records, source=str(dev_file))
     if not pool:
         raise ValueError(f"{dev_file}: the evaluation pool is empty (no question has a positive passage)")
 
     started = time.perf_counter()
     texts = tokenized(run, cell, "dev-passages", dev_file, tokenizer,
-                      lambda: tokenize_passages(tokenizer, pool, cell.text.max_length, cell.text.embed_title))
+                      lambda: tokenize_passages(tokenizer, pool, cell.text.max_length, cell.text.embed_title, cell.text.passage_format))
     tokenize_s = time.perf_counter() - started
     progress(f"encoding {len(pool)} passages ({precision}, {'cached' if texts.hit else 'fresh'} tokens)")
 
@@ -50,7 +51,9 @@ def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
     save_index(faiss_index, run.index_file(cell.cell_id, repeat))
     run.passage_ids_file(cell.cell_id, repeat).write_text(json.dumps([p.passage_id for p in pool]))
     return StageOutput(
-        metrics={"num_passages": len(pool), "dim": int(encoded.embeddings.shape[1])},
+        # The pool before de-duplication is what the paper indexed and reported (935,159 on NQ dev).
+        metrics={"num_passages": len(pool), "pool_with_duplicates": pool_with_duplicates(records, source=str(dev_file)),
+                 "dim": int(encoded.embeddings.shape[1])},
         timings={
             "encode_s": encoded.encode_s,
             "index_build_s": index_build_s,
@@ -59,7 +62,8 @@ def index(cell: CellConfig, run: RunLayout, repeat: int = 0) -> StageOutput:
             **peak_memory(device),
         },
         artifacts=[str(p.relative_to(paths.dir)) for p in (run.index_file(cell.cell_id, repeat), run.passage_ids_file(cell.cell_id, repeat))],
-        details={"device": device.type, "index_type": cell.index.type, "precision": precision,
+        details={"device": device.type, "index_type": cell.index.type, "precision": precision, "precision_requested": cell.precision.encode,
+                 "passage_format": cell.text.passage_format,
                  "tokens_cached": texts.hit, "reused_shards": encoded.reused_shards},
         discard=[paths.shards],
     )
