@@ -100,10 +100,15 @@ def _median_per_cell(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _mixed_repeats(group: pd.DataFrame) -> str | None:
-    """A flag for a median over repeats that ran in different precisions or on different GPU
-    models, whose figures should not be pooled (each value is "index/infer")."""
-    flags = [f"{column}: {' | '.join(sorted(values))}" for column in RAN_ON_COLUMNS
-             if len(values := {str(v) for v in group[column].dropna()}) > 1]
+    """A flag for a median over repeats whose index (or infer) stages ran in different
+    precisions or on different GPU models, so that their figures are not pooled silently."""
+    flags = []
+    for column in RAN_ON_COLUMNS:
+        pairs = [str(v).split("/") for v in group[column].dropna()]
+        for position, stage in enumerate(("index", "infer")):
+            values = sorted({pair[position] for pair in pairs if pair[position] != "-"})
+            if len(values) > 1:
+                flags.append(f"{stage} {column}: {', '.join(values)}")
     return "; ".join(flags) or None
 
 
