@@ -150,21 +150,25 @@ def _check_checkpoints(grid) -> None:
     """Load every encoder checkpoint of the grid that is here (a local folder, or a hub model in
     the Hugging Face cache) as its stage will, so a weight that does not load stops the grid
     before the queue wait, not in the stage job."""
-    from dpr_hpc.modeling.encoder import CheckpointError, check_checkpoint
-    from dpr_hpc.stages.runner import quiet_libraries
+    from dpr_hpc.modeling.hub_cache import checkpoint_here
 
-    checked: set[str] = set()
+    here: dict[str, tuple[str, str]] = {}  # each checkpoint once, with the first place that names it
     for cell in grid.cells:
         for key in ("question_encoder", "passage_encoder"):
             path = cell.model_path(getattr(cell, key))
-            if path in checked or (path != getattr(cell, key) and not Path(path).is_dir()):
-                continue  # a local folder that is absent here is listed as missing data
-            checked.add(path)
-            quiet_libraries()
-            try:
-                check_checkpoint(path)
-            except CheckpointError as error:
-                raise GridError(str(grid.path), f"block {cell.group}, {key}", f"expected a checkpoint whose every weight loads; {error}") from None
+            if path not in here and checkpoint_here(path):  # absent local folders are listed as missing data
+                here[path] = (cell.group, key)
+    if not here:
+        return  # nothing to load: plan stays free of torch's import time
+    from dpr_hpc.modeling.encoder import CheckpointError, check_checkpoint
+    from dpr_hpc.stages.runner import quiet_libraries
+
+    quiet_libraries()
+    for path, (group, key) in here.items():
+        try:
+            check_checkpoint(path)
+        except CheckpointError as error:
+            raise GridError(str(grid.path), f"block {group}, {key}", f"expected a checkpoint whose every weight loads; {error}") from None
 
 
 def _local_limits(args: argparse.Namespace) -> dict[str, float]:

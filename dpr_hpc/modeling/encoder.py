@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpr_hpc.modeling.hub_cache import checkpoint_here
+
 ENCODER_META = "dpr_encoder.json"
 PROJECTION_WEIGHTS = "projection.pt"
 # Dropout lives under different names per family (BERT/ELECTRA vs DistilBERT).
@@ -156,22 +158,13 @@ def check_checkpoint(name_or_path: str) -> bool:
     load, so that a broken checkpoint is caught when the grid is planned, not after the queue
     wait. Hub names not in the local Hugging Face cache are skipped (returns False): whether
     they can be fetched is `plan`'s other check, not this one."""
-    if not Path(name_or_path).is_dir() and not _in_hub_cache(name_or_path):
+    if not checkpoint_here(name_or_path):
         return False
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
     load_backbone(name_or_path, config, local_files_only=True)
     return True
-
-
-def _in_hub_cache(name: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except ValueError:  # not a valid repo id: nothing of it can be cached
-        return False
 
 
 def native_size(config) -> int:
