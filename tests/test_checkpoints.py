@@ -121,6 +121,8 @@ def test_a_deleted_weight_fails_at_plan_time_naming_it(tiny_dpr, demo_assets, tm
     assert f"{grid}: block original-dpr, passage_encoder:" in err and DELETED_WEIGHT in err and "missing weights" in err
     intact = eval_grid(tmp_path, demo_assets, tiny_dpr["question"], tiny_dpr["passage"], "intact")
     assert run_cli(capsys, "plan", intact)[0] == 0
+    code, _, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", tmp_path / "runs")
+    assert code == 2 and DELETED_WEIGHT in err and not (tmp_path / "runs").exists()  # stopped before anything started
 
 
 def test_known_harmless_keys_do_not_fail(tmp_path):
