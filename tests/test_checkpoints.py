@@ -140,6 +140,25 @@ def test_known_harmless_keys_do_not_fail(tmp_path):
         DprEncoder.from_pretrained(str(broken), 16)
 
 
+def with_extra_weights(folder: Path, to: Path, extra: dict) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, to)
+    weights = load_file(to / "model.safetensors")
+    save_file({**weights, **extra}, to / "model.safetensors", metadata={"format": "pt"})
+    return to
+
+
+def test_dpr_checkpoint_with_a_bert_pooler_loads_but_extra_encoder_layers_do_not(tiny_dpr, tmp_path):
+    """DPR's own BERT kept a pooler that transformers' DPR classes lack: harmless. A weight of
+    the model's own modules that it has no place for is not."""
+    pooler = {"ctx_encoder.bert_model.pooler.dense.weight": torch.zeros(32, 32), "ctx_encoder.bert_model.pooler.dense.bias": torch.zeros(32)}
+    assert DprEncoder.from_pretrained(str(with_extra_weights(tiny_dpr["passage"], tmp_path / "pooler", pooler)), 24).uses_pooler
+    extra_layer = {"ctx_encoder.bert_model.encoder.layer.5.output.dense.bias": torch.zeros(32)}
+    with pytest.raises(CheckpointError, match=r"weights it does not use: ctx_encoder\.bert_model\.encoder\.layer\.5"):
+        DprEncoder.from_pretrained(str(with_extra_weights(tiny_dpr["passage"], tmp_path / "layer", extra_layer)), 24)
+
+
 def test_dpr_config_naming_no_encoder_class_is_an_error(tiny_dpr, tmp_path):
     folder = shutil.copytree(tiny_dpr["passage"], tmp_path / "unnamed")
     config = json.loads((folder / "config.json").read_text())

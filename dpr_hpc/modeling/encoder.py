@@ -141,14 +141,20 @@ def load_backbone(name_or_path: str, config, **kwargs):
 
 
 def loading_report(model, info: dict) -> LoadReport:
-    """transformers' loading info without the known harmless keys: rebuilt position ids; a
-    pooler that a first-token tower never calls; weights of a pre-training head that the
-    backbone does not have (BERT's `cls.*`, DistilBERT's `vocab_*`, ELECTRA's
-    `discriminator_predictions.*`), recognised by a first name that is none of the model's modules."""
+    """transformers' loading info without the known harmless keys: rebuilt position ids; BERT's
+    pooler layer, which no tower here calls (a first-token tower takes the hidden state, and
+    DPR's `pooler_output` is its first token through `encode_proj`, its BertModel having no
+    pooler), whether the checkpoint lacks it or holds one the model lacks; and weights of a
+    pre-training head the backbone does not have (BERT's `cls.*`, DistilBERT's `vocab_*`,
+    ELECTRA's `discriminator_predictions.*`), recognised by a first name that is none of the
+    model's modules."""
     children = {name for name, _ in model.named_children()}
-    uses_pooler = is_dpr(model.config)
-    missing = [k for k in info.get("missing_keys", ()) if not (_REBUILT_BUFFER.search(k) or (_POOLER.search(k) and not uses_pooler))]
-    unexpected = [k for k in info.get("unexpected_keys", ()) if not _REBUILT_BUFFER.search(k) and k.split(".")[0] in children]
+
+    def harmless(key: str) -> bool:
+        return bool(_REBUILT_BUFFER.search(key) or _POOLER.search(key))
+
+    missing = [k for k in info.get("missing_keys", ()) if not harmless(k)]
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not harmless(k) and k.split(".")[0] in children]
     mismatched = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())]
     return LoadReport(tuple(sorted(missing)), tuple(sorted(unexpected)), tuple(sorted(mismatched)))
 
