@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from dpr_hpc.errors import DprHpcError, UsageError
+from dpr_hpc.errors import DprHpcError, GridError, UsageError
 from dpr_hpc.layout import DEFAULT_RUNS_ROOT, RunLayout
 
 if TYPE_CHECKING:
@@ -146,6 +146,7 @@ def _plan(args: argparse.Namespace) -> int:
     from dpr_hpc.results import Records
 
     grid = load_grid(args.grid, require_data=False)
+    _check_checkpoints(grid)
     store = RunLayout.for_grid(grid.name, args.runs_root).store
     hashes = store.content_hashes() if store.root.is_dir() else None
     plan = make_plan(grid, hashes)
@@ -164,10 +165,11 @@ def _plan(args: argparse.Namespace) -> int:
     rows = [
         [c.cell_id, c.group, c.encoder_label, str(c.embedding_size),
          str(c.batch_size or "-") + (f" (chunks of {c.grad_cache.chunk_size})" if c.train and c.grad_cache.chunk_size else ""),
+         f"{c.precision.train if c.train else '-'}/{c.precision.encode}",
          " ".join(f"{s}x{c.repeats.of(s)}" for s in c.stages)]
         for c in plan.cells
     ]
-    print(_columns(["CELL", "GROUP", "ENCODER", "ES", "BS", "STAGE JOBS"], rows))
+    print(_columns(["CELL", "GROUP", "ENCODER", "ES", "BS", "PRECISION TRAIN/ENCODE", "STAGE JOBS"], rows))
     print()
     job_rows = [[j.stage, str(j.repeat), j.key, plan.users(j)[0] + (f" +{len(plan.users(j)) - 1} more" if len(plan.users(j)) > 1 else ""),
                  "exists" if j in existing else "to run"] for j in jobs]
@@ -175,6 +177,31 @@ def _plan(args: argparse.Namespace) -> int:
     _note_missing(grid.missing_data)
     _check_hub_models(grid, refuse=False)
     return 0
+
+
+def _check_checkpoints(grid) -> None:
+    """Load every encoder checkpoint of the grid that is here (a local folder, or a hub model in
+    the Hugging Face cache) as its stage will, so a weight that does not load stops the grid
+    before the queue wait, not in the stage job."""
+    from dpr_hpc.modeling.hub import checkpoint_here
+
+    here: dict[str, tuple[str, str]] = {}  # each checkpoint once, with the first place that names it
+    for cell in grid.cells:
+        for key in ("question_encoder", "passage_encoder"):
+            path = cell.model_path(getattr(cell, key))
+            if path not in here and checkpoint_here(path):  # absent local folders are listed as missing data
+                here[path] = (cell.group, key)
+    if not here:
+        return  # nothing to load: plan stays free of torch's import time
+    from dpr_hpc.modeling.encoder import CheckpointError, check_checkpoint
+    from dpr_hpc.stages.runner import quiet_libraries
+
+    quiet_libraries()
+    for path, (group, key) in here.items():
+        try:
+            check_checkpoint(path)
+        except CheckpointError as error:
+            raise GridError(str(grid.path), f"block {group}, {key}", f"expected a checkpoint whose every weight loads; {error}") from None
 
 
 def _local_limits(args: argparse.Namespace) -> dict[str, float]:
@@ -238,6 +265,7 @@ def _submit(args: argparse.Namespace) -> int:
     if backend == "slurm" and (args.time_limit is not None or args.signal_delay is not None):
         raise UsageError("--time-limit and --signal-delay apply to the local backend only; on SLURM set time and signal_delay_s in the profile")
     grid = load_grid(args.grid, require_data=not args.dry_run)
+    _check_checkpoints(grid)
     resources = grid_resources(grid, args.profile)
     layout = RunLayout.for_grid(grid.name, args.runs_root)
     echo = lambda line: print(line, flush=True)  # noqa: E731

@@ -27,6 +27,9 @@ FIGURE_COLUMNS = [
     "acc@1", "acc@20", "acc@100", "mrr@100", "answer_acc@1", "answer_acc@20", "answer_acc@100",
 ]
 NODE_COLUMNS = ["train_node", "index_node", "infer_node"]
+# What each repeat's index and infer ran on, "index/infer": a median over repeats that differ in
+# either is flagged rather than mixed silently.
+RAN_ON_COLUMNS = ["precision", "gpu"]
 SPREAD_OF = {"pei_s": "pei_spread_s", "ita_mean_ms": "ita_mean_spread_ms"}
 
 
@@ -45,7 +48,7 @@ def collect_table(layout: RunLayout, plan: Plan, median: bool = False) -> pd.Dat
         return None
 
     rows = [row for cell in plan.cells for row in _cell_rows(record, plan, cell.cell_id)]
-    table = pd.DataFrame(rows, columns=CELL_COLUMNS + ["repeat"] + FIGURE_COLUMNS + NODE_COLUMNS)
+    table = pd.DataFrame(rows, columns=CELL_COLUMNS + ["repeat"] + FIGURE_COLUMNS + NODE_COLUMNS + RAN_ON_COLUMNS)
     table = _median_per_cell(table) if median else table
     table.attrs["left_out"] = left_out
     table.attrs["left_cells"] = left_cells_line(layout, plan, records)
@@ -81,8 +84,17 @@ def _cell_rows(read: Callable[[str, StageJob], dict[str, Any] | None], plan: Pla
             row.update({k: infer["timings"][k] for k in ("ita_mean_ms", "ita_sd_ms")})
             row.update({k: v for k, v in infer["metrics"].items() if k in FIGURE_COLUMNS})
             row["infer_node"] = node_label(infer["node"])
+        row["precision"] = _ran_on(index, infer, lambda r: r.get("details", {}).get("precision"))
+        row["gpu"] = _ran_on(index, infer, lambda r: r.get("node", {}).get("gpu_name") or "cpu")
         rows.append(row)
     return rows
+
+
+def _ran_on(index: dict | None, infer: dict | None, value) -> str | None:
+    """"index/infer" of one repeat's records, "-" for a stage without a record."""
+    if index is None and infer is None:
+        return None
+    return "/".join(str(value(r)) if r else "-" for r in (index, infer))
 
 
 def _median_per_cell(table: pd.DataFrame) -> pd.DataFrame:
@@ -99,8 +111,22 @@ def _median_per_cell(table: pd.DataFrame) -> pd.DataFrame:
             row[spread] = values.max() - values.min() if len(values) else None
         for column in NODE_COLUMNS:
             row[column.replace("_node", "_nodes")] = ",".join(sorted({str(v) for v in group[column].dropna()})) or None
+        row["mixed"] = _mixed_repeats(group)
         out.append(row)
     return pd.DataFrame(out)
+
+
+def _mixed_repeats(group: pd.DataFrame) -> str | None:
+    """A flag for a median over repeats whose index (or infer) stages ran in different
+    precisions or on different GPU models, so that their figures are not pooled silently."""
+    flags = []
+    for column in RAN_ON_COLUMNS:
+        pairs = [str(v).split("/") for v in group[column].dropna()]
+        for position, stage in enumerate(("index", "infer")):
+            values = sorted({pair[position] for pair in pairs if pair[position] != "-"})
+            if len(values) > 1:
+                flags.append(f"{stage} {column}: {', '.join(values)}")
+    return "; ".join(flags) or None
 
 
 def write_table(table: pd.DataFrame, out_dir: Path, stem: str) -> tuple[Path, Path]:

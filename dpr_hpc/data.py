@@ -22,11 +22,17 @@ class Passage:
 
 @dataclass(frozen=True)
 class TrainingExample:
-    """A question with its gold passage and one negative (hard if there is one), as in DPR."""
+    """A question with its gold passage and the negatives one is drawn from: its hard negatives,
+    else its plain negatives (DPR's fallback; the paper's code takes the same first one)."""
 
     question: str
     positive: Passage
-    negative: Passage | None
+    negatives: tuple[Passage, ...] = ()
+
+    @property
+    def negative(self) -> Passage | None:
+        """The first negative: what the paper's code trains with every epoch."""
+        return self.negatives[0] if self.negatives else None
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,7 @@ def training_examples(records: list[dict[str, Any]], source: str = "data") -> li
         if not positives:
             continue
         negatives = _contexts(record, "hard_negative_ctxs", source, i) or _contexts(record, "negative_ctxs", source, i)
-        examples.append(TrainingExample(_question(record, source, i), positives[0], negatives[0] if negatives else None))
+        examples.append(TrainingExample(_question(record, source, i), positives[0], tuple(negatives)))
     return examples
 
 
@@ -97,17 +103,25 @@ def dev_questions(records: list[dict[str, Any]], source: str = "data") -> list[D
 def evaluation_pool(records: list[dict[str, Any]], source: str = "data") -> list[Passage]:
     """Each dev question's first positive plus all its hard and plain negatives, each passage once.
 
-    The paper's code appended duplicates; a duplicated passage would occupy several ranks.
+    The paper's code appended duplicates (its drop_duplicates result was never assigned); a
+    duplicated passage would occupy several ranks. `pool_with_duplicates` counts what it indexed.
     """
     pool: dict[str, Passage] = {}
+    for passage in _pool_entries(records, source):
+        pool.setdefault(passage.passage_id, passage)
+    return list(pool.values())
+
+
+def pool_with_duplicates(records: list[dict[str, Any]], source: str = "data") -> int:
+    """The evaluation pool's size before de-duplication: what the paper reports (935,159 on NQ dev)."""
+    return sum(1 for _ in _pool_entries(records, source))
+
+
+def _pool_entries(records: list[dict[str, Any]], source: str):
     for i, record in enumerate(records):
         positives = _contexts(record, "positive_ctxs", source, i)
-        if not positives:
-            continue
-        candidates = positives[:1] + _contexts(record, "hard_negative_ctxs", source, i) + _contexts(record, "negative_ctxs", source, i)
-        for passage in candidates:
-            pool.setdefault(passage.passage_id, passage)
-    return list(pool.values())
+        if positives:
+            yield from positives[:1] + _contexts(record, "hard_negative_ctxs", source, i) + _contexts(record, "negative_ctxs", source, i)
 
 
 def _question(record: dict[str, Any], source: str, index: int) -> str:

@@ -7,9 +7,10 @@ ignored, so duplicates neither push the gold down nor count twice.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from typing import Sequence
+
+import regex
 
 PAPER_KS = (1, 20, 100)
 
@@ -48,11 +49,12 @@ def answer_accuracy(ranked_texts: Sequence[Sequence[str]], answers: Sequence[Seq
 
 
 def has_answer(text: str, answers: Sequence[str]) -> bool:
-    """True when the passage's normalised tokens contain an answer's tokens as a contiguous run."""
-    tokens = _tokens(text)
+    """DPR's `has_answer` with match type "string": True when the passage's tokens contain an
+    answer's tokens as a contiguous run. As in DPR, an answer with no tokens matches any passage."""
+    tokens = dpr_tokens(text)
     for answer in answers:
-        needle = _tokens(answer)
-        if needle and any(tokens[i : i + len(needle)] == needle for i in range(len(tokens) - len(needle) + 1)):
+        needle = dpr_tokens(answer)
+        if any(tokens[i : i + len(needle)] == needle for i in range(len(tokens) - len(needle) + 1)):
             return True
     return False
 
@@ -64,11 +66,12 @@ def _first_hit(texts: Sequence[str], answers: Sequence[str]) -> int | None:
     return None
 
 
-_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+# DPR's SimpleTokenizer (dpr/utils/tokenizers.py): a run of letters, digits and combining marks,
+# or any one character that is neither a separator nor a control character, with its flags.
+_DPR_TOKEN = regex.compile(r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])", flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE)
 
 
-def _tokens(text: str) -> list[str]:
-    """Lower-cased, accent-stripped word and punctuation tokens, as DPR's SimpleTokenizer."""
-    normalised = unicodedata.normalize("NFD", text)
-    normalised = "".join(ch for ch in normalised if unicodedata.category(ch) != "Mn")
-    return _TOKEN.findall(normalised.lower())
+def dpr_tokens(text: str) -> list[str]:
+    """DPR's answer-matching tokens: NFD-normalised (accents become combining marks that stay in
+    their word, so "Café" is not "Cafe"), split by SimpleTokenizer's pattern, lower-cased."""
+    return [match.group().lower() for match in _DPR_TOKEN.finditer(unicodedata.normalize("NFD", text))]

@@ -1,9 +1,11 @@
 """Stage identity: a key per stage from what determines its output, and only that.
 
     train  encoders (local folder content, or hub name and cached revision), embedding size,
-           training hyper-parameters, text settings, precision, gradient cache, train file content
+           training hyper-parameters, text settings, training precision, gradient cache, train
+           file content
     index  the train key (or, for an evaluation-only cell, the encoders and embedding size),
-           text settings, encoding settings, the index's build settings, dev file content
+           text settings, encoding precision and batch size, the index's build settings, dev
+           file content
     infer  the index key and the search settings (ef_search, top_k)
 
 Two cells, or two grids, that agree on a stage's identity share its output: sweeping ef_search
@@ -60,7 +62,7 @@ def train_identity(cell: CellConfig, hashes: ContentHashes) -> dict[str, Any]:
         "embedding_size": cell.embedding_size,
         "train": _section(cell.train),
         "text": _section(cell.text),
-        "precision": _section(cell.precision),
+        "precision": cell.precision.train,
         "train_data": data_identity(cell, "train", hashes),
     }
     if cell.grad_cache.chunk_size:
@@ -75,7 +77,7 @@ def index_identity(cell: CellConfig, train_key: str | None, hashes: ContentHashe
         "stage": "index",
         **upstream,
         "text": _section(cell.text),
-        "precision": _section(cell.precision),
+        "precision": cell.precision.encode,
         "encode_batch_size": cell.encode_batch_size,
         "index": build,
         "dev_data": data_identity(cell, "dev", hashes),

@@ -133,3 +133,27 @@ def train_in_process(layout, cell_id: str, stop=None):
     job = StageJob("train", load_plan(layout).keys[cell_id]["train"], 0)
     cell, io = prepare_io(layout.runs_root, job)
     return train(cell, io, 0, stop=stop)
+
+
+@pytest.fixture(scope="session")
+def tiny_dpr(demo_assets, tmp_path_factory) -> dict[str, Path]:
+    """A tiny DPRQuestionEncoder and DPRContextEncoder (random weights, DPR's projection to 24
+    dimensions) with a BERT tokenizer over the demo's vocabulary that emits segment ids, each
+    saved as the hub's DPR checkpoints are: config.json naming the class, model.safetensors and
+    the tokenizer files."""
+    import torch
+    from transformers import AutoTokenizer, BertTokenizer, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+
+    vocab = AutoTokenizer.from_pretrained(demo_assets / "models" / "tiny-bert").get_vocab()
+    tokenizer = BertTokenizer(vocab=vocab)
+    config = DPRConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       max_position_embeddings=128, projection_dim=24, pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("dpr")
+    folders = {}
+    for seed, (tower, model_class) in enumerate({"question": DPRQuestionEncoder, "passage": DPRContextEncoder}.items()):
+        torch.manual_seed(seed)
+        folder = out / f"dpr-{'question' if tower == 'question' else 'ctx'}_encoder-tiny"
+        model_class(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[tower] = folder
+    return folders

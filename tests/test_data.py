@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpr_hpc.data import DataFormatError, dev_questions, evaluation_pool, training_examples
+from dpr_hpc.data import DataFormatError, dev_questions, evaluation_pool, pool_with_duplicates, training_examples
 
 
 def ctx(pid: str) -> dict:
@@ -23,9 +23,20 @@ def test_training_uses_first_positive_and_first_hard_negative_else_plain():
     assert [(e.question, e.positive.passage_id, e.negative.passage_id) for e in examples] == [("q1", "p1", "h1"), ("q2", "p2", "shared")]
 
 
+def test_training_examples_keep_the_whole_negative_pool_for_shuffling():
+    examples = training_examples(RECORDS)
+    assert [[n.passage_id for n in e.negatives] for e in examples] == [["h1", "shared"], ["shared", "p1"]]
+
+
 def test_pool_holds_first_positive_and_all_negatives_once_each():
     pool = [p.passage_id for p in evaluation_pool(RECORDS)]
     assert pool == ["p1", "h1", "shared", "n1", "p2"]  # p1b is not a first positive; q3 has no positive
+
+
+def test_pool_size_before_deduplication_counts_what_the_papers_code_indexed():
+    # q1: p1 + h1, shared + n1 = 4; q2: p2 + shared, p1 = 3; q3 has no positive.
+    assert pool_with_duplicates(RECORDS) == 7
+    assert len(evaluation_pool(RECORDS)) == 5
 
 
 def test_dev_questions_carry_gold_id_and_answers():

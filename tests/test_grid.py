@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, run_cli, write_grid
 from dpr_hpc.errors import GridError
 from dpr_hpc.grid import load_grid
+from dpr_hpc.grid.config import cell_from_json
 from dpr_hpc.plan import StageJob, make_plan
 
 TABLE_1 = {
@@ -62,6 +63,55 @@ def test_paper_defaults_are_the_papers_hyperparameters():
     assert (cell.train.epochs, cell.train.learning_rate, cell.train.warmup_steps, cell.train.dropout) == (40, 1e-5, 100, 0.1)
     assert (cell.index.type, cell.index.hnsw_m, cell.index.ef_construction, cell.index.ef_search) == ("hnsw_flat", 512, 200, 128)
     assert (cell.text.max_length, cell.text.embed_title, cell.encode_batch_size, cell.top_k) == (256, True, 512, 100)
+    # What the paper's code ran (experiments/train_dpr.py), beyond the paper's text.
+    assert (cell.train.weight_decay, cell.train.max_grad_norm, cell.train.lr_floor, cell.train.seed) == (0.01, 0.0, 1e-7, 1234)
+    assert (cell.train.hard_negative, cell.text.passage_format) == ("first", "paper")
+    assert (cell.precision.train, cell.precision.encode) == ("fp16", "fp32")
+
+
+def test_original_dpr_cell_encodes_passages_as_dpr_trained_them():
+    cells = load_grid(REPO / "jobs" / "paper.yaml", require_data=False).cells
+    assert [c.text.passage_format for c in cells if c.evaluate_only] == ["dpr"]
+    assert {c.text.passage_format for c in cells if not c.evaluate_only} == {"paper"}
+
+
+def test_gradcache_grid_offers_dprs_nq_recipe_beside_the_papers_settings():
+    cells = load_grid(REPO / "jobs" / "paper-gradcache.yaml", require_data=False).cells
+    recipe = [c for c in cells if c.group == "dpr-recipe-bert"]
+    assert len(recipe) == 1 and recipe[0].train.batch_size == 128
+    dpr = recipe[0].train
+    assert (dpr.learning_rate, dpr.warmup_steps, dpr.hard_negative, dpr.weight_decay, dpr.max_grad_norm, dpr.lr_floor, dpr.seed) == (
+        2e-5, 1237, "shuffle", 0.0, 2.0, 0.0, 12345)
+    assert recipe[0].text.passage_format == "dpr"
+    paper = {(c.train.learning_rate, c.train.warmup_steps, c.train.hard_negative) for c in cells if c.group != "dpr-recipe-bert"}
+    assert paper == {(1e-5, 100, "first")}
+
+
+def test_issue_12_settings_round_trip_and_enter_the_cell_id(tmp_path, data_files):
+    body = """
+        name: g
+        data: {{train: train.json, dev: dev.json}}
+        blocks:
+          - name: b
+            encoder: bert-base-uncased
+            embedding_sizes: [64]
+            {setting}
+    """
+    settings = {
+        "default": "repeats: {index: 1}",
+        "dpr format": "text: {passage_format: dpr}",
+        "shuffle": "train: {hard_negative: shuffle}",
+        "floor": "train: {lr_floor: 0.0}",
+        "clipping": "train: {max_grad_norm: 2.0}",
+        "encode precision": "precision: {encode: fp32}",
+    }
+    cells = {}
+    for key, setting in settings.items():
+        path = write_grid(data_files, body.format(setting=setting), f"{key.replace(' ', '-')}.yaml")
+        cells[key] = load_grid(path).cells[0]
+    assert len({c.cell_id for c in cells.values()}) == len(settings)
+    for cell in cells.values():
+        assert cell_from_json(json.loads(json.dumps(cell.to_json()))) == cell
 
 
 def test_stages_depend_on_train_then_index_repeat_zero():
@@ -82,7 +132,8 @@ def test_stages_depend_on_train_then_index_repeat_zero():
 def test_cell_ids_are_readable_and_stable():
     cells = load_grid(REPO / "jobs" / "paper.yaml", require_data=False).cells
     # Pinned: the same config must give the same id on any machine, any day.
-    assert cells[5].cell_id == "bert-base-uncased-es768-bs16-d7311d23"
+    # Issue 12 changed the paper grid's settings (fp16/fp32 precision, the paper's optimiser), so a new id.
+    assert cells[5].cell_id == "bert-base-uncased-es768-bs16-e90b2faf"
     assert cells[-1].cell_id.startswith("dpr-question_encoder-single-nq-base-es768-eval-")
     assert len({c.cell_id for c in cells}) == len(cells)
 
@@ -158,6 +209,11 @@ MALFORMED = {
     "negative checkpoint interval": ("defaults: {checkpoint: {every_steps: -1}}\nblocks:\n" + VALID_BLOCK, "defaults.checkpoint.every_steps", "a number >= 0"),
     "auto batch with gradient cache": ("defaults: {train: {batch_size: auto}, grad_cache: {chunk_size: 4}}\nblocks:\n" + VALID_BLOCK, "blocks[0].train.batch_size", "expected a number with grad_cache"),
     "unknown precision": ("defaults: {precision: fp8}\nblocks:\n" + VALID_BLOCK, "defaults.precision", "auto, fp32, bf16, fp16"),
+    "unknown stage precision": ("defaults: {precision: {train: fp16, encode: int8}}\nblocks:\n" + VALID_BLOCK, "defaults.precision.encode", "auto, fp32, bf16, fp16"),
+    "unknown passage format": ("defaults: {text: {passage_format: pair}}\nblocks:\n" + VALID_BLOCK, "defaults.text.passage_format", "paper, dpr"),
+    "unknown hard negative": ("defaults: {train: {hard_negative: random}}\nblocks:\n" + VALID_BLOCK, "defaults.train.hard_negative", "first, shuffle"),
+    "negative clipping norm": ("defaults: {train: {max_grad_norm: -1}}\nblocks:\n" + VALID_BLOCK, "defaults.train.max_grad_norm", "0: no clipping"),
+    "LR floor of 1": ("defaults: {train: {lr_floor: 1.0}}\nblocks:\n" + VALID_BLOCK, "defaults.train.lr_floor", "[0, 1)"),
     "missing encoder": ("blocks:\n  - name: b\n    embedding_sizes: [64]\n", "blocks[0].encoder", "missing"),
 }
 

@@ -87,3 +87,41 @@ def test_index_encoding_resumes_from_finished_shards(demo_assets, tmp_path, monk
     assert again.reused_shards == 2
     assert np.array_equal(first.embeddings, again.embeddings)
     assert (first.nodes, again.nodes) == (("node-a",), ("node-a", "node-b"))
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer():
+    """A BERT tokenizer that emits segment ids (type 1 for the second of a pair)."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "paris", "the", "capital", "of", "france", "is"]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+
+
+def _ids(tokenizer, words: str) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(words.split())
+
+
+def test_paper_format_is_title_space_text_as_one_segment(bert_tokenizer):
+    texts = tokenize_passages(bert_tokenizer, [Passage("1", "Paris", "the capital of France")], 64, embed_title=True, passage_format="paper")
+    ids, types = texts.sequence(0)
+    assert ids.tolist() == _ids(bert_tokenizer, "[CLS] paris the capital of france [SEP]")
+    assert types.tolist() == [0] * len(ids)
+
+
+def test_dpr_format_is_title_sep_text_with_all_zero_segments(bert_tokenizer):
+    passage = Passage("1", "Paris", "the capital of France")
+    texts = tokenize_passages(bert_tokenizer, [passage], 64, embed_title=True, passage_format="dpr")
+    ids, types = texts.sequence(0)
+    assert ids.tolist() == _ids(bert_tokenizer, "[CLS] paris [SEP] the capital of france [SEP]")
+    assert bert_tokenizer("Paris", "the capital of France")["token_type_ids"][-1] == 1  # what DPR overrides
+    assert types.tolist() == [0] * len(ids)
+
+
+def test_without_a_title_both_formats_are_the_text_alone(bert_tokenizer):
+    text_alone = _ids(bert_tokenizer, "[CLS] the capital of france [SEP]")
+    for passage_format in ("paper", "dpr"):
+        untitled = tokenize_passages(bert_tokenizer, [Passage("1", "Paris", "the capital of France")], 64, False, passage_format)
+        assert untitled.sequence(0)[0].tolist() == text_alone
+    empty_title = tokenize_passages(bert_tokenizer, [Passage("1", "", "the capital of France")], 64, True, "dpr")
+    assert empty_title.sequence(0)[0].tolist() == text_alone  # DPR drops an empty title

@@ -73,6 +73,22 @@ def test_training_stopped_twice_resumes_to_the_same_losses_and_weights(uninterru
     assert output.metrics["epoch_loss"] == json.loads(train_attempt(layout, cell_id).losses.read_text())["epoch_losses"]
 
 
+def test_shuffled_hard_negatives_resume_bitwise_and_change_the_training(uninterrupted, demo_assets, tmp_path):
+    """`hard_negative: shuffle` draws each epoch's negatives from the seed and the epoch, so a
+    run stopped mid-epoch 2 ends with the same losses and weights as one never stopped; and
+    the negatives it trains with are not the first ones (its losses differ from `first`'s)."""
+    shuffle = "    train: {hard_negative: shuffle}\n"
+    plain = _run_folder(tmp_path, demo_assets, "shuffle-plain", extra=shuffle)
+    _train(*plain)
+    stopped = _run_folder(tmp_path, demo_assets, "shuffle-stopped", extra=shuffle)
+    with pytest.raises(TrainingInterrupted):
+        _train(*stopped, StopAfter(30))  # mid-epoch 2 (24 steps an epoch)
+    output = _train(*stopped)
+    assert output.details["hard_negative"] == "shuffle" and output.details["restarts"] == 1
+    _assert_same_training(plain, stopped)
+    assert _losses(*plain)[24:] != _losses(*uninterrupted)[24:]
+
+
 def test_corrupted_latest_checkpoint_is_skipped_with_a_warning_and_the_previous_one_used(uninterrupted, demo_assets, tmp_path, capsys):
     layout, cell_id = _run_folder(tmp_path, demo_assets, "corrupt", every=8)
     with pytest.raises(TrainingInterrupted):

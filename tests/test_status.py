@@ -214,3 +214,22 @@ def test_local_jobs_get_one_of_the_visible_gpus(run, monkeypatch, listed, expect
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
     params = LocalBackend(layout, plan).executor_parameters()
     assert {k: params[k] for k in expected} == expected
+
+
+def test_collect_flags_a_median_over_repeats_that_ran_in_different_precisions_or_gpus(run):
+    from dpr_hpc.collect import collect_table
+
+    layout, plan, cell = run
+    complete(layout, plan, job_of(plan, "train"))
+    complete(layout, plan, job_of(plan, "index", 0), details={"precision": "fp32"})
+    complete(layout, plan, job_of(plan, "index", 1), details={"precision": "fp32"})
+    complete(layout, plan, job_of(plan, "infer"), details={"precision": "fp32"})
+    table = collect_table(layout, plan, median=True)
+    assert table["mixed"].isna().all()  # index twice, infer once: nothing mixed
+    assert list(collect_table(layout, plan)["precision"]) == ["fp32/fp32", "fp32/-"]
+
+    node = {**node_tags(), "gpu_name": "Tesla V100"}
+    complete(layout, plan, job_of(plan, "index", 1), details={"precision": "fp16"}, node=node)
+    mixed = collect_table(layout, plan, median=True)["mixed"].iloc[0]
+    assert "index precision: fp16, fp32" in mixed and "index gpu:" in mixed and "Tesla V100" in mixed
+    assert "infer" not in mixed

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from pathlib import Path
+
 import pytest
 
 from conftest import ONE_CELL_GRID, run_cli, submitted_run, write_grid
@@ -107,12 +109,15 @@ def empty_hub_cache(tmp_path, monkeypatch):
     return cache
 
 
-def _cache(cache, model: str) -> None:
+def _cache(cache, model: str, files: Path) -> None:
+    """`model` in the hub cache's layout, its snapshot holding a real (tiny) model's files, so
+    that the plan-time weight check can load it."""
+    import shutil
+
     repo = cache / f"models--{model.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
-    (repo / "snapshots" / "abc123").mkdir(parents=True)
-    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    shutil.copytree(files, repo / "snapshots" / "abc123")
 
 
 def test_an_uncached_hub_model_offline_is_a_note_at_plan_and_an_error_at_submit(data_files, tmp_path, empty_hub_cache, monkeypatch, capsys):
@@ -125,9 +130,9 @@ def test_an_uncached_hub_model_offline_is_a_note_at_plan_and_an_error_at_submit(
     assert str(grid) in err and out == "" and not (tmp_path / "runs").exists()
 
 
-def test_a_cached_hub_model_passes_offline(data_files, empty_hub_cache, monkeypatch, capsys):
+def test_a_cached_hub_model_passes_offline(data_files, demo_assets, empty_hub_cache, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _cache(empty_hub_cache, "org/cached-model")
+    _cache(empty_hub_cache, "org/cached-model", demo_assets / "models" / "tiny-bert")
     grid = write_grid(data_files, ONE_CELL_GRID.replace("encoder: x/y", "encoder: org/cached-model"))
     code, _, err = run_cli(capsys, "plan", grid)
     assert code == 0 and "hub model" not in err

@@ -18,11 +18,17 @@ STAGES = ("train", "index", "infer")
 INDEX_TYPES = ("hnsw_flat", "flat")
 INDEX_KEEP = ("first", "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # dpr_hpc.modeling.precision; kept here, free of torch
+PASSAGE_FORMATS = ("paper", "dpr")  # dpr_hpc.modeling.batching.tokenize_passages
+HARD_NEGATIVES = ("first", "shuffle")  # dpr_hpc.stages.train
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Fine-tuning hyper-parameters; DPR's and the paper's values by default."""
+    """Fine-tuning hyper-parameters; the defaults are what the paper's code ran
+    (experiments/train_dpr.py in AndrewHarrison/ir2), not DPR's: README, *Fidelity*.
+
+    DPR's NQ recipe differs in learning_rate 2e-5, warmup_steps 1237, weight_decay 0.0,
+    max_grad_norm 2.0, lr_floor 0.0, hard_negative "shuffle" and seed 12345."""
 
     epochs: int = 40
     batch_size: int | str = 16  # or "auto": the largest power of 2 that fits the GPU (issue 6)
@@ -31,9 +37,11 @@ class TrainConfig:
     scheduler: str = "linear"
     warmup_steps: int = 100
     dropout: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 2.0
-    seed: int = 12345
+    weight_decay: float = 0.01  # torch.optim.AdamW's default, which the paper's code kept
+    max_grad_norm: float = 0.0  # 0: no clipping, as the paper's code
+    lr_floor: float = 1e-7  # lower bound of the linear decay's LR multiplier (the paper's lr_lambda)
+    hard_negative: str = "first"  # or "shuffle": a fresh seeded choice per example every epoch (DPR)
+    seed: int = 1234  # the paper's code's default
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,9 @@ class TextConfig:
 
     max_length: int = 256
     embed_title: bool = True
+    # paper: "title text" as one segment (the paper's code); dpr: title [SEP] text with all-zero
+    # segment ids (DPR's training, so DPR's released encoders need it).
+    passage_format: str = "paper"
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,21 @@ class CheckpointConfig:
 
     every_minutes: float = 30.0
     every_steps: int = 0
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Number format per stage (dpr_hpc.modeling.precision): the paper trained under fp16
+    autocast with a gradient scaler and encoded in fp32, which one knob cannot say.
+    Each of auto, fp32, bf16, fp16; `precision: X` in a grid sets both."""
+
+    train: str = "auto"
+    encode: str = "auto"  # the index and infer stages
+
+    @classmethod
+    def from_json(cls, value: "dict[str, str] | str") -> "PrecisionConfig":
+        """A record's precision: a mapping, or one string for both (records before issue 12)."""
+        return cls(value, value) if isinstance(value, str) else cls(**value)
 
 
 @dataclass(frozen=True)
@@ -118,8 +144,7 @@ class CellConfig:
     data: DataConfig
     repeats: Repeats
     grad_cache: GradCacheConfig = GradCacheConfig()
-    # Number format of training and encoding (dpr_hpc.modeling.precision): auto, fp32, bf16, fp16.
-    precision: str = "auto"
+    precision: PrecisionConfig = PrecisionConfig()
     base_dir: Path = field(default=Path("."), compare=False)
     checkpoint: CheckpointConfig = field(default=CheckpointConfig(), compare=False)
 
@@ -173,7 +198,7 @@ class CellConfig:
             "index": self.index.identity(),
             "encode_batch_size": self.encode_batch_size,
             "top_k": self.top_k,
-            "precision": self.precision,
+            "precision": dataclasses.asdict(self.precision),
             "data": dataclasses.asdict(self.data),
         }
         if self.train is not None and self.grad_cache.chunk_size:  # absent when off, so older ids stand
@@ -225,7 +250,7 @@ def cell_from_json(record: dict[str, Any]) -> CellConfig:
         data=DataConfig(**record["data"]),
         repeats=Repeats(**record["repeats"]),
         grad_cache=GradCacheConfig(**(record.get("grad_cache") or {})),
-        precision=record.get("precision", "auto"),
+        precision=PrecisionConfig.from_json(record.get("precision", "auto")),
         base_dir=Path(record["base_dir"]),
         checkpoint=CheckpointConfig(**record.get("checkpoint", {})),
     )

@@ -5,7 +5,8 @@ runs. Settings merge in three levels: `defaults` <- block <- cell.
 
     name: paper
     data: {train: nq-train.json, dev: nq-dev.json}
-    defaults: {train: {...}, text: {...}, index: {...}, encode_batch_size: 512, top_k: 100, precision: auto,
+    defaults: {train: {...}, text: {...}, index: {...}, encode_batch_size: 512, top_k: 100,
+               precision: {train: auto, encode: auto},   # or one string for both
                checkpoint: {every_minutes: 30, every_steps: 0}}
     blocks:
       - name: table1-bert
@@ -29,14 +30,17 @@ import yaml
 
 from dpr_hpc.errors import GridError
 from dpr_hpc.grid.config import (
+    HARD_NEGATIVES,
     INDEX_KEEP,
     INDEX_TYPES,
+    PASSAGE_FORMATS,
     PRECISIONS,
     CellConfig,
     CheckpointConfig,
     GradCacheConfig,
     DataConfig,
     IndexConfig,
+    PrecisionConfig,
     Repeats,
     TextConfig,
     TrainConfig,
@@ -50,9 +54,10 @@ SECTIONS: dict[str, type] = {
     "repeats": Repeats,
     "checkpoint": CheckpointConfig,
     "grad_cache": GradCacheConfig,
+    "precision": PrecisionConfig,
 }
-SCALARS = ("encode_batch_size", "top_k", "precision")
-SCALAR_TYPES: dict[str, type] = {"encode_batch_size": int, "top_k": int, "precision": str}
+SCALARS = ("encode_batch_size", "top_k")
+SCALAR_TYPES: dict[str, type] = {"encode_batch_size": int, "top_k": int}
 TOP_LEVEL_KEYS = ("name", "description", "data", "defaults", "blocks", "slurm")
 DEFAULTS_KEYS = tuple(SECTIONS) + SCALARS
 CELL_KEYS = (
@@ -65,6 +70,8 @@ BLOCK_KEYS = tuple(k for k in CELL_KEYS if k != "embedding_size") + ("name", "em
 _Check = tuple[Callable[[Any], bool], str]
 _POSITIVE: _Check = (lambda v: v > 0, "a positive number")
 _NON_NEGATIVE: _Check = (lambda v: v >= 0, "a number >= 0")
+_PRECISION: _Check = (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)} (auto: bf16 on GPUs of compute capability >= 8.0 "
+                      "and CPUs with native bf16, fp16 on older GPUs, else fp32)")
 FIELD_CHECKS: dict[str, _Check] = {
     "train.epochs": _POSITIVE,
     "train.batch_size": _POSITIVE,  # or the string "auto", accepted before this check
@@ -74,8 +81,12 @@ FIELD_CHECKS: dict[str, _Check] = {
     "train.warmup_steps": _NON_NEGATIVE,
     "train.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "train.weight_decay": _NON_NEGATIVE,
-    "train.max_grad_norm": _POSITIVE,
+    "train.max_grad_norm": (lambda v: v >= 0, "a number >= 0 (0: no clipping, the paper's)"),
+    "train.lr_floor": (lambda v: 0 <= v < 1, "a multiplier in [0, 1) (the paper's 1e-7; DPR's 0)"),
+    "train.hard_negative": (lambda v: v in HARD_NEGATIVES, f"one of {', '.join(HARD_NEGATIVES)} (first: the paper's; shuffle: DPR's)"),
     "text.max_length": (lambda v: 8 <= v <= 8192, "a token count between 8 and 8192"),
+    "text.passage_format": (lambda v: v in PASSAGE_FORMATS, f"one of {', '.join(PASSAGE_FORMATS)} "
+                            "(paper: 'title text' as one segment; dpr: title [SEP] text, all-zero segment ids)"),
     "index.type": (lambda v: v in INDEX_TYPES, f"one of {', '.join(INDEX_TYPES)}"),
     "index.hnsw_m": _POSITIVE,
     "index.ef_construction": _POSITIVE,
@@ -87,7 +98,9 @@ FIELD_CHECKS: dict[str, _Check] = {
     "checkpoint.every_steps": _NON_NEGATIVE,
     "grad_cache.chunk_size": _NON_NEGATIVE,
     "encode_batch_size": _POSITIVE,
-    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)} (auto: bf16 where the hardware has it, fp16 on older GPUs, else fp32)"),
+    "precision": _PRECISION,  # the one-string form, for both stages
+    "precision.train": _PRECISION,
+    "precision.encode": _PRECISION,
     "top_k": (lambda v: 1 <= v <= 2048, "an integer between 1 and 2048 (FAISS's HNSW limit)"),
 }
 
@@ -188,7 +201,11 @@ def _parse_settings(raw: dict, where: str, key_path: str) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
         if section in raw:
-            parsed[section] = _parse_section(raw[section], cls, section, where, _join(key_path, section))
+            value = raw[section]
+            if section == "precision" and isinstance(value, str):
+                precision = _typed(value, str, "precision", where, _join(key_path, section))
+                value = {"train": precision, "encode": precision}
+            parsed[section] = _parse_section(value, cls, section, where, _join(key_path, section))
     for scalar in SCALARS:
         if scalar in raw:
             parsed[scalar] = _typed(raw[scalar], SCALAR_TYPES[scalar], scalar, where, _join(key_path, scalar))
@@ -316,7 +333,7 @@ def _build_cell(
         index=IndexConfig(**settings.get("index", {})),
         encode_batch_size=settings.get("encode_batch_size", 512),
         top_k=settings.get("top_k", 100),
-        precision=settings.get("precision", "auto"),
+        precision=PrecisionConfig(**settings.get("precision", {})),
         data=DataConfig(train=None if evaluate_only else data["train"], dev=data["dev"]),
         repeats=Repeats(**settings.get("repeats", {})),
         grad_cache=_grad_cache(settings, where, at),

@@ -59,30 +59,41 @@ class TokenizedTexts:
 
 
 def tokenize_questions(tokenizer, questions: Sequence[str], max_length: int) -> TokenizedTexts:
-    return _tokenize(tokenizer, list(questions), None, max_length)
+    return _tokenize(tokenizer, list(questions), max_length)
 
 
-def tokenize_passages(tokenizer, passages: Sequence[Passage], max_length: int, embed_title: bool) -> TokenizedTexts:
-    """Title and text as a sentence pair, as DPR encodes them; text alone without titles."""
-    texts = [p.text for p in passages]
-    return _tokenize(tokenizer, texts, [p.title for p in passages] if embed_title else None, max_length)
+def tokenize_passages(tokenizer, passages: Sequence[Passage], max_length: int, embed_title: bool,
+                      passage_format: str = "paper") -> TokenizedTexts:
+    """A passage's tokens in the grid's `text.passage_format` (README, *Fidelity*).
+
+    paper: `title + " " + text` as one segment, exactly as the paper's code built it.
+    dpr: `[CLS] title [SEP] text [SEP]` with every segment id 0, as DPR's training fed its
+        encoders (it zeroes the segment ids of every batch), truncated as DPR's `truncation=True`
+        (longest first); a passage with an empty title is its text alone, as in DPR.
+    Without titles (`embed_title: false`) both are the text alone.
+    """
+    if passage_format == "paper":
+        texts = [f"{p.title} {p.text}" if embed_title else p.text for p in passages]
+        return _tokenize(tokenizer, texts, max_length)
+    if passage_format == "dpr":
+        inputs = [(p.title, p.text) if embed_title and p.title else p.text for p in passages]
+        return _tokenize(tokenizer, inputs, max_length, zero_segments=True)
+    raise ValueError(f"unknown passage format {passage_format!r}")
 
 
-def _tokenize(tokenizer, texts: list[str], titles: list[str] | None, max_length: int) -> TokenizedTexts:
+def _tokenize(tokenizer, inputs: list[str | tuple[str, str]], max_length: int, zero_segments: bool = False) -> TokenizedTexts:
+    """Texts (or title/text pairs) to flat token arrays; `zero_segments` sets every token type id to 0."""
     ids: list[np.ndarray] = []
     types: list[np.ndarray] = []
     lengths: list[int] = []
-    for start in range(0, len(texts), TOKENIZE_CHUNK):
-        chunk = texts[start : start + TOKENIZE_CHUNK]
-        if titles is None:
-            encoded = tokenizer(chunk, truncation=True, max_length=max_length)
-        else:
-            encoded = tokenizer(titles[start : start + TOKENIZE_CHUNK], chunk, truncation="only_second", max_length=max_length)
+    for start in range(0, len(inputs), TOKENIZE_CHUNK):
+        encoded = tokenizer(inputs[start : start + TOKENIZE_CHUNK], truncation=True, max_length=max_length)
         for i, row in enumerate(encoded["input_ids"]):
             ids.append(np.asarray(row, dtype=np.int32))
             lengths.append(len(row))
             if "token_type_ids" in encoded:
-                types.append(np.asarray(encoded["token_type_ids"][i], dtype=np.int8))
+                row_types = encoded["token_type_ids"][i]
+                types.append(np.zeros(len(row), dtype=np.int8) if zero_segments else np.asarray(row_types, dtype=np.int8))
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)

@@ -39,3 +39,9 @@ def is_cached(model: str) -> bool:
 
 def uncached(models: Iterable[str]) -> list[str]:
     return sorted({m for m in models if not is_cached(m)})
+
+
+def checkpoint_here(name_or_path: str) -> bool:
+    """A local model folder, or a hub model whose config is in the local cache: something that
+    `plan` and `submit` can load and check before the queue wait."""
+    return Path(name_or_path).is_dir() or is_cached(name_or_path)

@@ -30,14 +30,28 @@ def backward_batch(question_tower: torch.nn.Module, passage_tower: torch.nn.Modu
 
 
 def clip_and_step(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, max_grad_norm: float) -> None:
-    """Clip and step; with fp16 the gradients are unscaled before clipping, and a step whose
-    gradients overflowed is skipped by the scaler."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    """Clip (unless `max_grad_norm` is 0: the paper's code never clipped) and step; with fp16
+    the gradients are unscaled before clipping, and a step whose gradients overflowed is
+    skipped by the scaler."""
+    if max_grad_norm > 0:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     if scaler is None:
         optimizer.step()
     else:
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, floor: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the full LR, then linear decay, the multiplier never below `floor`:
+    the paper's lr_lambda with floor 1e-7, DPR's (and transformers') with floor 0."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, floor))
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, floor: float) -> float:
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(floor, (total_steps - step) / max(1, total_steps - warmup_steps))

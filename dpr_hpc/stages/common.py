@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import resource
 import sys
@@ -89,7 +90,7 @@ def tokenized(io: StageIO, cell: CellConfig, what: str, data_file: Path, tokeniz
     file and settings, whichever grid, cell or stage asks first."""
     from dpr_hpc.modeling.token_cache import TokenCache
 
-    settings = {"max_length": cell.text.max_length, "embed_title": cell.text.embed_title}
+    settings = dataclasses.asdict(cell.text)  # max length, titles, passage format
     return TokenCache(io.token_cache).get(what, data_file, tokenizer, settings, build)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpr_hpc.data import evaluation_pool, read_records
+from dpr_hpc.data import evaluation_pool, pool_with_duplicates, read_records
 from dpr_hpc.fsutil import save_array, write_file_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.modeling.batching import tokenize_passages
@@ -24,16 +24,17 @@ from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, peak
 
 def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     device = pick_device()
-    precision = resolve_precision(cell.precision, device)
+    precision = resolve_precision(cell.precision.encode, device)
     encoder, tokenizer = load_trained_tower(cell, io, "passage", device)
     dev_file = cell.data_path("dev")
-    pool = evaluation_pool(read_records(dev_file), source=str(dev_file))
+    records = read_records(dev_file)
+    pool = evaluation_pool(records, source=str(dev_file))
     if not pool:
         raise ValueError(f"{dev_file}: the evaluation pool is empty (no question has a positive passage)")
 
     started = time.perf_counter()
     texts = tokenized(io, cell, "dev-passages", dev_file, tokenizer,
-                      lambda: tokenize_passages(tokenizer, pool, cell.text.max_length, cell.text.embed_title))
+                      lambda: tokenize_passages(tokenizer, pool, cell.text.max_length, cell.text.embed_title, cell.text.passage_format))
     tokenize_s = time.perf_counter() - started
     progress(f"encoding {len(pool)} passages ({precision}, {'cached' if texts.hit else 'fresh'} tokens)")
 
@@ -56,7 +57,9 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     write_file_atomic(paths.passage_ids, lambda tmp: save_array(tmp, np.array([p.passage_id for p in pool], dtype=str)))
     artifacts: list[Path] = ([paths.index_file] if kept else []) + [paths.passage_ids]
     return StageOutput(
-        metrics={"num_passages": len(pool), "dim": int(encoded.embeddings.shape[1])},
+        # The pool before de-duplication is what the paper indexed and reported (935,159 on NQ dev).
+        metrics={"num_passages": len(pool), "pool_with_duplicates": pool_with_duplicates(records, source=str(dev_file)),
+                 "dim": int(encoded.embeddings.shape[1])},
         timings={
             "encode_s": encoded.encode_s,
             "index_build_s": index_build_s,
@@ -65,7 +68,8 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
             **peak_memory(device),
         },
         artifacts=[str(p.relative_to(paths.dir)) for p in artifacts],
-        details={"device": device.type, "index_type": cell.index.type, "precision": precision,
+        details={"device": device.type, "index_type": cell.index.type, "precision": precision, "precision_requested": cell.precision.encode,
+                 "passage_format": cell.text.passage_format,
                  "tokens_cached": texts.hit, "reused_shards": encoded.reused_shards,
                  "encode_nodes": list(encoded.nodes), "index_file_kept": kept},
         discard=[paths.shards],

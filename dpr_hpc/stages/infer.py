@@ -1,7 +1,8 @@
 """Infer stage: encode the dev questions, search top-k one query at a time, score the rankings.
 
 ITA (the paper's inference time average) is the mean over queries of one `index.search` call
-each; question encoding is timed apart and excluded, as in the paper.
+each; question encoding is timed apart and excluded, as in the paper. Its SD is the sample SD
+(ddof 1, `ita_sd_ddof` in the record); the paper's code took np.std's default, ddof 0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from dpr_hpc.modeling.searcher import load_index, search_one_at_a_time
 from dpr_hpc.plan import SEARCHED_INDEX_REPEAT
 from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, progress, tokenized
 
+
+ITA_SD_DDOF = 1  # the sample SD; the paper's code used np.std's default, ddof 0
+
+
 def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     device = pick_device()
     encoder, tokenizer = load_trained_tower(cell, io, "question", device)
@@ -30,7 +35,7 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     if not questions:
         raise ValueError(f"{dev_file}: no question has a positive passage")
 
-    precision = resolve_precision(cell.precision, device)
+    precision = resolve_precision(cell.precision.encode, device)
     tokens = tokenized(io, cell, "dev-questions", dev_file, tokenizer,
                       lambda: tokenize_questions(tokenizer, [q.question for q in questions], cell.text.max_length))
     encoded = encode(encoder, tokens.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision)
@@ -56,13 +61,14 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         metrics=metrics,
         timings={
             "ita_mean_ms": float(times_ms.mean()),
-            "ita_sd_ms": float(times_ms.std(ddof=1)) if len(times_ms) > 1 else 0.0,
+            "ita_sd_ms": float(times_ms.std(ddof=ITA_SD_DDOF)) if len(times_ms) > ITA_SD_DDOF else 0.0,
             "ita_median_ms": float(np.median(times_ms)),
             "search_total_s": float(times_ms.sum() / 1000.0),
             "question_encode_s": question_encode_s,
             **peak_memory(device),
         },
         artifacts=[io.out.rankings.name],
-        details={"device": device.type, "searched_index_repeat": SEARCHED_INDEX_REPEAT, "precision": precision, "tokens_cached": tokens.hit},
+        details={"device": device.type, "searched_index_repeat": SEARCHED_INDEX_REPEAT, "precision": precision,
+                 "precision_requested": cell.precision.encode, "ita_sd_ddof": ITA_SD_DDOF, "tokens_cached": tokens.hit},
     )
 

@@ -11,14 +11,15 @@ tokenization, model loading, checkpoint writes, queue waits and restarts are tim
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
-from transformers import get_linear_schedule_with_warmup
 
 from dpr_hpc.data import TrainingExample, read_records, training_examples
 from dpr_hpc.fsutil import atomic_folder, read_json, write_json_atomic
@@ -28,7 +29,7 @@ from dpr_hpc.modeling.batch_probe import CPU_FALLBACK, MAX_BATCH, gpu_step_probe
 from dpr_hpc.modeling.encoding import PAD_MULTIPLE
 from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
 from dpr_hpc.modeling.precision import autocast, grad_scaler, resolve_precision
-from dpr_hpc.modeling.train_step import backward_batch, clip_and_step
+from dpr_hpc.modeling.train_step import backward_batch, clip_and_step, linear_schedule
 from dpr_hpc.provenance import now_iso
 from dpr_hpc.resume.rng import capture_rng, restore_rng
 from dpr_hpc.resume.segments import FINISHED, Segment, SegmentLog
@@ -75,13 +76,14 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
 
     question_encoder.to(device).train()
     passage_encoder.to(device).train()
-    precision = resolve_precision(cell.precision, device)
+    precision = resolve_precision(cell.precision.train, device)
     batch_size, batch_choice = _batch_size(cell, paths.batch_size, question_encoder, passage_encoder, question_tokenizer, device, precision, len(examples))
     parameters = list(question_encoder.parameters()) + list(passage_encoder.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # Decay on every parameter, biases and LayerNorm too, as the paper's AdamW(model.parameters()).
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, eps=1e-8, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    scheduler = linear_schedule(optimizer, cfg.warmup_steps, total_steps, cfg.lr_floor)
     scaler = grad_scaler(precision, device)
     chunk_size = cell.grad_cache.chunk_size
     order_generator = torch.Generator().manual_seed(cfg.seed)
@@ -141,7 +143,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
             position.next_batch = 0
         while position.next_batch < steps_per_epoch:
             rows = position.order[position.next_batch * batch_size : (position.next_batch + 1) * batch_size]
-            question_batches, passage_batches = batches.chunks(rows, chunk_size, device)
+            question_batches, passage_batches = batches.chunks(rows, chunk_size, device, position.epoch)
             loss = backward_batch(question_encoder, passage_encoder, question_batches, passage_batches, bool(chunk_size), precision, device, scaler)
             clip_and_step(parameters, optimizer, scaler, cfg.max_grad_norm)
             scheduler.step()
@@ -200,7 +202,10 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
             "native_size": question_encoder.native_size,
             "device": device.type,
             "examples_without_negative": batches.without_negative,
+            "hard_negative": cfg.hard_negative,
             "precision": precision,
+            "precision_requested": cell.precision.train,
+            "grad_scaler": scaler is not None,
             "tokens_cached": batches.cache_hits == 3,
             "batch_size": batch_size,
             "batch_size_choice": batch_choice,
@@ -252,31 +257,58 @@ def _write_progress(path, position: Position, epochs: int, steps_per_epoch: int,
     })
 
 
+def epoch_negatives(pool_sizes: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """`hard_negative: shuffle`: which of its negatives each example trains with in `epoch`, as
+    an offset into its pool (DPR shuffles each example's hard negatives every epoch and takes
+    the first, i.e. a uniform draw). Drawn from a generator seeded by the seed and the epoch
+    alone, so a resumed training draws the same without storing anything; 0 for an empty pool."""
+    digest = hashlib.sha256(f"hard-negatives/{seed}/{epoch}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    draws = torch.rand(len(pool_sizes), generator=generator, dtype=torch.float64).numpy()
+    return np.minimum((draws * pool_sizes).astype(np.int64), np.maximum(pool_sizes - 1, 0))
+
+
 class _TokenizedExamples:
     """Examples tokenized once (through the grid's token cache); a batch is their rows, padded
-    to its longest sequence rounded up to a multiple of 8."""
+    to its longest sequence rounded up to a multiple of 8. With `hard_negative: first` only each
+    example's first negative is tokenized; with `shuffle` its whole pool."""
 
     def __init__(self, examples: list[TrainingExample], question_tokenizer, passage_tokenizer, cell: CellConfig, io: StageIO) -> None:
-        max_length, titles = cell.text.max_length, cell.text.embed_title
+        text = cell.text
         source = cell.data_path("train")
-        with_negative = [i for i, e in enumerate(examples) if e.negative is not None]
+        self.shuffle, self.seed = cell.train.hard_negative == "shuffle", cell.train.seed
+        pools = [e.negatives if self.shuffle else e.negatives[:1] for e in examples]
+        self.pool_sizes = np.array([len(pool) for pool in pools], dtype=np.int64)
+        self.pool_starts = np.concatenate(([0], np.cumsum(self.pool_sizes)[:-1])).astype(np.int64)
+        flat_pool = [passage for pool in pools for passage in pool]
+
+        def passages(items):
+            return lambda: tokenize_passages(passage_tokenizer, items, text.max_length, text.embed_title, text.passage_format)
+
         self.questions = tokenized(io, cell, "train-questions", source, question_tokenizer,
-                                   lambda: tokenize_questions(question_tokenizer, [e.question for e in examples], max_length))
-        self.positives = tokenized(io, cell, "train-positives", source, passage_tokenizer,
-                                   lambda: tokenize_passages(passage_tokenizer, [e.positive for e in examples], max_length, titles))
-        self.negatives = tokenized(io, cell, "train-negatives", source, passage_tokenizer,
-                                   lambda: tokenize_passages(passage_tokenizer, [examples[i].negative for i in with_negative], max_length, titles))
-        self.negative_row = {example: row for row, example in enumerate(with_negative)}
-        self.without_negative = len(examples) - len(with_negative)
+                                   lambda: tokenize_questions(question_tokenizer, [e.question for e in examples], text.max_length))
+        self.positives = tokenized(io, cell, "train-positives", source, passage_tokenizer, passages([e.positive for e in examples]))
+        self.negatives = tokenized(io, cell, "train-negative-pools" if self.shuffle else "train-negatives", source, passage_tokenizer,
+                                   passages(flat_pool))
+        self.without_negative = int((self.pool_sizes == 0).sum())
         self.cache_hits = sum(t.hit for t in (self.questions, self.positives, self.negatives))
         self.question_pad = question_tokenizer.pad_token_id
         self.passage_pad = passage_tokenizer.pad_token_id
+        self._epoch_rows: tuple[int, np.ndarray] | None = None
 
-    def chunks(self, rows: list[int], chunk_size: int, device: torch.device) -> tuple[list[dict], list[dict]]:
-        """The batch's questions, and its passages (the B positives first, then the hard
-        negatives), in chunks of `chunk_size` (0: one chunk each, the whole batch), each chunk
-        padded to its own longest sequence."""
-        negatives = [self.negative_row[i] for i in rows if i in self.negative_row]
+    def negative_rows(self, epoch: int) -> np.ndarray:
+        """Each example's negative in `epoch` as a row of `self.negatives`, -1 where it has none."""
+        if self._epoch_rows is None or self._epoch_rows[0] != epoch:
+            offsets = epoch_negatives(self.pool_sizes, self.seed, epoch) if self.shuffle else np.zeros_like(self.pool_sizes)
+            self._epoch_rows = (epoch, np.where(self.pool_sizes > 0, self.pool_starts + offsets, -1))
+        return self._epoch_rows[1]
+
+    def chunks(self, rows: list[int], chunk_size: int, device: torch.device, epoch: int) -> tuple[list[dict], list[dict]]:
+        """The batch's questions, and its passages (the B positives first, then this epoch's
+        hard negatives), in chunks of `chunk_size` (0: one chunk each, the whole batch), each
+        chunk padded to its own longest sequence."""
+        negative_rows = self.negative_rows(epoch)
+        negatives = [int(negative_rows[i]) for i in rows if negative_rows[i] >= 0]
         questions = rows_of(self.questions.texts, rows)
         passages = rows_of(self.positives.texts, rows) + rows_of(self.negatives.texts, negatives)
         return self._padded_chunks(questions, chunk_size, self.question_pad, device), self._padded_chunks(passages, chunk_size, self.passage_pad, device)
