@@ -1,5 +1,5 @@
 # Two commands set up a fresh machine:
-#   make demo   install, generate the offline demo, run it end to end, print the table
+#   make demo   install, generate the offline demo, run it end to end, print the table, write its report
 #   make test   install and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,6 +22,7 @@ demo: install
 	$(BIN)/dpr-hpc generate-demo data/demo
 	$(BIN)/dpr-hpc submit jobs/demo.yaml --backend local
 	$(BIN)/dpr-hpc collect jobs/demo.yaml --median
+	$(BIN)/dpr-hpc report jobs/demo.yaml --baseline BERT-64
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -31,4 +32,4 @@ bench: install
 	$(BIN)/dpr-hpc bench
 
 clean:
-	rm -rf runs data/demo results/*.csv results/*.md
+	rm -rf runs data/demo results/*.csv results/*.md results/*/

@@ -59,6 +59,8 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         },
         artifacts=[paths.index_file.name, paths.passage_ids.name],
         details={"device": device.type, "index_type": cell.index.type, "precision": precision,
-                 "tokens_cached": texts.hit, "reused_shards": encoded.reused_shards},
+                 "tokens_cached": texts.hit, "reused_shards": encoded.reused_shards,
+                 # The report's Figure 1 reads the pool's token lengths from this entry.
+                 "token_cache_entry": f"dev-passages-{texts.key}.npz"},
         discard=[paths.shards],
     )
