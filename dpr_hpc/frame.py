@@ -25,7 +25,7 @@ from dpr_hpc.layout import DEFAULT_RUNS_ROOT
 DOCUMENTED_COLUMNS = (
     "cell_id", "encoder", "embedding_size", "batch_size", "repeat", "ttt_s", "pei_s", "ita_mean_ms",
     "acc@1", "acc@20", "acc@100", "mrr@100", "train.key", "train.details.precision", "train.details.batch_size",
-    "train.details.batch_size_choice", "train.details.restarts", "train.details.segments", "train.timings.peak_rss_mb",
+    "train.details.batch_size_choice.source", "train.details.restarts", "train.details.segments", "train.timings.peak_rss_mb",
     "index.timings.peak_rss_mb", "infer.node.hostname", "infer.node.libraries.torch", "infer.key",
 )
 
