@@ -199,13 +199,24 @@ def _local_limits(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _note_left_out(table) -> None:
+    """Notes wrapped to the terminal, so that the table's width promise holds for them too."""
+    width = max(40, _terminal_width())
     left_out = table.attrs.get("left_out", [])
     if left_out:
-        print(f"note: {len(left_out)} stage record(s) left out of the table, not complete; submit the grid again to rerun them:", file=sys.stderr)
+        note = f"note: {len(left_out)} stage record(s) left out of the table, not complete; submit the grid again to rerun them:"
+        print("\n".join(textwrap.wrap(note, width)), file=sys.stderr)
         for line in left_out:
-            print(textwrap.shorten(f"  {line}", max(40, _terminal_width()), placeholder=" …"), file=sys.stderr)
+            print("\n".join(textwrap.wrap(line, width, initial_indent="  ", subsequent_indent="    ")), file=sys.stderr)
     if table.attrs.get("left_cells"):
-        print(f"note: {table.attrs['left_cells']}", file=sys.stderr)
+        print("\n".join(textwrap.wrap(f"note: {table.attrs['left_cells']}", width)), file=sys.stderr)
+
+
+def _shown_path(path: Path) -> str:
+    """A written file as the user would type it: relative to here where it lies below."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _terminal_width() -> int:
@@ -315,7 +326,9 @@ def _collect(args: argparse.Namespace) -> int:
         if args.json:
             outputs.append({"grid": plan.grid_name, "files": [str(p) for p in paths], "rows": json.loads(table.to_json(orient="records"))})
             continue
-        print(f"grid {plan.grid_name}: {len(table)} rows -> {', '.join(str(p) for p in paths)}")
+        print(f"grid {plan.grid_name}: {len(table)} rows ->")
+        for path in paths:
+            print(f"  {_shown_path(path)}")
         print(terminal_table(table, terminal_width(), columns))
         _note_left_out(table)
     if args.json:

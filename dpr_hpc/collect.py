@@ -151,6 +151,8 @@ JSON_SCHEMA_VERSION = 1
 TERMINAL_COLUMNS = ["cell_id", "encoder", "embedding_size", "batch_size", "ttt_s", "pei_s", "ita_mean_ms",
                     "acc@1", "acc@20", "acc@100", "mrr@100", "nodes"]
 COLUMN_GAP = "  "
+# Short headers for the terminal's sake; `--columns` takes the table's own names.
+TERMINAL_HEADERS = {"embedding_size": "ES", "batch_size": "BS", "ttt_s": "TTT_s", "pei_s": "PEI_s", "ita_mean_ms": "ITA_ms"}
 
 
 def parse_formats(text: str) -> list[str]:
@@ -221,12 +223,12 @@ def markdown(table: pd.DataFrame) -> str:
 def terminal_table(table: pd.DataFrame, width: int, columns: Sequence[str] | None = None) -> str:
     """The chosen columns (default TERMINAL_COLUMNS) that fit `width`, in order; a column that
     does not fit is left out (the files have it) and the last line names what was left out."""
-    shown = _with_nodes(table)
+    shown = _for_terminal(table)
     wanted = list(columns) if columns else [c for c in TERMINAL_COLUMNS if c in shown.columns]
     unknown = [c for c in wanted if c not in shown.columns]
     if unknown:
         raise UsageError(f"--columns: no column {', '.join(unknown)}; the table has {', '.join(map(str, shown.columns))}")
-    texts = {c: [str(c)] + [_cell_text(v) for v in shown[c]] for c in wanted}
+    texts = {c: [TERMINAL_HEADERS.get(c, str(c))] + [_cell_text(v) for v in shown[c]] for c in wanted}
     fitted, used = [], 0
     for column in wanted:
         column_width = max(len(t) for t in texts[column])
@@ -250,10 +252,14 @@ def terminal_width() -> int:
     return shutil.get_terminal_size((80, 24)).columns
 
 
-def _with_nodes(table: pd.DataFrame) -> pd.DataFrame:
-    """A `nodes` column for the terminal: every node a row's figures came from, once each."""
+def _for_terminal(table: pd.DataFrame) -> pd.DataFrame:
+    """What the terminal shows: a local encoder by its folder's name (the files keep the path),
+    and a `nodes` column with every node a row's figures came from, once each."""
     node_columns = [c for c in table.columns if c.endswith(("_node", "_nodes"))]
     shown = table.copy()
+    if "encoder" in shown.columns:
+        shown["encoder"] = [" | ".join(Path(part.strip()).name or part for part in str(e).split(" | ")) if e is not None else None
+                            for e in shown["encoder"]]
     shown["nodes"] = [",".join(sorted({n for c in node_columns for n in str(row[c]).split(",") if row[c] is not None and not pd.isna(row[c])})) or None
                       for _, row in table.iterrows()]
     return shown

@@ -104,7 +104,8 @@ def test_collect_writes_one_row_per_repeat_and_median_per_cell(demo_run):
     assert (trained.n_index, trained.n_infer) == (2, 3)
     per_repeat = rows[rows.group == "trained"].ita_mean_ms
     assert trained.ita_mean_ms == pytest.approx(per_repeat.median())
-    assert done.stdout.splitlines()[1].split()[:3] == ["cell_id", "encoder", "embedding_size"]
+    header = next(line for line in done.stdout.splitlines() if line.startswith("cell_id"))
+    assert header.split()[:4] == ["cell_id", "encoder", "ES", "BS"]
 
 
 def test_collect_fits_an_80_column_terminal_and_writes_every_format(demo_run):

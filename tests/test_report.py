@@ -70,7 +70,7 @@ def test_chosen_columns_and_an_unknown_one():
     from dpr_hpc.errors import UsageError
 
     printed = terminal_table(wide_table(), 200, ["embedding_size", "mrr@100"])
-    assert printed.splitlines()[0].split() == ["embedding_size", "mrr@100"]
+    assert printed.splitlines()[0].split() == ["ES", "mrr@100"]
     with pytest.raises(UsageError, match="no column nope"):
         terminal_table(wide_table(), 200, ["nope"])
 
