@@ -13,6 +13,7 @@ lists. Only complete records give values, as in `collect`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ def load_results(grid_or_run: str | Path, median: bool = False, runs_root: str |
     their distinct values joined by commas, with `n_index` and `n_infer`)."""
     from dpr_hpc.runstate import runs_for
 
-    runs = runs_for(grid_or_run, Path(runs_root) if runs_root is not None else DEFAULT_RUNS_ROOT)
+    root = Path(runs_root if runs_root is not None else os.environ.get("DPR_HPC_RUNS", DEFAULT_RUNS_ROOT))  # as the CLI
+    runs = runs_for(grid_or_run, root)
     layout, plan = runs[0]
     found = complete_records(layout, plan)
     frame = results_frame(collect_table(layout, plan, found=found), found)

@@ -100,3 +100,23 @@ def test_metrics_recomputed_from_a_trec_run_file_equal_the_rankings(tmp_path):
     write_qrels(tmp_path / "qrels.trec", qids, gold)
     assert (tmp_path / "run.trec").read_text().splitlines()[:3] == ["q0 Q0 p3 1 9.000000 tag", "q0 Q0 p1 2 8.000000 tag", "q0 Q0 p2 3 7.000000 tag"]
     assert metrics_from_files(tmp_path / "run.trec", tmp_path / "qrels.trec", 100) == pytest.approx(retrieval_metrics(rankings, gold, 100))
+
+
+def test_sacct_accounting_is_read_from_one_call_with_the_steps_peak_rss(monkeypatch):
+    from dpr_hpc.backends import scheduler
+
+    calls = []
+    sacct_output = "\n".join([
+        "81|COMPLETED|2026-11-26T10:38:00|2026-11-26T10:38:38|2026-11-26T10:38:50|00:00:12|01:02.500||2G|billing=1,cpu=2,mem=2G,node=1,gres/gpu=1|gpu01",
+        "81.batch|COMPLETED|2026-11-26T10:38:38|2026-11-26T10:38:38|2026-11-26T10:38:50|00:00:12|00:00.010|12444K|||gpu01",
+        "81.0|COMPLETED|2026-11-26T10:38:38|2026-11-26T10:38:39|2026-11-26T10:38:50|00:00:11|01:02.490|386080K|||gpu01",
+        "82|PENDING|2026-11-26T10:39:00|Unknown|Unknown|00:00:00|00:00:00||2G|billing=1,cpu=1,node=1|None assigned",
+    ])
+    monkeypatch.setattr(scheduler, "_run", lambda command: calls.append(command) or sacct_output)
+    found = scheduler.accounting(["81", "82"])
+    assert len(calls) == 1 and "-j" in calls[0] and "81,82" in calls[0]
+    done, pending = found["81"], found["82"]
+    assert (done.queue_wait_s, done.elapsed_s, done.total_cpu_s) == (38.0, 12.0, 62.5)
+    assert done.max_rss_mb == pytest.approx(386080 / 1024) and done.alloc_mem_mb == 2048.0
+    assert (done.gpus, done.cpus) == (1, 2)
+    assert pending.queue_wait_s is None and pending.max_rss_mb is None
