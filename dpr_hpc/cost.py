@@ -22,8 +22,8 @@ from dpr_hpc.provenance import node_label
 from dpr_hpc.results import Records
 
 JOB_COLUMNS = ["stage", "repeat", "key", "cells", "job_id", "node", "wall_s", "queue_wait_s", "restarts", "gpu_hours", "cpu_hours",
-               "peak_rss_mb", "requested_mem_mb", "peak_gpu_mb", "gpu_mem_mb", "source"]
-SUMMED = ["wall_s", "queue_wait_s", "restarts", "gpu_hours", "cpu_hours"]
+               "cpu_time_s", "peak_rss_mb", "requested_mem_mb", "peak_gpu_mb", "gpu_mem_mb", "source"]
+SUMMED = ["wall_s", "queue_wait_s", "restarts", "gpu_hours", "cpu_hours", "cpu_time_s"]
 
 
 @dataclass
@@ -90,6 +90,9 @@ def _job_row(plan: Plan, job: StageJob, record: dict[str, Any] | None, sacct: Jo
     gpus = sacct.gpus if sacct else (1 if node.get("device") == "cuda" else 0)
     cpus = (sacct.cpus if sacct and sacct.cpus else None) or _record_cpus(record)
     (from_sacct if sacct else from_record).append("GPU/CPU count")
+    cpu_time_s = sacct.total_cpu_s if sacct else None
+    if cpu_time_s is not None:
+        from_sacct.append("TotalCPU")
     hours = (wall_s or 0.0) / 3600.0
     peak_gpu_mb = timings.get("peak_gpu_mb")
     if peak_gpu_mb is not None:
@@ -103,7 +106,7 @@ def _job_row(plan: Plan, job: StageJob, record: dict[str, Any] | None, sacct: Jo
         "wall_s": wall_s, "queue_wait_s": queue_wait_s, "restarts": restarts,
         "gpu_hours": hours * gpus if gpus and wall_s is not None else None,
         "cpu_hours": hours * cpus if not gpus and wall_s is not None else None,
-        "peak_rss_mb": peak_rss_mb, "requested_mem_mb": requested_mem_mb,
+        "cpu_time_s": cpu_time_s, "peak_rss_mb": peak_rss_mb, "requested_mem_mb": requested_mem_mb,
         "peak_gpu_mb": peak_gpu_mb, "gpu_mem_mb": node["gpu_memory_gb"] * 1024 if node.get("gpu_memory_gb") else None,
         "source": source or "none",
     }

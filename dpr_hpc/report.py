@@ -331,7 +331,7 @@ def cost_section(cost: CostTable) -> str:
         "## Cost",
         f"Per stage job; wall time, queue wait (start - submit) and peak RSS from the scheduler's accounting where there is one, "
         f"else from the records (each row's `source` says which). Accounting: {cost.sacct_note}. "
-        "GPU-hours where the job had a GPU, else CPU-hours (wall time x CPUs). Peak GPU memory is the record's (torch's "
+        "GPU-hours where the job had a GPU, else CPU-hours (wall time x CPUs allotted); cpu_time_s is the CPU time used (sacct's TotalCPU). Peak GPU memory is the record's (torch's "
         "max allocated) against the GPU's memory; requested memory is SLURM's allocation. "
         "n/a: no source measured it (a local job has no queue and no request; a CPU job no GPU).",
         markdown(shown(cost.jobs)),
