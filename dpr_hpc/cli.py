@@ -27,6 +27,7 @@ typical use:
   dpr-hpc submit jobs/paper.yaml        run every stage not yet complete
   dpr-hpc status                        where every cell and stage stands
   dpr-hpc collect --median              one table, medians over repeats
+  dpr-hpc report jobs/paper.yaml        tables, figures, node variance and cost in results/paper/
 """
 
 
