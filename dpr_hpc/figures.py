@@ -55,7 +55,7 @@ def metric_vs_size(series: Sequence[Series], path: Path, title: str, ylabel: str
 def token_lengths(lengths: dict[str, np.ndarray], max_length: int, path: Path, title: str, note: str) -> Path:
     """Density of passage token lengths per tokenizer, the cut-off as a red line, and a note
     (the share truncated, and what the lengths can and cannot tell)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
     top = max(int(max(v.max() for v in lengths.values())) if lengths else max_length, max_length)
     bins = np.arange(0, top + 2) if top <= 128 else np.linspace(0, top + 1, 129)
     for number, (label, values) in enumerate(lengths.items()):
@@ -64,10 +64,9 @@ def token_lengths(lengths: dict[str, np.ndarray], max_length: int, path: Path, t
     ax.set_xlabel("passage length (tokens, title and text)")
     ax.set_ylabel("density")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.text(0.98, 0.97, textwrap.fill(note, 48), transform=ax.transAxes, fontsize=7, ha="right", va="top",
-            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#bbb"})
-    return _save(fig, path)
+    ax.legend(fontsize=8, loc="best")
+    fig.text(0.01, 0.01, textwrap.fill(note, 110), fontsize=7, va="bottom")
+    return _save(fig, path, bottom=0.13)
 
 
 @dataclass(frozen=True)
@@ -105,9 +104,10 @@ def node_variance(nodes: Sequence[NodePoints], factor: float, path: Path) -> Pat
     return _save(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, bottom: float = 0.0) -> Path:
+    """`bottom`: the share of the height kept free below the axes for a note."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

@@ -254,6 +254,7 @@ def _token_length_figure(layout: RunLayout, plan: Plan, found: CompleteRecords, 
     if not lengths:
         sections.append(f"## {title}\n\n{MISSING}: the token cache entries cannot be read: {'; '.join(unreadable)}")
         return []
+    lengths = _merge_identical(lengths)
     max_length = max(max_lengths)
     shares = {family: float((values >= max_length).mean()) for family, values in lengths.items()}
     share_text = ", ".join(f"{family} {share:.1%}" for family, share in shares.items())
@@ -263,6 +264,19 @@ def _token_length_figure(layout: RunLayout, plan: Plan, found: CompleteRecords, 
     sections.append(f"## {title}\n\n![{title}](figure-token-lengths.png)\n\n{note}"
                     + (f"\n\nUnreadable entries: {'; '.join(unreadable)}" if unreadable else ""))
     return [path]
+
+
+def _merge_identical(lengths: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tokenizers that give the same lengths share one line ('BERT = DistilBERT'), which would
+    otherwise be drawn on top of each other with only the last visible."""
+    merged: dict[str, np.ndarray] = {}
+    for family, values in lengths.items():
+        same = next((label for label, other in merged.items() if np.array_equal(other, values)), None)
+        if same is None:
+            merged[family] = values
+        else:
+            merged[f"{same} = {family}"] = merged.pop(same)
+    return merged
 
 
 # --- Hardware variance ------------------------------------------------------------------------
