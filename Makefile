@@ -31,5 +31,11 @@ test: install
 bench: install
 	$(BIN)/dpr-hpc bench
 
+# Build output and the demo only: runs/ holds days of GPU results, which are deleted on purpose,
+# by hand, never by a make target.
 clean:
-	rm -rf runs data/demo results/*.csv results/*.md results/*/
+	rm -rf build dist *.egg-info .pytest_cache runs/demo data/demo results/demo.csv results/demo.md \
+		results/demo-median.csv results/demo-median.md results/demo/
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+	@echo "make clean: removed build output and the demo (runs/demo, data/demo, results/demo/)."
+	@echo "Other run folders in runs/ are kept; delete one on purpose with: rm -rf runs/<grid name>"

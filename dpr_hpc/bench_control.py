@@ -18,7 +18,7 @@ from typing import Any, Callable
 from unittest import mock
 
 from dpr_hpc.backends import scheduler
-from dpr_hpc.backends.profile import default_resources
+from dpr_hpc.grid.resources import default_resources
 from dpr_hpc.backends.slurm import SlurmBackend
 from dpr_hpc.grid import load_grid
 from dpr_hpc.layout import RunLayout
@@ -84,7 +84,7 @@ def _simulated_queue(stack: ExitStack) -> dict[str, scheduler.JobInfo]:
         return job_id
 
     stack.enter_context(mock.patch.object(SlurmBackend, "_sbatch", sbatch))
-    stack.enter_context(mock.patch.object(scheduler, "query", lambda ids, since=None: scheduler.SchedulerView({i: queue[i] for i in ids if i in queue}, "simulated")))
+    stack.enter_context(mock.patch.object(scheduler, "query", lambda ids, since=None, users=(): scheduler.SchedulerView({i: queue[i] for i in ids if i in queue}, "simulated")))
     stack.enter_context(mock.patch.object(scheduler, "queued_by_tag", lambda: {}))
     stack.enter_context(mock.patch.object(scheduler, "submit_capacity", lambda: None))
     stack.enter_context(mock.patch.object(scheduler, "slurm_available", lambda: True))

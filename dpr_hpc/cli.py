@@ -1,9 +1,11 @@
-"""dpr-hpc's command line. Exit codes: 0 success, 1 a stage job failed, 2 bad input."""
+"""dpr-hpc's command line. Exit codes: 0 success, 1 a stage job failed (or the scheduler did
+not answer), 2 bad input, 3 a submit that left jobs deferred by the cluster's submit limit."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import textwrap
@@ -15,6 +17,9 @@ from dpr_hpc.layout import DEFAULT_RUNS_ROOT, RunLayout
 
 if TYPE_CHECKING:
     from dpr_hpc.plan import Plan
+# A submit that queued what it could but had to defer jobs over the cluster's submit limit:
+# not a failure, not done either (scripts that loop on submit wait on this code).
+EXIT_DEFERRED = 3
 
 DESCRIPTION = """\
 Run the grid of "Improving Efficiency in Dense Passage Retrieval" (DPR bi-encoders with BERT,
@@ -183,13 +188,14 @@ def _plan(args: argparse.Namespace) -> int:
                  "exists" if j in existing else "to run"] for j in jobs]
     print(_columns(["STAGE", "R", "KEY", "CELLS", "STORE"], job_rows))
     _note_missing(grid.missing_data)
+    _check_hub_models(grid, refuse=False)
     return 0
 
 
 def _local_limits(args: argparse.Namespace) -> dict[str, float]:
     limits: dict[str, float] = {}
     if args.time_limit is not None:
-        if not args.time_limit > 0:
+        if not (math.isfinite(args.time_limit) and args.time_limit > 0):
             raise UsageError(f"--time-limit: expected a positive number of minutes, got {args.time_limit:g}")
         limits["timeout_min"] = args.time_limit
     if args.signal_delay is not None:
@@ -231,9 +237,27 @@ def _note_missing(missing_files: Sequence[str]) -> None:
         print(f"note: not found here (needed before submit): {missing}", file=sys.stderr)
 
 
+def _check_hub_models(grid, refuse: bool) -> None:
+    """Hub models absent from the local Hugging Face cache: a note, or with `refuse` (a real
+    submit) and the hub offline, a grid error, since every job would fail after its queue wait."""
+    from dpr_hpc.errors import GridError
+    from dpr_hpc.modeling.hub import hub_cache_dir, hub_offline, uncached
+
+    missing = uncached(model for cell in grid.cells for model in cell.hub_models)
+    offline = hub_offline()
+    if missing and offline and refuse:
+        group = next(cell.group for cell in grid.cells if missing[0] in cell.hub_models)
+        raise GridError(str(grid.path), f"block {group}: encoder", f"hub model {missing[0]} is not in the local Hugging Face cache "
+                        f"({hub_cache_dir()}) and the hub is offline (HF_HUB_OFFLINE); download it where the hub is reachable, or set HF_HOME to a cache that has it")
+    for model in missing:
+        after = "offline (HF_HUB_OFFLINE): submit refuses it" if offline else "downloaded on first use where the hub is reachable"
+        print(f"note: hub model {model} is not in the local Hugging Face cache ({hub_cache_dir()}); {after}", file=sys.stderr)
+
+
 def _submit(args: argparse.Namespace) -> int:
     from dpr_hpc.backends import scheduler
     from dpr_hpc.backends.local import LocalBackend
+    from dpr_hpc.backends.profile import grid_resources
     from dpr_hpc.backends.slurm import SlurmBackend
     from dpr_hpc.grid import load_grid
     from dpr_hpc.plan import make_plan
@@ -246,26 +270,32 @@ def _submit(args: argparse.Namespace) -> int:
     if backend == "slurm" and (args.time_limit is not None or args.signal_delay is not None):
         raise UsageError("--time-limit and --signal-delay apply to the local backend only; on SLURM set time and signal_delay_s in the profile")
     grid = load_grid(args.grid, require_data=not args.dry_run)
-    resources = grid.resources(args.profile)
+    resources = grid_resources(grid, args.profile)
     layout = RunLayout.for_grid(grid.name, args.runs_root)
-    if not args.dry_run:
-        from dpr_hpc.runstate import bind_grid
-
-        bind_grid(layout, args.grid)
-    plan = make_plan(grid, layout.store.content_hashes())
     echo = lambda line: print(line, flush=True)  # noqa: E731
+    if args.dry_run:  # a dry run writes nothing, not even the content-hash memo
+        slurm = SlurmBackend(layout, make_plan(grid), resources, echo)
+        for job, script in slurm.dry_run():
+            print(f"# ---- {job.id} (cell {slurm.plan.users(job)[0]})\n{script}")
+        _note_missing(grid.missing_data)
+        _check_hub_models(grid, refuse=False)
+        return 0
+    if backend == "slurm" and not scheduler.slurm_available():
+        raise UsageError("--backend slurm: no sbatch on PATH here")
+    local_limits = _local_limits(args) if backend == "local" else {}
+    from dpr_hpc.runstate import bind_grid, check_binding
+
+    check_binding(layout, args.grid)
+    _check_hub_models(grid, refuse=True)
+    bind_grid(layout, args.grid)
+    plan = make_plan(grid, layout.store.content_hashes())
     if backend == "slurm":
         slurm = SlurmBackend(layout, plan, resources, echo, hold=args.hold, retry_failed=args.retry_failed)
-        if args.dry_run:
-            for job, script in slurm.dry_run():
-                print(f"# ---- {job.key}\n{script}")
-            _note_missing(grid.missing_data)
-            return 0
-        if not scheduler.slurm_available():
-            raise UsageError("--backend slurm: no sbatch on PATH here")
     print(f"grid {grid.name}: {len(plan.cells)} cells, {len(list(plan.jobs()))} stage jobs -> {layout.root} ({backend})", flush=True)
-    report = (slurm if backend == "slurm" else LocalBackend(layout, plan, echo=echo, **_local_limits(args))).submit(args.grid)
-    return 0 if report.ok else 1
+    report = (slurm if backend == "slurm" else LocalBackend(layout, plan, echo=echo, **local_limits)).submit(args.grid)
+    if not report.ok:
+        return 1
+    return EXIT_DEFERRED if report.deferred else 0
 
 
 def _cancel(args: argparse.Namespace) -> int:
@@ -280,7 +310,7 @@ def _cancel(args: argparse.Namespace) -> int:
         jobs = {job for cell_id in cells for stage in plan.cell(cell_id).stages for job in plan.cell_jobs(cell_id, stage)}
         ledger = Ledger.read(layout.store)
         ids = {job.id: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
-        view = scheduler.query(sorted(set(ids.values())), since=ledger.first_submitted(list(jobs)))
+        view = scheduler.query(sorted(set(ids.values())), ledger.first_submission(), ledger.users())
         active = [job_id for job_id in ids.values() if job_id in view.jobs and view.jobs[job_id].active]
         scheduler.cancel(active)
         print(f"grid {plan.grid_name}: cancelled {len(active)} SLURM jobs")

@@ -9,7 +9,6 @@ so a multi-GB training file is read for hashing once, and hashed again only when
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,8 +85,9 @@ def model_identity(name: str, local_path: str | None, hashes: ContentHashes) -> 
 
 def cached_hub_revision(name: str, revision: str = "main") -> str | None:
     """The commit the local Hugging Face cache holds for `name` (its refs/<revision> file)."""
-    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    ref = cache / f"models--{name.replace('/', '--')}" / "refs" / revision
+    from dpr_hpc.modeling.hub import hub_cache_dir
+
+    ref = hub_cache_dir() / f"models--{name.replace('/', '--')}" / "refs" / revision
     try:
         return ref.read_text().strip() or None
     except OSError:

@@ -6,6 +6,7 @@ each context {"title", "text", "passage_id"} (DPR's own files sometimes say "psg
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +44,34 @@ class DataFormatError(ValueError):
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    with Path(path).open() as handle:
-        records = json.load(handle)
+    """The file's records, read as UTF-8 (a byte-order mark allowed), whatever the locale."""
+    try:
+        with Path(path).open(encoding="utf-8-sig") as handle:
+            records = json.load(handle)
+    except UnicodeDecodeError:
+        raise DataFormatError(f"{path}: not valid UTF-8 at byte {first_invalid_utf8_byte(Path(path))}; save it as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
     if not isinstance(records, list):
         raise DataFormatError(f"{path}: expected a JSON list of question records")
     return records
+
+
+def first_invalid_utf8_byte(path: Path) -> int:
+    """The byte offset of the first byte that is not UTF-8 (read in chunks: data files are GBs)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    consumed = 0
+    with path.open("rb") as handle:
+        while True:
+            chunk = handle.read(1 << 20)
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                return consumed - pending + exc.start
+            if not chunk:
+                return -1
+            consumed += len(chunk)
 
 
 def training_examples(records: list[dict[str, Any]], source: str = "data") -> list[TrainingExample]:

@@ -152,3 +152,13 @@ def append_line(path: Path, line: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+
+def save_array(path: Path, array: Any) -> None:
+    """A NumPy array in .npy format at exactly `path` (np.save given a path would add '.npy' to
+    a temporary name); for `write_file_atomic`."""
+    import numpy as np
+
+    with Path(path).open("wb") as handle:
+        np.save(handle, array)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import getpass
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -79,13 +80,6 @@ class Ledger:
         attempt = len(self.entries.get(job.id, []))
         return hashlib.sha256(f"{self.path.resolve()}|{job.id}|{attempt}".encode()).hexdigest()[:NONCE_LENGTH]
 
-    def first_submitted(self, jobs: list[StageJob] | None = None) -> str | None:
-        """When the earliest of these jobs (default: all) was first submitted: sacct is asked from
-        then, so a recycled job id of someone else's older job cannot answer for ours."""
-        ids = [j.id for j in jobs] if jobs is not None else list(self.entries)
-        stamps = [h[0]["submitted_at"] for i in ids if (h := self.entries.get(i))]
-        return min(stamps) if stamps else None
-
     def recently_submitted(self, job: StageJob, now: datetime | None = None) -> bool:
         latest = self.latest(job)
         if latest is None:
@@ -93,12 +87,22 @@ class Ledger:
         submitted = datetime.fromisoformat(latest["submitted_at"])
         return ((now or datetime.now(timezone.utc)) - submitted).total_seconds() < UNLISTED_GRACE_S
 
+    def first_submission(self) -> datetime | None:
+        """When the first job of this ledger was submitted: sacct need look no further back."""
+        times = [datetime.fromisoformat(e["submitted_at"]) for history in self.entries.values() for e in history]
+        return min(times) if times else None
+
+    def users(self) -> list[str]:
+        """Who submitted this ledger's jobs (a group may share a run folder); this user for
+        entries from before users were recorded."""
+        return sorted({e.get("user") or getpass.getuser() for history in self.entries.values() for e in history})
+
     def latest_ids(self) -> dict[str, str]:
         return {job_id: history[-1]["job_id"] for job_id, history in self.entries.items() if history}
 
     def record(self, job: StageJob, job_id: str, backend: str = "slurm", **extra: Any) -> None:
         """Append and sync at once, so a submit that dies half-way keeps what it submitted."""
-        entry = {"job_id": job_id, "submitted_at": now_iso(), "backend": backend, **extra}
+        entry = {"job_id": job_id, "submitted_at": now_iso(), "backend": backend, "user": getpass.getuser(), **extra}
         self.entries.setdefault(job.id, []).append(entry)
         append_line(self.path, json.dumps({"job": job.id, **entry}, sort_keys=True))
 

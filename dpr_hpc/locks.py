@@ -80,6 +80,8 @@ class LockFile:
                 self._start_heartbeat()
                 return self
             holder = self.read_holder(self.path)
+            if holder is None and not self.path.exists():
+                continue  # released between the two calls: try again at once
             if self._is_stale(holder):
                 self._break(holder)
                 continue
@@ -163,7 +165,7 @@ class LockFile:
             try:
                 return time.time() - self.path.stat().st_mtime > self.stale_after_s
             except FileNotFoundError:
-                return False  # released meanwhile: just try again
+                return False  # released meanwhile: the next round takes it
         if time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s:
             return True
         return holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid"))

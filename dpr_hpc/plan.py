@@ -10,11 +10,11 @@ Lookups are dictionaries built once: plan, submit and status stay linear in the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from dpr_hpc.content import ContentHashes
 from dpr_hpc.grid import CellConfig, Grid
-from dpr_hpc.grid.config import STAGES, cell_from_json
+from dpr_hpc.grid.config import cell_from_json
 from dpr_hpc.stage_keys import stage_keys
 
 # Every infer repeat searches this index repeat's index.
@@ -139,6 +139,3 @@ def make_plan(grid: Grid, hashes: ContentHashes | None = None) -> Plan:
     hashes.save()
     return Plan(grid.name, grid.cells, keys)
 
-
-def stages_in_order(stages: Iterable[str]) -> list[str]:
-    return [s for s in STAGES if s in set(stages)]

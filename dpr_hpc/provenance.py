@@ -35,6 +35,11 @@ def node_tags() -> dict[str, Any]:
     return tags
 
 
+def node_name() -> str:
+    """This process's node as node_label shows it: SLURM's node name, else the host."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def node_label(tags: dict[str, Any]) -> str:
     """The short name a table shows: SLURM's node name where there is one, else the host."""
     return str(tags.get("slurm_node") or tags.get("hostname", "?"))

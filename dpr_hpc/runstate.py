@@ -60,7 +60,7 @@ def load_plan(layout: RunLayout) -> Plan:
     try:
         return Plan.from_json(read_json(layout.plan_file))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UsageError(f"{layout.plan_file}: cannot be read ({type(exc).__name__}: {exc}); submit the grid again to rewrite it") from None
+        raise UsageError(f"{layout.plan_file}: damaged ({type(exc).__name__}: {exc}); 'dpr-hpc submit GRID' writes it again") from None
 
 
 def cell_history(layout: RunLayout) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dpr_hpc.backends import scheduler
 from dpr_hpc.claim import dead_claim, live_claim
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import Ledger
+from dpr_hpc.locks import pid_alive
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
 from dpr_hpc.results import Records, RecordCheck
@@ -81,7 +82,7 @@ def stage_states(layout: RunLayout, plan: Plan, records: Records | None = None) 
     view, source = None, "store"
     if ids and scheduler.slurm_available():
         try:
-            view = scheduler.query(sorted(set(ids.values())), since=ledger.first_submitted(list(ids)))
+            view = scheduler.query(sorted(set(ids.values())), ledger.first_submission(), ledger.users())
             source = f"store and {view.source}"
         except scheduler.SchedulerUnreachableError as unreachable:
             source = f"store only: {unreachable}"
@@ -201,17 +202,16 @@ def _scheduler_state(job: StageJob, job_id: str, info: scheduler.JobInfo | None,
         if recent:
             return StageState(job, "PENDING", detail="submitted; not yet listed by the scheduler", job_id=job_id)
         return StageState(job, "FAILED", detail="no longer listed by the scheduler, and no result", log=log, job_id=job_id)
-    if info.state == "PENDING":
+    if info.status == "PENDING":
         if info.reason.startswith("DependencyNeverSatisfied"):
             return StageState(job, "BLOCKED", detail="an upstream job failed", job_id=job_id)
         return StageState(job, "PENDING", detail=info.reason, job_id=job_id)
     if info.active:
-        state = "REQUEUED" if info.state.startswith("REQUEUE") else "RUNNING"
-        return StageState(job, state, info.node, f"elapsed {info.elapsed}", log, job_id)
-    if info.state == "COMPLETED":
+        detail = f"elapsed {info.elapsed}" if info.state in ("RUNNING", "REQUEUED") else f"{info.state}, elapsed {info.elapsed}"
+        return StageState(job, info.status, info.node, detail, log, job_id)
+    if info.status == "COMPLETED":
         return StageState(job, "FAILED", info.node, invalid or "the job ended without a valid result record", log, job_id)
-    state = info.state if info.state in STATES else "FAILED"  # OUT_OF_MEMORY, NODE_FAIL, ... read as FAILED
-    return StageState(job, state, info.node, f"{info.state} exit code {info.exit_code}", log, job_id)
+    return StageState(job, info.status, info.node, f"{info.state} exit code {info.exit_code}", log, job_id)
 
 
 def left_cells_line(layout: RunLayout, plan: Plan, records: Records) -> str:

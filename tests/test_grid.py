@@ -194,3 +194,16 @@ def test_console_script_prints_no_traceback(data_files):
 def test_grid_error_names_file_key_and_expectation():
     error = GridError("g.yaml", "blocks[0].x", "expected y")
     assert str(error) == "g.yaml: blocks[0].x: expected y"
+
+
+def test_index_keep_is_validated_and_changes_no_cell_id(data_files):
+    from dpr_hpc.grid.config import cell_from_json
+
+    text = "name: g\ndata: {train: train.json, dev: dev.json}\ndefaults: {index: {keep: KEEP}}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n"
+    default = load_grid(write_grid(data_files, text.replace("defaults: {index: {keep: KEEP}}\n", ""), "a.yaml")).cells[0]
+    keep_all = load_grid(write_grid(data_files, text.replace("KEEP", "all"), "b.yaml")).cells[0]
+    assert (default.index.keep, keep_all.index.keep) == ("first", "all")
+    assert default.cell_id == keep_all.cell_id
+    assert cell_from_json(keep_all.to_json()).index.keep == "all"
+    with pytest.raises(GridError, match=r"b.yaml: defaults.index.keep: expected one of first, all"):
+        load_grid(write_grid(data_files, text.replace("KEEP", "some"), "b.yaml"))

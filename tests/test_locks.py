@@ -146,3 +146,16 @@ def test_a_breaker_that_finds_a_fresh_lock_puts_it_back(tmp_path):
     assert not list(tmp_path.glob("run.lock.breaking.*"))
     winner.release()
     assert not path.exists()
+
+
+def test_an_unreadable_lock_file_counts_as_held_until_it_is_old(tmp_path):
+    """A holder between creating its file and writing it; or an empty file an older dpr-hpc's
+    flock left behind, which is broken once older than the stale bound."""
+    path = tmp_path / "ledger.lock"
+    path.write_text("")
+    with pytest.raises(LockHeldError, match="not readable"):
+        LockFile(path, purpose="ledger").acquire()
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    with LockFile(path, purpose="ledger"):
+        assert LockFile.read_holder(path)["pid"] == os.getpid()

@@ -73,14 +73,17 @@ def test_fast_encoding_matches_the_papers_padded_fp32_way_in_input_order(demo_as
     assert len(list((tmp_path / "shards").glob("shard-*.npy"))) == 5
 
 
-def test_index_encoding_resumes_from_finished_shards(demo_assets, tmp_path):
+def test_index_encoding_resumes_from_finished_shards(demo_assets, tmp_path, monkeypatch):
     folder = str(demo_assets / "models" / "tiny-bert")
     encoder = DprEncoder.from_pretrained(folder, embedding_size=64)
     tokenizer = load_tokenizer(folder)
     texts = tokenize_passages(tokenizer, [Passage(str(i), "t", "word " * (1 + i)) for i in range(12)], 64, embed_title=True)
     cpu = torch.device("cpu")
+    monkeypatch.setenv("SLURMD_NODENAME", "node-a")
     first = encode(encoder, texts, tokenizer.pad_token_id, 4, cpu, shard_dir=tmp_path / "shards", shard_rows=4)
     (tmp_path / "shards" / "shard-00002.json").unlink()  # as if the job stopped while writing shard 2
+    monkeypatch.setenv("SLURMD_NODENAME", "node-b")  # requeued onto another node
     again = encode(encoder, texts, tokenizer.pad_token_id, 4, cpu, shard_dir=tmp_path / "shards", shard_rows=4)
     assert again.reused_shards == 2
     assert np.array_equal(first.embeddings, again.embeddings)
+    assert (first.nodes, again.nodes) == (("node-a",), ("node-a", "node-b"))

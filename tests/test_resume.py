@@ -96,6 +96,48 @@ def test_corrupted_latest_checkpoint_is_skipped_with_a_warning_and_the_previous_
     assert output.details["segments"][0]["ended_by"] == "killed after its last checkpoint"
 
 
+def test_a_full_disk_during_a_periodic_checkpoint_warns_and_the_training_ends_as_if_nothing_happened(uninterrupted, demo_assets, tmp_path, monkeypatch, capsys):
+    layout, cell_id = _run_folder(tmp_path, demo_assets, "enospc", every=8)
+    monkeypatch.setenv("DPR_HPC_FAULT", "enospc-during-write:2")  # the step-16 checkpoint
+    output = _train(layout, cell_id)
+    out = capsys.readouterr().out
+    assert "warning: periodic checkpoint at step 16 not written ([Errno 28] No space left on device" in out
+    assert "training goes on" in out
+    _assert_same_training(uninterrupted, (layout, cell_id))
+    assert output.details["restarts"] == 0
+
+
+def test_a_full_disk_at_the_stop_signal_fails_the_stage_saying_so(demo_assets, tmp_path, monkeypatch):
+    from dpr_hpc.resume.store import CheckpointWriteError
+
+    layout, cell_id = _run_folder(tmp_path, demo_assets, "enospc-stop")
+    monkeypatch.setenv("DPR_HPC_FAULT", "enospc-during-write:1")
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint at the stop signal \(test stop, step 3\) was not written: .*No space left"):
+        _train(layout, cell_id, StopAfter(3))
+    resume = train_attempt(layout, cell_id).resume
+    assert list(resume.iterdir()) == []  # the partial file is gone
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_orphans_are_pruned(tmp_path, monkeypatch):
+    warnings: list[str] = []
+    store = CheckpointStore(tmp_path / "resume", warn=warnings.append)
+    store.save(1, {"tensor": torch.arange(10)})
+    monkeypatch.setenv("DPR_HPC_FAULT", "enospc-during-write:2")
+    with pytest.raises(OSError, match="No space left"):
+        store.save(2, {"tensor": torch.arange(10) * 2})
+    assert sorted(p.name for p in store.folder.iterdir()) == ["step-000000001.json", "step-000000001.pt"]
+    assert store.load_latest().step == 1
+    monkeypatch.delenv("DPR_HPC_FAULT")
+    (store.folder / "step-000000002.pt").write_bytes(b"an orphan: its sidecar never came")
+    (store.folder / "step-000000000.json").write_text("{}")  # a sidecar without its checkpoint
+    store.save(3, {"tensor": torch.arange(10) * 3})
+    assert sorted(p.name for p in store.folder.iterdir()) == ["step-000000001.json", "step-000000001.pt", "step-000000003.json", "step-000000003.pt"]
+    assert [w for w in warnings if "removed" in w] == ["warning: checkpoint step-000000002.pt removed: no checksum file (its write never finished)"]
+    store.save(4, {"tensor": torch.arange(10) * 4})  # prunes step 1 with its sidecar: no warning
+    assert sorted(p.name for p in store.folder.glob("*.pt")) == ["step-000000003.pt", "step-000000004.pt"]
+    assert len([w for w in warnings if "removed" in w]) == 1
+
+
 def test_store_skips_truncated_and_unfinished_checkpoints(tmp_path):
     warnings: list[str] = []
     store = CheckpointStore(tmp_path / "resume", warn=warnings.append)

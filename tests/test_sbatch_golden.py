@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, write_grid
-from dpr_hpc.backends.profile import load_profile, time_to_minutes
+from dpr_hpc.backends.profile import grid_resources, load_profile, time_to_minutes
 from dpr_hpc.backends.slurm import SlurmBackend
 from dpr_hpc.errors import GridError
 from dpr_hpc.grid import load_grid
@@ -79,9 +79,9 @@ def test_grid_slurm_section_overrides_its_profile_and_command_line_profile_repla
         blocks: [{{name: b, encoder: x/y, embedding_sizes: [8]}}]
     """)
     loaded = load_grid(grid)
-    own = loaded.resources()
+    own = grid_resources(loaded)
     assert (own["train"].time_min, own["train"].partition, own["index"].time_min) == (720, "gpu", 720)
-    replaced = loaded.resources(REPO / "slurm_templates" / "test-cluster.yaml")
+    replaced = grid_resources(loaded, REPO / "slurm_templates" / "test-cluster.yaml")
     assert (replaced["train"].time_min, replaced["train"].partition, replaced["index"].time_min) == (720, "debug", 10)
 
 

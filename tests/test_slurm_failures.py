@@ -3,15 +3,15 @@ an sbatch that keeps failing, and accounting that is unavailable."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import stat
-from pathlib import Path
 
 import pytest
 
 from datetime import datetime, timedelta, timezone
 
-from conftest import run_cli, write_grid
+from conftest import run_cli, submitted_run, write_grid
 from dpr_hpc.backends import scheduler, slurm
 from dpr_hpc.grid import load_grid
 from dpr_hpc.layout import RunLayout
@@ -31,7 +31,7 @@ FAKES = {
               'echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; exit 1',
     "sacct": 'echo "sacct: error: Slurm accounting storage is disabled" >&2; exit 1',
     # This user's queue: job|state|node|elapsed|reason, or job|comment for -o "%i|%k".
-    "squeue": 'touch "$FAKE_SLURM/queue"; if [[ "$*" == *"%k"* ]]; then cut -d"|" -f1,6 "$FAKE_SLURM/queue"; '
+    "squeue": 'echo "$@" >> "$FAKE_SLURM/squeue.args"; touch "$FAKE_SLURM/queue"; if [[ "$*" == *"%k"* ]]; then cut -d"|" -f1,6 "$FAKE_SLURM/queue"; '
               'else cut -d"|" -f1-5 "$FAKE_SLURM/queue"; fi',
     "sacctmgr": "exit 1",
     "scontrol": "exit 1",
@@ -71,8 +71,9 @@ def test_status_falls_back_to_squeue_without_accounting_and_says_so(fake_slurm):
     (fake_slurm / "queue").write_text("7|PENDING||0:00|Priority|\n8|PENDING||0:00|Priority|\n9|RUNNING|n1|0:10|None|\n")
     view = scheduler.query(["7", "8"])
     assert view.source.startswith("squeue (sacct unavailable: sacct: error: Slurm accounting storage is disabled")
-    assert set(view.jobs) == {"7", "8"}  # only the jobs asked about
     assert {j.state for j in view.jobs.values()} == {"PENDING"} and view.jobs["7"].reason == "Priority"
+    assert set(view.jobs) == {"7", "8"}  # only the jobs asked about
+    assert f"-u {getpass.getuser()}" in (fake_slurm / "squeue.args").read_text()
     assert scheduler.submit_capacity() is None
 
 

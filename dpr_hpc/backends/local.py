@@ -128,7 +128,7 @@ class LocalBackend:
         if not scheduler.slurm_available():
             raise UsageError(f"{len(ids)} stage job(s) of this grid were submitted to SLURM, but no SLURM commands are here to "
                              "tell whether they still run; submit from the cluster, or cancel them there first")
-        view = scheduler.query(sorted(set(ids.values())), since=ledger.first_submitted(list(ids)))
+        view = scheduler.query(sorted(set(ids.values())), ledger.first_submission(), ledger.users())
         return {job: job_id for job, job_id in ids.items() if (info := view.jobs.get(job_id)) is not None and info.active}
 
     def executor_parameters(self) -> dict:

@@ -1,7 +1,10 @@
 """What SLURM says about jobs: one batched sacct per call, squeue for what sacct lacks.
 
 sacct needs accounting (slurmdbd); it also lags a just-submitted job. Where it fails, squeue
-(which knows only pending and running jobs) stands in and the caller is told so.
+(which knows only pending and running jobs) stands in and the caller is told so; where neither
+answers, the caller gets SchedulerUnreachableError, never an empty view (which would read as
+every job gone). Both are asked about the ledger's users only, and sacct only from the ledger's
+first submission on, so that a recycled job id cannot show someone else's or an older job.
 """
 
 from __future__ import annotations
@@ -11,13 +14,54 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Sequence
 
 from dpr_hpc.errors import DprHpcError
 
 # The tag in a job's --comment that names the stage job it runs (Ledger.nonce).
 TAG_PREFIX = "dpr-hpc:"
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED"}
+# Every job state SLURM documents (sacct and squeue, long names) -> the status dpr-hpc shows.
+# HELD: in the queue, not progressing by itself (stopped, suspended, held after a requeue or a
+# deleted reservation): left alone by submit, never read as failed.
+SLURM_STATES: dict[str, str] = {
+    "PENDING": "PENDING",
+    "CONFIGURING": "RUNNING",  # nodes allocated, booting
+    "RUNNING": "RUNNING",
+    "COMPLETING": "RUNNING",  # processes still ending; the record decides what it produced
+    "SIGNALING": "RUNNING",
+    "STAGE_OUT": "RUNNING",  # burst buffer staging out after the script ended
+    "RESIZING": "RUNNING",
+    "REVOKED": "RUNNING",  # federation: a sibling cluster runs it, so this copy was removed
+    "REQUEUED": "REQUEUED",
+    "REQUEUE_FED": "REQUEUED",
+    "REQUEUE_HOLD": "HELD",
+    "SPECIAL_EXIT": "HELD",  # requeued held, by an epilog's decision
+    "RESV_DEL_HOLD": "HELD",
+    "STOPPED": "HELD",  # SIGSTOP, allocation kept
+    "SUSPENDED": "HELD",  # allocation released until resumed
+    "COMPLETED": "COMPLETED",  # the scheduler's word only: status still asks for a valid record
+    "FAILED": "FAILED",
+    "BOOT_FAIL": "FAILED",
+    "NODE_FAIL": "FAILED",
+    "OUT_OF_MEMORY": "FAILED",
+    "DEADLINE": "FAILED",
+    "LAUNCH_FAILED": "FAILED",
+    "TIMEOUT": "TIMEOUT",
+    "CANCELLED": "CANCELLED",
+    "PREEMPTED": "INTERRUPTED",  # ended by the scheduler, not by a fault of the job
+}
+ACTIVE_STATUSES = ("PENDING", "RUNNING", "REQUEUED", "HELD")
+UNKNOWN_STATE_STATUS = "HELD"  # a state newer than this table: left alone rather than resubmitted
+# sacct's -S: before the first submission by this much, for clocks that differ between hosts.
+SINCE_MARGIN = timedelta(hours=1)
+
+
+class SchedulerUnreachableError(DprHpcError):
+    """Neither sacct nor squeue answered: job states are unknown, so nothing may be inferred."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"scheduler unreachable: {message}")
 
 
 @dataclass(frozen=True)
@@ -30,8 +74,13 @@ class JobInfo:
     reason: str = ""
 
     @property
+    def status(self) -> str:
+        """The dpr-hpc status of this SLURM state (sacct's 'CANCELLED by 123' is CANCELLED)."""
+        return SLURM_STATES.get(self.state, UNKNOWN_STATE_STATUS)
+
+    @property
     def active(self) -> bool:
-        return self.state in ACTIVE_STATES
+        return self.status in ACTIVE_STATUSES
 
     @property
     def waits_on_a_dead_dependency(self) -> bool:
@@ -54,26 +103,27 @@ def slurm_available() -> bool:
     return shutil.which("sbatch") is not None
 
 
-def query(job_ids: list[str], since: str | None = None) -> SchedulerView:
-    """What SLURM says of these jobs. Raises SchedulerUnreachableError when neither sacct nor
-    squeue answers: reading every job as gone would make submit queue running jobs again."""
+def query(job_ids: list[str], since: datetime | None = None, users: Sequence[str] = ()) -> SchedulerView:
+    """States of `job_ids` submitted by `users` (default: this user) from `since` on.
+    Raises SchedulerUnreachableError when neither sacct nor squeue answers."""
     if not job_ids:
         return SchedulerView({}, "none")
+    users = list(users) or [getpass.getuser()]
+    sacct_error: SchedulerError | None = None
     try:
-        jobs = _sacct(job_ids, since)
+        jobs = _sacct(job_ids, since, users)
         source = "sacct"
     except SchedulerError as exc:
-        jobs, source = {}, f"squeue (sacct unavailable: {exc})"
-        sacct_error = str(exc)
-    else:
-        sacct_error = ""
+        sacct_error, jobs, source = exc, {}, f"squeue (sacct unavailable: {exc})"
     missing = [j for j in job_ids if j not in jobs]
     if missing:
         try:
-            jobs.update(_squeue(missing))
+            queued = _squeue(users)
         except SchedulerError as exc:
-            if sacct_error:
-                raise SchedulerUnreachableError(f"scheduler unreachable: sacct: {sacct_error}; squeue: {exc}") from None
+            if sacct_error is not None:
+                raise SchedulerUnreachableError(f"sacct: {sacct_error}; squeue: {exc}") from None
+            queued = {}
+        jobs.update({j: queued[j] for j in missing if j in queued})
     return SchedulerView(jobs, source)
 
 
@@ -181,7 +231,7 @@ def queued_by_tag() -> dict[str, str]:
     try:
         out = _run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%k"])
     except SchedulerError as exc:
-        raise SchedulerUnreachableError(f"scheduler unreachable: squeue: {exc}") from None
+        raise SchedulerUnreachableError(f"squeue: {exc}") from None
     tagged = {}
     for line in out.splitlines():
         job_id, _, comment = line.partition("|")
@@ -220,19 +270,16 @@ def cancel(job_ids: list[str]) -> None:
         _run(["scancel", *job_ids])
 
 
-class SchedulerError(RuntimeError):
-    pass
+class SchedulerError(DprHpcError):
+    """A SLURM command failed; its last line of output is the message (exit code 1 if uncaught)."""
 
 
-class SchedulerUnreachableError(DprHpcError):
-    """Neither sacct nor squeue answered: nothing can be known, so nothing is submitted."""
-
-    exit_code = 1
-
-
-def _sacct(job_ids: list[str], since: str | None = None) -> dict[str, JobInfo]:
-    window = ["-S", _sacct_time(since)] if since else []
-    out = _run(["sacct", "-X", "-n", "-P", *window, "-j", ",".join(job_ids), "-o", "JobIDRaw,State,ExitCode,NodeList,Elapsed,Reason"])
+def _sacct(job_ids: list[str], since: datetime | None, users: list[str]) -> dict[str, JobInfo]:
+    command = ["sacct", "-X", "-n", "-P", "-u", ",".join(users), "-j", ",".join(job_ids), "-o", "JobIDRaw,State,ExitCode,NodeList,Elapsed,Reason"]
+    if since is not None:
+        # sacct reads times in the cluster's local time zone.
+        command[1:1] = ["-S", (since - SINCE_MARGIN).astimezone().strftime("%Y-%m-%dT%H:%M:%S")]
+    out = _run(command)
     jobs = {}
     for line in out.splitlines():
         fields = line.split("|")
@@ -243,15 +290,13 @@ def _sacct(job_ids: list[str], since: str | None = None) -> dict[str, JobInfo]:
     return jobs
 
 
-def _squeue(job_ids: list[str]) -> dict[str, JobInfo]:
-    """This user's jobs among `job_ids` that squeue still lists (it forgets ended ones)."""
-    out = _run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T|%N|%M|%r"])
-    wanted = set(job_ids)
+def _squeue(users: list[str]) -> dict[str, JobInfo]:
+    """Every queued or running job of `users`: asked without -j, which fails for a list of ids
+    squeue has forgotten, so that a failure here means squeue did not answer."""
+    out = _run(["squeue", "-h", "-u", ",".join(users), "-t", "all", "-o", "%i|%T|%N|%M|%r"])
     jobs = {}
     for line in out.splitlines():
         job_id, state, node, elapsed, reason = (line.split("|") + [""] * 5)[:5]
-        if job_id not in wanted:
-            continue
         jobs[job_id] = JobInfo(job_id, state, "", node, elapsed, "" if reason == "None" else reason)
     return jobs
 
@@ -265,7 +310,3 @@ def _run(command: list[str]) -> str:
         raise SchedulerError((done.stderr or done.stdout).strip().splitlines()[-1] if (done.stderr or done.stdout).strip() else f"{command[0]} exited {done.returncode}")
     return done.stdout
 
-
-def _sacct_time(iso: str) -> str:
-    """An ISO timestamp (UTC, as the ledger writes them) as sacct's local YYYY-MM-DDTHH:MM:SS."""
-    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%dT%H:%M:%S")

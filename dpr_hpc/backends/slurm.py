@@ -24,7 +24,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 from dpr_hpc.backends import scheduler
 from dpr_hpc.backends.profile import StageResources
 from dpr_hpc.backends.report import SubmitReport, check_records, rerun_reasons
-from dpr_hpc.errors import DprHpcError
+from dpr_hpc.errors import DprHpcError, UsageError
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import Ledger
 from dpr_hpc.plan import Plan, StageJob
@@ -53,6 +53,9 @@ class SlurmBackend:
         hold: bool = False,
         retry_failed: bool = False,
     ) -> None:
+        if any(c.isspace() or not c.isprintable() for c in str(layout.root)):
+            # The run folder is written into #SBATCH --output/--error lines, which end at a space.
+            raise UsageError(f"{layout.root}: the run folder's path must not contain spaces or control characters for SLURM")
         self.layout = layout
         self.plan = plan
         self.resources = resources
@@ -74,7 +77,7 @@ class SlurmBackend:
             jobs = [job for job in self.plan.jobs() if not self._complete(job)]
             self._adopt_tagged(jobs, ledger, scheduler.queued_by_tag())
             ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
-            view = scheduler.query(sorted(set(ids.values())), since=ledger.first_submitted(list(ids)))
+            view = scheduler.query(sorted(set(ids.values())), ledger.first_submission(), ledger.users())
             save_plan(self.layout, self.plan, grid_file)
             self.capacity = scheduler.submit_capacity()
             queued: dict[StageJob, str] = {}
@@ -178,7 +181,7 @@ class SlurmBackend:
             "signal_delay_s": r.signal_delay_s,
         }
         optional = {"partition": r.partition, "gres": r.gres, "account": r.account, "qos": r.qos,
-                    "mem": f"{r.mem_gb:g}GB" if r.mem_gb else None,
+                    "mem": r.sbatch_mem,
                     "dependency": "afterok:" + ":".join(dependencies) if dependencies else None}
         params.update({k: v for k, v in optional.items() if v is not None})
         # SLURM cancels a job whose dependency failed, instead of leaving it pending forever.

@@ -16,6 +16,7 @@ from typing import Any
 
 STAGES = ("train", "index", "infer")
 INDEX_TYPES = ("hnsw_flat", "flat")
+INDEX_KEEP = ("first", "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # dpr_hpc.modeling.precision; kept here, free of torch
 
 
@@ -51,6 +52,13 @@ class IndexConfig:
     hnsw_m: int = 512
     ef_construction: int = 200
     ef_search: int = 128
+    # Which index repeats keep their index file: infer searches repeat 0's only, so by default
+    # the others record their timings and delete theirs (6-10 GB each at 935k passages).
+    # Changes no result, so it is not part of the cell id.
+    keep: str = field(default="first", compare=False)
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "keep"}
 
 
 @dataclass(frozen=True)
@@ -123,10 +131,16 @@ class CellConfig:
         return (self.base_dir / Path(written).expanduser()).resolve()
 
     def model_path(self, name: str) -> str:
-        """A hub name stays as it is; './x', '../x', '/x' and '~/x' are local folders."""
-        if name.startswith(("./", "../", "/", "~")):
+        """'./x', '../x', '/x' and '~/x' are local folders; so is 'org/x' when the grid's folder
+        holds one by that name (a job's working directory is not the grid's); else a hub name."""
+        if name.startswith(("./", "../", "/", "~")) or (self.base_dir / name).is_dir():
             return str((self.base_dir / Path(name).expanduser()).resolve())
         return name
+
+    @property
+    def hub_models(self) -> tuple[str, ...]:
+        """The encoders that are hub names, not local folders."""
+        return tuple(dict.fromkeys(n for n in (self.question_encoder, self.passage_encoder) if self.model_path(n) == n))
 
     @property
     def evaluate_only(self) -> bool:
@@ -156,7 +170,7 @@ class CellConfig:
             "embedding_size": self.embedding_size,
             "train": None if self.train is None else dataclasses.asdict(self.train),
             "text": dataclasses.asdict(self.text),
-            "index": dataclasses.asdict(self.index),
+            "index": self.index.identity(),
             "encode_batch_size": self.encode_batch_size,
             "top_k": self.top_k,
             "precision": self.precision,
@@ -184,6 +198,7 @@ class CellConfig:
         record["group"] = self.group
         record["repeats"] = dataclasses.asdict(self.repeats)
         record["checkpoint"] = dataclasses.asdict(self.checkpoint)
+        record["index"] = dataclasses.asdict(self.index)
         record["cell_id"] = self.cell_id
         record["base_dir"] = str(self.base_dir)
         return record

@@ -29,6 +29,7 @@ import yaml
 
 from dpr_hpc.errors import GridError
 from dpr_hpc.grid.config import (
+    INDEX_KEEP,
     INDEX_TYPES,
     PRECISIONS,
     CellConfig,
@@ -40,6 +41,7 @@ from dpr_hpc.grid.config import (
     TextConfig,
     TrainConfig,
 )
+from dpr_hpc.grid.resources import load_yaml, resolve
 
 SECTIONS: dict[str, type] = {
     "train": TrainConfig,
@@ -78,6 +80,7 @@ FIELD_CHECKS: dict[str, _Check] = {
     "index.hnsw_m": _POSITIVE,
     "index.ef_construction": _POSITIVE,
     "index.ef_search": _POSITIVE,
+    "index.keep": (lambda v: v in INDEX_KEEP, f"one of {', '.join(INDEX_KEEP)} (which index repeats keep their index file)"),
     "repeats.index": _POSITIVE,
     "repeats.infer": _POSITIVE,
     "checkpoint.every_minutes": _POSITIVE,
@@ -101,14 +104,6 @@ class Grid:
     slurm_profile: Path | None = None
     slurm_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def resources(self, profile: Path | None = None):
-        """Per-stage resources: `profile` (the command line's) or the grid's own profile, then
-        the grid's `slurm.defaults` and `slurm.stages` on top."""
-        from dpr_hpc.backends.profile import default_resources, load_profile, overlay
-
-        chosen = profile or self.slurm_profile
-        base = load_profile(chosen) if chosen else default_resources()
-        return overlay(base, self.slurm_overrides, str(self.path), "slurm")
 
 
 def load_grid(path: str | Path, require_data: bool = True) -> Grid:
@@ -142,7 +137,7 @@ def load_grid(path: str | Path, require_data: bool = True) -> Grid:
         raise GridError(where, key, f"not found: {file}")
     profile, overrides = _parse_slurm(raw.get("slurm", {}), where, path.parent.resolve())
     grid = Grid(name, path, tuple(c for _, c in cells), tuple(sorted({f for _, f in missing})), profile, overrides)
-    grid.resources()  # validates the profile and the overrides now, before anything starts
+    resolve(profile, overrides, where)  # validates the profile and the overrides now, before anything starts
     return grid
 
 
@@ -157,13 +152,15 @@ def _parse_slurm(raw: Any, where: str, base_dir: Path) -> tuple[Path | None, dic
 
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise GridError(str(path), "", "grid file not found") from None
     except OSError as exc:
         raise GridError(str(path), "", f"cannot read the grid file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise GridError(str(path), f"byte {exc.start}", "not valid UTF-8") from None
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -21,6 +21,7 @@ import torch
 from dpr_hpc.fsutil import read_json, write_json_atomic
 from dpr_hpc.modeling.batching import TokenizedTexts, pad_batch, rows_of, to_device
 from dpr_hpc.modeling.precision import autocast
+from dpr_hpc.provenance import node_name
 
 PAD_MULTIPLE = 8
 SHARD_ROWS = 65536  # ~200 MB of 768-d float32 embeddings per shard
@@ -31,6 +32,9 @@ class Encoded:
     embeddings: np.ndarray  # float32, one row per input text, in input order
     encode_s: float  # time spent encoding, summed over every job that contributed shards
     reused_shards: int = 0  # shards a previous (stopped) job had already written
+    # Every node that encoded some of the rows, in shard order: a requeued index job may have
+    # encoded its shards on two nodes, and its PEI then mixes their speeds.
+    nodes: tuple[str, ...] = ()
 
 
 def encode(
@@ -43,15 +47,17 @@ def encode(
     out = np.empty((len(texts), encoder.embedding_size), dtype=np.float32)
     shards = _ShardFolder(shard_dir, order, encoder.embedding_size) if shard_dir is not None else None
     _warm_up(encoder, texts, order, pad_id, device, precision, pad_to)
-    encode_s, reused = 0.0, 0
+    encode_s, reused, nodes = 0.0, 0, []
     for number, start in enumerate(range(0, len(order), shard_rows)):
         rows = order[start : start + shard_rows]
         saved = shards.load(number, len(rows)) if shards else None
         if saved is not None:
-            out[rows], seconds = saved
+            out[rows], seconds, node = saved
             encode_s += seconds
             reused += 1
+            nodes.append(node)
             continue
+        nodes.append(node_name())
         began = time.perf_counter()
         vectors = _encode_rows(encoder, texts, rows, pad_id, batch_size, device, precision, pad_to)
         seconds = time.perf_counter() - began
@@ -61,7 +67,7 @@ def encode(
             shards.save(number, vectors, seconds)
         if progress and len(order) > shard_rows:
             progress(f"encoded {min(start + shard_rows, len(order))}/{len(order)} ({encode_s:.1f}s)")
-    return Encoded(out, encode_s, reused)
+    return Encoded(out, encode_s, reused, tuple(dict.fromkeys(nodes)))
 
 
 @torch.inference_mode()
@@ -88,7 +94,8 @@ def _warm_up(encoder, texts, order, pad_id, device, precision, pad_to) -> None:
 
 class _ShardFolder:
     """shard-<n>.npy (embeddings of rows order[n*S:(n+1)*S]) and shard-<n>.json (written after,
-    with the encoding time and a hash of the row order, so shards of another order are ignored)."""
+    with the encoding time, the node that encoded it and a hash of the row order, so shards of
+    another order are ignored)."""
 
     def __init__(self, folder: Path, order: np.ndarray, dim: int) -> None:
         self.folder = folder
@@ -96,7 +103,7 @@ class _ShardFolder:
         self.order_hash = hashlib.sha256(np.ascontiguousarray(order).tobytes()).hexdigest()[:16]
         folder.mkdir(parents=True, exist_ok=True)
 
-    def load(self, number: int, rows: int) -> tuple[np.ndarray, float] | None:
+    def load(self, number: int, rows: int) -> tuple[np.ndarray, float, str] | None:
         meta_file, data_file = self._paths(number)
         try:
             meta = read_json(meta_file)
@@ -105,7 +112,7 @@ class _ShardFolder:
             vectors = np.load(data_file)
         except (OSError, ValueError, KeyError):
             return None
-        return (vectors, float(meta["encode_s"])) if vectors.shape == (rows, self.dim) else None
+        return (vectors, float(meta["encode_s"]), str(meta.get("node", "?"))) if vectors.shape == (rows, self.dim) else None
 
     def save(self, number: int, vectors: np.ndarray, seconds: float) -> None:
         meta_file, data_file = self._paths(number)
@@ -115,7 +122,7 @@ class _ShardFolder:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, data_file)
-        write_json_atomic(meta_file, {"rows": len(vectors), "encode_s": seconds, "order": self.order_hash})
+        write_json_atomic(meta_file, {"rows": len(vectors), "encode_s": seconds, "order": self.order_hash, "node": node_name()})
 
     def _paths(self, number: int) -> tuple[Path, Path]:
         return self.folder / f"shard-{number:05d}.json", self.folder / f"shard-{number:05d}.npy"

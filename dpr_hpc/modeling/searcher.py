@@ -9,6 +9,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from dpr_hpc.fsutil import FileDigest, write_file_atomic
 from dpr_hpc.grid import IndexConfig
 
 
@@ -30,11 +31,9 @@ def configure_search(index: faiss.Index, config: IndexConfig) -> None:
         faiss.downcast_index(index).hnsw.efSearch = config.ef_search
 
 
-def save_index(index: faiss.Index, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
+def save_index(index: faiss.Index, path: Path) -> FileDigest:
+    """Written whole or not at all (temporary file, fsync, rename); returns its size and hash."""
+    return write_file_atomic(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 def load_index(path: Path, config: IndexConfig) -> faiss.Index:

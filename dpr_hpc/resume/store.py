@@ -5,12 +5,14 @@ The `.pt` is written to a temporary name, fsynced and renamed; the sidecar is wr
 a checkpoint without one was never finished. Older checkpoints are deleted only after the new
 one is complete, so a crash while writing loses at most the steps since the previous one.
 Loading walks from the newest checkpoint down and skips, with a warning, any whose bytes do not
-match their sidecar (truncated, corrupted, or unfinished).
+match their sidecar (truncated, corrupted, or unfinished). A write that fails (a full disk)
+removes what it wrote and raises, leaving the previous checkpoint as it was; the caller decides
+whether that is fatal. Orphans (a `.pt` without its sidecar, or the reverse) are pruned.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import os
 import re
 import signal
@@ -21,14 +23,21 @@ from typing import Any, Callable
 
 import torch
 
-from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.errors import DprHpcError
+from dpr_hpc.fsutil import file_digest, read_json, write_json_atomic
 from dpr_hpc.provenance import now_iso
 
 KEEP = 2  # the newest complete checkpoint and the one before it
 _NAME = re.compile(r"step-(\d+)\.pt$")
-# Fault injection for the crash tests: "kill-during-write:<n>" SIGKILLs this process halfway
-# through writing its n-th checkpoint, as a node failure or an OOM killer would.
+# Fault injection for the crash tests, halfway through writing the n-th checkpoint:
+# "kill-during-write:<n>" SIGKILLs this process, as a node failure or an OOM killer would;
+# "enospc-during-write:<n>" fails the write as a full disk would.
 FAULT_ENV = "DPR_HPC_FAULT"
+
+
+class CheckpointWriteError(DprHpcError):
+    """A checkpoint the stage cannot go on without (at a stop signal, or the final save) was
+    not written; periodic ones that fail only log a warning."""
 
 
 @dataclass(frozen=True)
@@ -56,15 +65,17 @@ class CheckpointStore:
             with tmp.open("wb") as handle:
                 torch.save(state, handle)
                 handle.flush()
-                _maybe_die_midway(handle, self.saves)
+                _maybe_fail_midway(handle, self.saves)
                 os.fsync(handle.fileno())
-            digest, size = _sha256(tmp)
+            written = file_digest(tmp)
             os.replace(tmp, final)
+            sidecar = {"step": step, "sha256": written.sha256, "bytes": written.size, "written_at": now_iso(), "write_s": time.perf_counter() - began}
+            write_json_atomic(_sidecar(final), sidecar)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            if not _sidecar(final).exists():  # renamed, but its sidecar could not be written
+                final.unlink(missing_ok=True)
             raise
-        sidecar = {"step": step, "sha256": digest, "bytes": size, "written_at": now_iso(), "write_s": time.perf_counter() - began}
-        write_json_atomic(_sidecar(final), sidecar)
         _fsync_folder(self.folder)
         self._prune()
         return final
@@ -96,10 +107,18 @@ class CheckpointStore:
         return sorted(found, key=lambda item: item[1], reverse=True)
 
     def _prune(self) -> None:
+        """Keep the KEEP newest complete checkpoints; drop orphans, which no load would use."""
         complete = [(p, s) for p, s in self._candidates() if _sidecar(p).exists()]
         for path, _ in complete[KEEP:]:
             path.unlink(missing_ok=True)
             _sidecar(path).unlink(missing_ok=True)
+        for path, _ in self._candidates():
+            if not _sidecar(path).exists():
+                self.warn(f"warning: checkpoint {path.name} removed: no checksum file (its write never finished)")
+                path.unlink(missing_ok=True)
+        for sidecar in self.folder.glob("step-*.json"):
+            if not sidecar.with_suffix(".pt").exists():
+                sidecar.unlink(missing_ok=True)
         for stale in self.folder.glob(".step-*.tmp"):  # left by a process killed while writing
             if not stale.name.endswith(f".{os.getpid()}.tmp"):
                 stale.unlink(missing_ok=True)
@@ -116,21 +135,12 @@ def _problem(path: Path) -> str | None:
         return "no checksum file (the write never finished)"
     except (OSError, ValueError) as exc:
         return f"checksum file unreadable ({exc})"
-    digest, size = _sha256(path)
-    if size != expected.get("bytes"):
-        return f"{size} bytes, expected {expected.get('bytes')} (truncated)"
-    if digest != expected.get("sha256"):
+    actual = file_digest(path)
+    if actual.size != expected.get("bytes"):
+        return f"{actual.size} bytes, expected {expected.get('bytes')} (truncated)"
+    if actual.sha256 != expected.get("sha256"):
         return "checksum mismatch (corrupted)"
     return None
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -142,9 +152,12 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _maybe_die_midway(handle, save_number: int) -> None:
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault.startswith("kill-during-write:") and fault.split(":", 1)[1] == str(save_number):
-        handle.truncate(max(1, handle.tell() // 2))
-        handle.flush()
+def _maybe_fail_midway(handle, save_number: int) -> None:
+    kind, _, number = os.environ.get(FAULT_ENV, "").partition(":")
+    if kind not in ("kill-during-write", "enospc-during-write") or number != str(save_number):
+        return
+    handle.truncate(max(1, handle.tell() // 2))
+    handle.flush()
+    if kind == "kill-during-write":
         os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAULT_ENV})")

@@ -8,10 +8,12 @@ encoding time of every shard, whichever job wrote it.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
 from dpr_hpc.data import evaluation_pool, read_records
+from dpr_hpc.fsutil import save_array, write_file_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.modeling.batching import tokenize_passages
 from dpr_hpc.modeling.encoding import encode
@@ -46,8 +48,13 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     index_build_s = time.perf_counter() - started
     progress(f"encoded in {encoded.encode_s:.2f}s, {cell.index.type} index built in {index_build_s:.2f}s")
 
-    save_index(faiss_index, paths.index_file)
-    np.save(paths.passage_ids, np.array([p.passage_id for p in pool], dtype=str))
+    kept = keeps_index_file(cell, repeat)
+    if kept:
+        save_index(faiss_index, paths.index_file)
+    else:  # only its timings were wanted; an earlier run's file goes too
+        paths.index_file.unlink(missing_ok=True)
+    write_file_atomic(paths.passage_ids, lambda tmp: save_array(tmp, np.array([p.passage_id for p in pool], dtype=str)))
+    artifacts: list[Path] = ([paths.index_file] if kept else []) + [paths.passage_ids]
     return StageOutput(
         metrics={"num_passages": len(pool), "dim": int(encoded.embeddings.shape[1])},
         timings={
@@ -57,10 +64,16 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
             "tokenize_s": tokenize_s,
             **peak_memory(device),
         },
-        artifacts=[paths.index_file.name, paths.passage_ids.name],
+        artifacts=[str(p.relative_to(paths.dir)) for p in artifacts],
         details={"device": device.type, "index_type": cell.index.type, "precision": precision,
                  "tokens_cached": texts.hit, "reused_shards": encoded.reused_shards,
+                 "encode_nodes": list(encoded.nodes), "index_file_kept": kept,
                  # The report's Figure 1 reads the pool's token lengths from this entry.
                  "token_cache_entry": f"dev-passages-{texts.key}.npz"},
         discard=[paths.shards],
     )
+
+
+def keeps_index_file(cell: CellConfig, repeat: int) -> bool:
+    """Infer searches repeat 0's index; later repeats keep theirs only with `index.keep: all`."""
+    return repeat == 0 or cell.index.keep == "all"

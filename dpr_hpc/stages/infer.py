@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from dpr_hpc.data import dev_questions, evaluation_pool, read_records
+from dpr_hpc.fsutil import save_array, write_file_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.metrics import answer_accuracy, distinct, retrieval_metrics
 from dpr_hpc.modeling.batching import tokenize_questions
@@ -54,7 +55,7 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         ranked_texts = [[texts[pid] for pid in distinct(ranking)] for ranking in rankings]
         metrics.update(answer_accuracy(ranked_texts, [q.answers for q in questions], cell.top_k))
 
-    np.save(io.out.rankings, rows)
+    write_file_atomic(io.out.rankings, lambda tmp: save_array(tmp, rows))
     qids = [question_id(q.record_index) for q in questions]
     write_run(io.out.trec_run, qids, rankings, ranking_scores, tag=f"dpr-hpc-{io.job.key[:12]}")
     write_qrels(io.out.trec_qrels, qids, [q.gold_id for q in questions])
@@ -71,3 +72,4 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         artifacts=[io.out.rankings.name, io.out.trec_run.name, io.out.trec_qrels.name],
         details={"device": device.type, "searched_index_repeat": SEARCHED_INDEX_REPEAT, "precision": precision, "tokens_cached": tokens.hit},
     )
+

@@ -21,7 +21,7 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from dpr_hpc.data import TrainingExample, read_records, training_examples
-from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.fsutil import atomic_folder, read_json, write_json_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device, tokenize_passages, tokenize_questions
 from dpr_hpc.modeling.batch_probe import CPU_FALLBACK, MAX_BATCH, gpu_step_probe, largest_fitting_power_of_two
@@ -33,7 +33,7 @@ from dpr_hpc.provenance import now_iso
 from dpr_hpc.resume.rng import capture_rng, restore_rng
 from dpr_hpc.resume.segments import FINISHED, Segment, SegmentLog
 from dpr_hpc.resume.signals import NeverStop, Stopper, TrainingInterrupted
-from dpr_hpc.resume.store import CheckpointStore
+from dpr_hpc.resume.store import CheckpointStore, CheckpointWriteError
 from dpr_hpc.stages.common import StageIO, StageOutput, peak_memory, pick_device, progress, seed_everything, synchronize, tokenized
 
 # What the record lists (a folder stands for every file in it) and index and infer read.
@@ -114,8 +114,10 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
             "order_generator": order_generator.get_state(), "rng": capture_rng(),
             "position": asdict(position), "segments": segments.to_json(),
         }
-        path = store.save(position.step, state)
-        segment.checkpoint_s += time.perf_counter() - began
+        try:
+            path = store.save(position.step, state)
+        finally:
+            segment.checkpoint_s += time.perf_counter() - began
         _write_progress(paths.progress, position, cfg.epochs, steps_per_epoch, segments, path.name)
         return path.name
 
@@ -157,19 +159,32 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
                     break
             if stop.requested():
                 bank_time()
-                name = save_checkpoint(stop.reason)
+                try:
+                    name = save_checkpoint(stop.reason)
+                except OSError as exc:
+                    raise CheckpointWriteError(
+                        f"the checkpoint at the stop signal ({stop.reason}, step {position.step}) was not written: {exc}; "
+                        "submitting again resumes from the last checkpoint written") from exc
                 raise TrainingInterrupted(stop.reason, position.step, name)
             now = time.perf_counter()
             if (every_steps and position.step % every_steps == 0) or now - last_checkpoint >= every_s:
                 bank_time()
-                save_checkpoint("running")
+                try:
+                    save_checkpoint("running")
+                except OSError as exc:  # e.g. a full disk: the previous checkpoint still stands
+                    progress(f"warning: periodic checkpoint at step {position.step} not written ({exc}); training goes on")
                 clock = last_checkpoint = time.perf_counter()
     bank_time()
     segment.ended_by, segment.ended_at = FINISHED, now_iso()
 
-    question_encoder.save(paths.question_encoder, question_tokenizer)
-    passage_encoder.save(paths.passage_encoder, passage_tokenizer)
-    write_json_atomic(paths.losses, {"step_losses": position.step_losses, "epoch_losses": position.epoch_losses})
+    try:
+        for encoder, folder, tokenizer in ((question_encoder, paths.question_encoder, question_tokenizer),
+                                           (passage_encoder, paths.passage_encoder, passage_tokenizer)):
+            with atomic_folder(folder) as building:
+                encoder.save(building, tokenizer)
+        write_json_atomic(paths.losses, {"step_losses": position.step_losses, "epoch_losses": position.epoch_losses})
+    except OSError as exc:
+        raise CheckpointWriteError(f"the trained encoders were not saved: {exc}; submitting again resumes from the last checkpoint") from exc
     _write_progress(paths.progress, position, cfg.epochs, steps_per_epoch, segments, None)
     return StageOutput(
         metrics={"epoch_loss": position.epoch_losses, "final_loss": position.epoch_losses[-1], "steps": total_steps, "num_examples": len(examples)},
