@@ -37,17 +37,17 @@ class CostTable:
 def cost_table(plan: Plan, records: Records, ledger: Ledger) -> CostTable:
     jobs = [job for job in plan.jobs() if records.check(job).complete or ledger.latest(job)]
     slurm_ids = {job: _slurm_job_id(records.check(job).record, ledger.latest(job)) for job in jobs}
-    measured, note = _ask_sacct([i for i in slurm_ids.values() if i], ledger.first_submitted())
+    measured, note = _ask_sacct([i for i in slurm_ids.values() if i], ledger.first_submission(), ledger.users())
     rows = [_job_row(plan, job, records.check(job).record, measured.get(slurm_ids[job] or "")) for job in jobs]
     table = pd.DataFrame(rows, columns=JOB_COLUMNS)
     return CostTable(table, _per_cell(plan, table, jobs), _total(table), note)
 
 
-def _ask_sacct(job_ids: list[str], since: str | None) -> tuple[dict[str, JobAccounting], str]:
+def _ask_sacct(job_ids: list[str], since: datetime | None, users: list[str]) -> tuple[dict[str, JobAccounting], str]:
     if not job_ids:
         return {}, "no SLURM job: every figure from the records"
     try:
-        found = accounting(job_ids, since)
+        found = accounting(job_ids, since, users)
     except SchedulerError as exc:
         return {}, f"sacct did not answer ({exc}): every figure from the records"
     return found, f"sacct: {len(found)} of {len(job_ids)} SLURM jobs, in one call"

@@ -168,14 +168,19 @@ class JobAccounting:
         return memory_mb(self.alloc_tres["mem"]) if "mem" in self.alloc_tres else None
 
 
-def accounting(job_ids: list[str], since: str | None = None) -> dict[str, JobAccounting]:
+def accounting(job_ids: list[str], since: datetime | None = None, users: Sequence[str] = ()) -> dict[str, JobAccounting]:
     """sacct's measurements of these jobs, in one batched call: the allocation's line gives the
     times and the allocation, its steps' lines the peak RSS (sacct keeps MaxRSS per step only).
-    Raises SchedulerError when sacct does not answer (no accounting, no SLURM)."""
+    `since` and `users` as for query(). Raises SchedulerError when sacct does not answer."""
     if not job_ids:
         return {}
-    window = ["-S", _sacct_time(since)] if since else []
-    out = _run(["sacct", "-n", "-P", *window, "-j", ",".join(job_ids), "-o", ",".join(ACCOUNTING_FIELDS)])
+    command = ["sacct", "-n", "-P", "-j", ",".join(job_ids), "-o", ",".join(ACCOUNTING_FIELDS)]
+    if users:
+        command[1:1] = ["-u", ",".join(users)]
+    if since is not None:
+        # sacct reads times in the cluster's local time zone.
+        command[1:1] = ["-S", (since - SINCE_MARGIN).astimezone().strftime("%Y-%m-%dT%H:%M:%S")]
+    out = _run(command)
     allocations: dict[str, list[str]] = {}
     peak_rss: dict[str, float] = {}
     for line in out.splitlines():
