@@ -1,5 +1,5 @@
 # Two commands set up a fresh machine:
-#   make demo   install, generate the offline demo, run it end to end, print the table
+#   make demo   install, generate the offline demo, run it end to end, print the table, write its report
 #   make test   install and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,6 +22,7 @@ demo: install
 	$(BIN)/dpr-hpc generate-demo data/demo
 	$(BIN)/dpr-hpc submit jobs/demo.yaml --backend local
 	$(BIN)/dpr-hpc collect jobs/demo.yaml --median
+	$(BIN)/dpr-hpc report jobs/demo.yaml --baseline BERT-64
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -34,7 +35,7 @@ bench: install
 # by hand, never by a make target.
 clean:
 	rm -rf build dist *.egg-info .pytest_cache runs/demo data/demo results/demo.csv results/demo.md \
-		results/demo-median.csv results/demo-median.md
+		results/demo-median.csv results/demo-median.md results/demo/
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
-	@echo "make clean: removed build output and the demo (runs/demo, data/demo)."
+	@echo "make clean: removed build output and the demo (runs/demo, data/demo, results/demo/)."
 	@echo "Other run folders in runs/ are kept; delete one on purpose with: rm -rf runs/<grid name>"

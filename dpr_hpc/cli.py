@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -31,6 +32,7 @@ typical use:
   dpr-hpc submit jobs/paper.yaml        run every stage not yet complete
   dpr-hpc status                        where every cell and stage stands
   dpr-hpc collect --median              one table, medians over repeats
+  dpr-hpc report jobs/paper.yaml        tables, figures, node variance and cost in results/paper/
 """
 
 
@@ -116,7 +118,20 @@ def _parser() -> argparse.ArgumentParser:
     collect.add_argument("--median", action="store_true", help="one row per cell: median over repeats, with count and spread")
     collect.add_argument("--out", type=Path, default=Path("results"), help="where the CSV and Markdown files go (default: results/)")
     collect.add_argument("--json", action="store_true", help="print the table as JSON records instead of Markdown")
+    collect.add_argument("--format", default="csv,md", help="files to write, several at once: csv,md,json (default: csv,md)")
+    collect.add_argument("--columns", help="comma-separated columns to print (default: those of the paper's tables that fit the terminal)")
     collect.set_defaults(handler=_collect)
+
+    report = commands.add_parser("report", parents=[runs_root],
+                                 help="the paper's tables and figures, hardware variance and cost, as Markdown, PNG and HTML")
+    report.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
+    report.add_argument("--out", type=Path, default=Path("results"), help="the report goes to OUT/<grid>/ (default: results/)")
+    report.add_argument("--baseline", default="BERT-768",
+                        help="the cell figures are relative to, as FAMILY-SIZE (default BERT-768; absolute figures where the grid has none)")
+    report.add_argument("--variance-factor", type=float, default=1.5,
+                        help="flag a timing repeat this many times slower or faster than its cell's median (default 1.5)")
+    report.add_argument("--no-html", action="store_true", help="write report.md and the PNGs only")
+    report.set_defaults(handler=_report)
 
     demo = commands.add_parser("generate-demo", help="write the offline demo's data, tokenizer and tiny models")
     demo.add_argument("out", type=Path, nargs="?", default=Path("data/demo"), help="output folder (default: data/demo)")
@@ -218,13 +233,30 @@ def _local_limits(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _note_left_out(table) -> None:
+    """Notes wrapped to the terminal, so that the table's width promise holds for them too."""
+    width = max(40, _terminal_width())
     left_out = table.attrs.get("left_out", [])
     if left_out:
-        print(f"note: {len(left_out)} stage record(s) left out of the table, not complete; submit the grid again to rerun them:", file=sys.stderr)
+        note = f"note: {len(left_out)} stage record(s) left out of the table, not complete; submit the grid again to rerun them:"
+        print("\n".join(textwrap.wrap(note, width)), file=sys.stderr)
         for line in left_out:
-            print(f"  {line}", file=sys.stderr)
+            print("\n".join(textwrap.wrap(line, width, initial_indent="  ", subsequent_indent="    ")), file=sys.stderr)
     if table.attrs.get("left_cells"):
-        print(f"note: {table.attrs['left_cells']}", file=sys.stderr)
+        print("\n".join(textwrap.wrap(f"note: {table.attrs['left_cells']}", width)), file=sys.stderr)
+
+
+def _shown_path(path: Path) -> str:
+    """A written file as the user would type it: relative to here where it lies below."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _terminal_width() -> int:
+    from dpr_hpc.collect import terminal_width
+
+    return terminal_width()
 
 
 def _note_missing(missing_files: Sequence[str]) -> None:
@@ -341,21 +373,35 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from dpr_hpc.collect import collect_table, markdown, write_table
+    from dpr_hpc.collect import collect_table, parse_formats, terminal_table, terminal_width, write_table
 
+    formats = parse_formats(args.format)
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     outputs = []
     for layout, plan in _runs(args.target, args.runs_root):
         table = collect_table(layout, plan, median=args.median)
         stem = f"{plan.grid_name}-median" if args.median else plan.grid_name
-        csv_path, md_path = write_table(table, args.out, stem)
+        paths = write_table(table, args.out, stem, formats)
         if args.json:
-            outputs.append({"grid": plan.grid_name, "csv": str(csv_path), "rows": json.loads(table.to_json(orient="records"))})
+            outputs.append({"grid": plan.grid_name, "files": [str(p) for p in paths], "rows": json.loads(table.to_json(orient="records"))})
             continue
-        print(f"grid {plan.grid_name}: {len(table)} rows -> {csv_path}, {md_path}")
-        print(markdown(table))
+        print(f"grid {plan.grid_name}: {len(table)} rows ->")
+        for path in paths:
+            print(f"  {_shown_path(path)}")
+        print(terminal_table(table, terminal_width(), columns))
         _note_left_out(table)
     if args.json:
         print(json.dumps(outputs, indent=2))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dpr_hpc.report import ReportOptions, write_report
+
+    options = ReportOptions(baseline=args.baseline, variance_factor=args.variance_factor, html=not args.no_html)
+    for layout, plan in _runs(args.target, args.runs_root):
+        written = write_report(layout, plan, args.out / plan.grid_name, options)
+        print(f"grid {plan.grid_name}: report -> {', '.join(str(p) for p in written)}")
     return 0
 
 
@@ -400,30 +446,9 @@ def _generate_demo(args: argparse.Namespace) -> int:
 
 
 def _runs(target: str | None, runs_root: Path) -> list[tuple[RunLayout, "Plan"]]:
-    """What status, collect and cancel act on, with its plan: a grid file as it is now (its
-    current cells and keys), a run folder given directly, or every run under the runs root (as
-    last submitted)."""
-    from dpr_hpc.runstate import load_plan
+    from dpr_hpc.runstate import runs_for
 
-    if target is None:
-        found = sorted(p.parent for p in Path(runs_root).glob("*/plan.json"))
-        if not found:
-            raise UsageError(f"no runs under {runs_root}; run 'dpr-hpc submit GRID' first or name a run folder")
-        return [(layout, load_plan(layout)) for layout in (RunLayout(p.resolve()) for p in found)]
-    path = Path(target)
-    if path.is_file():
-        from dpr_hpc.grid import load_grid
-        from dpr_hpc.plan import make_plan
-        from dpr_hpc.runstate import check_binding
-
-        grid = load_grid(path, require_data=False)
-        layout = RunLayout.for_grid(grid.name, runs_root)
-        check_binding(layout, path)
-        return [(layout, make_plan(grid, layout.store.content_hashes() if layout.store.root.is_dir() else None))]
-    if (path / "plan.json").is_file():
-        layout = RunLayout(path.resolve())
-        return [(layout, load_plan(layout))]
-    raise UsageError(f"{target}: neither a grid file nor a run folder with plan.json")
+    return runs_for(target, runs_root)
 
 
 def _columns(header: list[str], rows: list[list[str]]) -> str:

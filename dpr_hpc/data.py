@@ -40,6 +40,9 @@ class DevQuestion:
     question: str
     answers: tuple[str, ...]
     gold_id: str
+    # Its position in the dev file: a question id that stays the same whichever questions are
+    # skipped, so run and qrels files written by different stages agree.
+    record_index: int = -1
 
 
 class DataFormatError(ValueError):
@@ -96,7 +99,7 @@ def dev_questions(records: list[dict[str, Any]], source: str = "data") -> list[D
         if not positives:
             continue
         answers = record.get("answers", [])
-        questions.append(DevQuestion(_question(record, source, i), tuple(str(a) for a in answers), positives[0].passage_id))
+        questions.append(DevQuestion(_question(record, source, i), tuple(str(a) for a in answers), positives[0].passage_id, i))
     return questions
 
 

@@ -114,3 +114,27 @@ def read_marker(path: Path) -> dict[str, Any] | None:
         return read_json(path)
     except (OSError, ValueError, json.JSONDecodeError):
         return None
+
+
+def runs_for(target: "str | Path | None", runs_root: Path) -> list[tuple[RunLayout, Plan]]:
+    """What status, collect and cancel act on, with its plan: a grid file as it is now (its
+    current cells and keys), a run folder given directly, or every run under the runs root (as
+    last submitted)."""
+    if target is None:
+        found = sorted(p.parent for p in Path(runs_root).glob("*/plan.json"))
+        if not found:
+            raise UsageError(f"no runs under {runs_root}; run 'dpr-hpc submit GRID' first or name a run folder")
+        return [(layout, load_plan(layout)) for layout in (RunLayout(p.resolve()) for p in found)]
+    path = Path(target)
+    if path.is_file():
+        from dpr_hpc.grid import load_grid
+        from dpr_hpc.plan import make_plan
+
+        grid = load_grid(path, require_data=False)
+        layout = RunLayout.for_grid(grid.name, runs_root)
+        check_binding(layout, path)
+        return [(layout, make_plan(grid, layout.store.content_hashes() if layout.store.root.is_dir() else None))]
+    if (path / "plan.json").is_file():
+        layout = RunLayout(path.resolve())
+        return [(layout, load_plan(layout))]
+    raise UsageError(f"{target}: neither a grid file nor a run folder with plan.json")

@@ -13,7 +13,7 @@
                 failed.json, interrupted.json
                 train:  checkpoint/{question,passage}_encoder/, resume/, progress.json, losses.json, batch_size.json
                 index:  shards/, index.faiss, passage_ids.npy
-                infer:  rankings.npy
+                infer:  rankings.npy, run.trec (the ranking as a TREC run), qrels.trec (the dev gold)
     <runs root>/cache/tokens/               tokenized data, shared by every grid
 
 Every grid under one runs root shares the store: a second grid that names a trained model
@@ -100,6 +100,14 @@ class AttemptPaths:
     @property
     def rankings(self) -> Path:
         return self.dir / "rankings.npy"
+
+    @property
+    def trec_run(self) -> Path:
+        return self.dir / "run.trec"
+
+    @property
+    def trec_qrels(self) -> Path:
+        return self.dir / "qrels.trec"
 
 
 @dataclass(frozen=True)

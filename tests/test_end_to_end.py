@@ -103,7 +103,8 @@ def test_collect_writes_one_row_per_repeat_and_median_per_cell(demo_run):
     assert (trained.n_index, trained.n_infer) == (2, 3)
     per_repeat = rows[rows.group == "trained"].ita_mean_ms
     assert trained.ita_mean_ms == pytest.approx(per_repeat.median())
-    assert "| cell_id |" in done.stdout
+    header = next(line for line in done.stdout.splitlines() if line.startswith("cell_id"))
+    assert header.split()[:4] == ["cell_id", "encoder", "ES", "BS"]
 
 
 def test_trained_encoders_retrieve_clearly_better_than_untrained(demo_run):

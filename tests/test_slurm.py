@@ -90,6 +90,7 @@ def test_grid_completes_on_the_real_cluster_with_job_ids_and_nodes(slurm_cluster
     assert "0 submitted, 7 already complete" in again.stdout
 
     cli("collect", grid, "--median", "--out", tmp_path / "results", cwd=tmp_path, check=True)
+    report_cost_comes_from_sacct(tmp_path, grid)
     on_slurm = pd.read_csv(tmp_path / "results" / "slurm-median.csv")
     local_grid = small_grid(tmp_path, demo_assets, name="local")
     # Its own runs root: in the same store the local run would find every job already done.
@@ -100,6 +101,31 @@ def test_grid_completes_on_the_real_cluster_with_job_ids_and_nodes(slurm_cluster
     assert on_slurm.drop(columns=[c for c in on_slurm.columns if c.endswith(("_s", "_ms"))]).notna().equals(
         local.drop(columns=[c for c in local.columns if c.endswith(("_s", "_ms"))]).notna()
     )
+
+
+def report_cost_comes_from_sacct(work: Path, grid: Path) -> None:
+    """The report's cost table: queue wait, elapsed time and MaxRSS from sacct for every job,
+    equal to what sacct says of one of them when asked on its own."""
+    from dpr_hpc.backends.scheduler import duration_s, memory_mb
+    from dpr_hpc.cost import cost_table
+    from dpr_hpc.results import Records
+    from dpr_hpc.runstate import runs_for
+
+    cli("report", grid, "--out", work / "results", cwd=work, check=True)
+    report = (work / "results" / "slurm" / "report.md").read_text()
+    assert "sacct: 7 of 7 SLURM jobs, in one call" in report
+    layout, plan = runs_for(grid, work / "runs")[0]
+    cost = cost_table(plan, Records(layout.store), Ledger.read(layout.store)).jobs
+    assert len(cost) == 7
+    assert all(source.startswith("sacct: wall, wait, MaxRSS") for source in cost["source"])
+    assert cost[["wall_s", "queue_wait_s", "peak_rss_mb", "cpu_hours"]].notna().all().all()
+    one = cost.iloc[0]
+    lines = subprocess.run(["sacct", "-n", "-P", "-j", one["job_id"], "-o", "JobIDRaw,Submit,Start,Elapsed,MaxRSS"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    allocation = next(line.split("|") for line in lines if line.split("|")[0] == one["job_id"])
+    wait = (pd.Timestamp(allocation[2]) - pd.Timestamp(allocation[1])).total_seconds()
+    assert one["queue_wait_s"] == wait and one["wall_s"] == duration_s(allocation[3])
+    assert one["peak_rss_mb"] == max(memory_mb(line.split("|")[4]) or 0.0 for line in lines)
 
 
 def test_failed_train_blocks_its_stages_and_retry_failed_resubmits_only_those(slurm_cluster, demo_assets, tmp_path):

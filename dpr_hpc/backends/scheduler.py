@@ -127,6 +127,109 @@ def query(job_ids: list[str], since: datetime | None = None, users: Sequence[str
     return SchedulerView(jobs, source)
 
 
+ACCOUNTING_FIELDS = ("JobIDRaw", "State", "Submit", "Start", "End", "Elapsed", "TotalCPU", "MaxRSS", "ReqMem", "AllocTRES", "NodeList")
+
+
+@dataclass(frozen=True)
+class JobAccounting:
+    """What sacct measured of one job: its times (ISO, local time as sacct prints them), elapsed
+    and total CPU seconds, the largest MaxRSS of its steps, and what it was allocated."""
+
+    job_id: str
+    state: str
+    submit: str
+    start: str
+    end: str
+    elapsed_s: float | None
+    total_cpu_s: float | None
+    max_rss_mb: float | None
+    req_mem: str
+    alloc_tres: dict[str, str]
+    node_list: str
+
+    @property
+    def queue_wait_s(self) -> float | None:
+        """Start - submit; None when either is unknown (a job that never started)."""
+        try:
+            return (datetime.fromisoformat(self.start) - datetime.fromisoformat(self.submit)).total_seconds()
+        except ValueError:
+            return None
+
+    @property
+    def gpus(self) -> int:
+        return int(self.alloc_tres.get("gres/gpu", 0) or 0)
+
+    @property
+    def cpus(self) -> int:
+        return int(self.alloc_tres.get("cpu", 0) or 0)
+
+    @property
+    def alloc_mem_mb(self) -> float | None:
+        return memory_mb(self.alloc_tres["mem"]) if "mem" in self.alloc_tres else None
+
+
+def accounting(job_ids: list[str], since: datetime | None = None, users: Sequence[str] = ()) -> dict[str, JobAccounting]:
+    """sacct's measurements of these jobs, in one batched call: the allocation's line gives the
+    times and the allocation, its steps' lines the peak RSS (sacct keeps MaxRSS per step only).
+    `since` and `users` as for query(). Raises SchedulerError when sacct does not answer."""
+    if not job_ids:
+        return {}
+    command = ["sacct", "-n", "-P", "-j", ",".join(job_ids), "-o", ",".join(ACCOUNTING_FIELDS)]
+    if users:
+        command[1:1] = ["-u", ",".join(users)]
+    if since is not None:
+        # sacct reads times in the cluster's local time zone.
+        command[1:1] = ["-S", (since - SINCE_MARGIN).astimezone().strftime("%Y-%m-%dT%H:%M:%S")]
+    out = _run(command)
+    allocations: dict[str, list[str]] = {}
+    peak_rss: dict[str, float] = {}
+    for line in out.splitlines():
+        fields = line.split("|")
+        if len(fields) < len(ACCOUNTING_FIELDS):
+            continue
+        job_id, _, step = fields[0].partition(".")
+        if step:
+            rss = memory_mb(fields[7])
+            if rss is not None:
+                peak_rss[job_id] = max(rss, peak_rss.get(job_id, 0.0))
+        else:
+            allocations[job_id] = fields
+    return {
+        job_id: JobAccounting(
+            job_id=job_id, state=f[1].split()[0] if f[1] else "", submit=f[2], start=f[3], end=f[4],
+            elapsed_s=duration_s(f[5]), total_cpu_s=duration_s(f[6]),
+            max_rss_mb=max(filter(None, [memory_mb(f[7]), peak_rss.get(job_id)]), default=None),
+            req_mem=f[8], alloc_tres=dict(item.split("=", 1) for item in f[9].split(",") if "=" in item), node_list=f[10],
+        )
+        for job_id, f in allocations.items()
+    }
+
+
+def duration_s(text: str) -> float | None:
+    """SLURM's durations: [D-]HH:MM:SS[.fff] or MM:SS[.fff]; None when empty or unknown."""
+    text = text.strip()
+    if not text or text in ("INVALID", "UNLIMITED"):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [float(p) for p in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    hours, minutes, seconds = parts[-3:]
+    return (int(days) if days else 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+_MEMORY_UNITS = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 * 1024}
+
+
+def memory_mb(text: str) -> float | None:
+    """sacct's memory figures (`12444K`, `2G`, `2000Mn`, `4Gc`) in MiB; None when empty."""
+    match = re.fullmatch(r"([\d.]+)([KMGT]?)[nc]?", text.strip())
+    if not match:
+        return None
+    number, unit = float(match.group(1)), match.group(2)
+    return number * _MEMORY_UNITS[unit] if unit else number / 2**20  # no unit: bytes
+
+
 def queued_by_tag() -> dict[str, str]:
     """This user's queued and running jobs by the dpr-hpc tag in their comment: how a submit
     finds a job it queued but could not record (killed between sbatch and the ledger)."""

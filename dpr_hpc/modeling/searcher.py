@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -41,15 +42,27 @@ def load_index(path: Path, config: IndexConfig) -> faiss.Index:
     return index
 
 
-def search_one_at_a_time(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k row ids per query and each query's search time in ms, timed alone (encoding excluded)."""
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k row ids (-1 where the index had fewer hits), their inner-product scores as FAISS
+    gave them (kept for TREC run files), and each query's search time in ms."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    times_ms: np.ndarray
+
+
+def search_one_at_a_time(index: faiss.Index, queries: np.ndarray, k: int) -> SearchResult:
+    """Every query searched alone and timed alone (encoding excluded): the paper's ITA."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
+    scores = np.empty((len(queries), k), dtype=np.float32)
     times_ms = np.empty(len(queries), dtype=np.float64)
     for row in range(len(queries)):
         query = queries[row : row + 1]
         start = time.perf_counter()
-        _, found = index.search(query, k)
+        found_scores, found = index.search(query, k)
         times_ms[row] = (time.perf_counter() - start) * 1000.0
         ids[row] = found[0]
-    return ids, times_ms
+        scores[row] = found_scores[0]
+    return SearchResult(ids, scores, times_ms)

@@ -71,7 +71,9 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         details={"device": device.type, "index_type": cell.index.type, "precision": precision, "precision_requested": cell.precision.encode,
                  "passage_format": cell.text.passage_format,
                  "tokens_cached": texts.hit, "reused_shards": encoded.reused_shards,
-                 "encode_nodes": list(encoded.nodes), "index_file_kept": kept},
+                 "encode_nodes": list(encoded.nodes), "index_file_kept": kept,
+                 # The report's Figure 1 reads the pool's token lengths from this entry.
+                 "token_cache_entry": f"dev-passages-{texts.key}.npz"},
         discard=[paths.shards],
     )
 

@@ -21,6 +21,8 @@ from dpr_hpc.modeling.precision import resolve_precision
 from dpr_hpc.modeling.searcher import load_index, search_one_at_a_time
 from dpr_hpc.plan import SEARCHED_INDEX_REPEAT
 from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, progress, tokenized
+from dpr_hpc.trec import question_id, write_qrels, write_run
+
 
 
 ITA_SD_DDOF = 1  # the sample SD; the paper's code used np.std's default, ddof 0
@@ -46,9 +48,11 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     faiss_index = load_index(io.index.index_file, cell.index)
     passage_ids = np.load(io.index.passage_ids).tolist()
     progress(f"searching top {cell.top_k} of {len(passage_ids)} passages for {len(questions)} questions, one at a time")
-    rows, times_ms = search_one_at_a_time(faiss_index, query_vectors, cell.top_k)
+    found = search_one_at_a_time(faiss_index, query_vectors, cell.top_k)
+    rows, times_ms = found.ids, found.times_ms
 
     rankings = [[passage_ids[j] for j in row if j >= 0] for row in rows]
+    ranking_scores = [[float(s) for j, s in zip(row, scores) if j >= 0] for row, scores in zip(rows, found.scores)]
     metrics: dict = {"num_questions": len(questions)}
     metrics.update(retrieval_metrics(rankings, [q.gold_id for q in questions], cell.top_k))
     if any(q.answers for q in questions):
@@ -57,6 +61,9 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         metrics.update(answer_accuracy(ranked_texts, [q.answers for q in questions], cell.top_k))
 
     write_file_atomic(io.out.rankings, lambda tmp: save_array(tmp, rows))
+    qids = [question_id(q.record_index) for q in questions]
+    write_run(io.out.trec_run, qids, rankings, ranking_scores, tag=f"dpr-hpc-{io.job.key[:12]}")
+    write_qrels(io.out.trec_qrels, qids, [q.gold_id for q in questions])
     return StageOutput(
         metrics=metrics,
         timings={
@@ -67,7 +74,7 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
             "question_encode_s": question_encode_s,
             **peak_memory(device),
         },
-        artifacts=[io.out.rankings.name],
+        artifacts=[io.out.rankings.name, io.out.trec_run.name, io.out.trec_qrels.name],
         details={"device": device.type, "searched_index_repeat": SEARCHED_INDEX_REPEAT, "precision": precision,
                  "precision_requested": cell.precision.encode, "ita_sd_ddof": ITA_SD_DDOF, "tokens_cached": tokens.hit},
     )
