@@ -148,10 +148,12 @@ def test_data_is_tokenized_once_per_tokenizer_and_shared_by_stages_and_cells(dem
 
 def test_index_repeats_after_the_first_keep_no_index_file_and_records_name_their_encoding_nodes(demo_run):
     work, _, _ = demo_run
-    trained = next(p for p in work.glob("runs/e2e/cells/*") if "-bs16-" in p.name)
-    assert (trained / "index" / "r0" / "index.faiss").is_file()
-    assert not (trained / "index" / "r1" / "index.faiss").exists()
-    r0, r1 = (json.loads((trained / "index" / r / "result.json").read_text()) for r in ("r0", "r1"))
-    assert r0["artifacts"] == ["index.faiss", "passage_ids.json"] and r1["artifacts"] == ["passage_ids.json"]
+    records = {r: json.loads(p.read_text()) for p in work.glob("runs/store/index/*/*/result.json")
+               for r in [p.parent.name] if json.loads(p.read_text())["config"]["train"] is not None}
+    r0, r1 = records["r0"], records["r1"]
+    attempt = {r: work / "runs" / "store" / "index" / records[r]["key"] / r / "attempts" / f"a{records[r]['attempt']}" for r in records}
+    assert (attempt["r0"] / "index.faiss").is_file()
+    assert not (attempt["r1"] / "index.faiss").exists()
+    assert sorted(r0["artifacts"]) == ["index.faiss", "passage_ids.npy"] and list(r1["artifacts"]) == ["passage_ids.npy"]
     assert r1["timings"]["index_build_s"] > 0 and not r1["details"]["index_file_kept"]
     assert r0["details"]["encode_nodes"] == [r0["node"].get("slurm_node") or r0["node"]["hostname"]]
