@@ -10,7 +10,9 @@ pairs a new training time with an old accuracy.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,8 +275,14 @@ def terminal_table(table: pd.DataFrame, width: int, columns: Sequence[str] | Non
     return "\n".join(lines)
 
 
+# Output to a pipe or a file has no width: it gets every column, as the files do.
+UNLIMITED_WIDTH = 10_000
+
+
 def terminal_width() -> int:
-    """$COLUMNS where set, else the terminal's width, else 80 (a pipe)."""
+    """$COLUMNS where set, else the terminal's width; no limit when the output is not a terminal."""
+    if "COLUMNS" not in os.environ and not sys.stdout.isatty():
+        return UNLIMITED_WIDTH
     return shutil.get_terminal_size((80, 24)).columns
 
 

@@ -42,8 +42,8 @@ def encoder_identities(cell: CellConfig, hashes: ContentHashes) -> dict[str, Any
     identities = {}
     for role in ("question_encoder", "passage_encoder"):
         name = getattr(cell, role)
-        local = cell.model_path(name)
-        identities[role] = model_identity(name, local if local != name else None, hashes)
+        local = cell.local_model(name)
+        identities[role] = model_identity(name, str(local) if local is not None else None, hashes)
     return identities
 
 
@@ -99,8 +99,8 @@ def stage_inputs(cell: CellConfig, stage: str) -> dict[str, tuple[str, Path]]:
     if stage == "train" or cell.evaluate_only:
         for role in ("question_encoder", "passage_encoder"):
             name = getattr(cell, role)
-            if cell.model_path(name) != name:
-                inputs[role] = ("folder", Path(cell.model_path(name)))
+            if cell.local_model(name) is not None:
+                inputs[role] = ("folder", cell.local_model(name))
     return inputs
 
 

@@ -233,3 +233,20 @@ def test_collect_flags_a_median_over_repeats_that_ran_in_different_precisions_or
     mixed = collect_table(layout, plan, median=True)["mixed"].iloc[0]
     assert "index precision: fp16, fp32" in mixed and "index gpu:" in mixed and "Tesla V100" in mixed
     assert "infer" not in mixed
+
+
+def test_a_local_model_folder_named_by_absolute_path_is_keyed_by_its_content(data_files):
+    """An absolute path resolves to itself, so it must not be mistaken for a hub name: its files'
+    content enters the train key, and a changed file changes the key."""
+    from dpr_hpc.content import ContentHashes
+    from dpr_hpc.stage_keys import stage_inputs, stage_keys
+
+    model = data_files / "models" / "bert"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"a": 1}')
+    grid = write_grid(data_files, f"name: g\ndata: {{train: train.json, dev: dev.json}}\nblocks: [{{name: b, encoder: {model}, embedding_sizes: [8]}}]\n")
+    cell = load_grid(grid).cells[0]
+    assert cell.hub_models == () and "question_encoder" in stage_inputs(cell, "train")
+    before = stage_keys(cell, ContentHashes(None))["train"]
+    (model / "config.json").write_text('{"a": 2}')
+    assert stage_keys(cell, ContentHashes(None))["train"] != before

@@ -156,16 +156,22 @@ class CellConfig:
         return (self.base_dir / Path(written).expanduser()).resolve()
 
     def model_path(self, name: str) -> str:
+        """A local folder's resolved path, or a hub name as it is."""
+        local = self.local_model(name)
+        return str(local) if local is not None else name
+
+    def local_model(self, name: str) -> Path | None:
         """'./x', '../x', '/x' and '~/x' are local folders; so is 'org/x' when the grid's folder
-        holds one by that name (a job's working directory is not the grid's); else a hub name."""
+        holds one by that name (a job's working directory is not the grid's); None for a hub
+        name. (Compare with None, not the name: an absolute path resolves to itself.)"""
         if name.startswith(("./", "../", "/", "~")) or (self.base_dir / name).is_dir():
-            return str((self.base_dir / Path(name).expanduser()).resolve())
-        return name
+            return (self.base_dir / Path(name).expanduser()).resolve()
+        return None
 
     @property
     def hub_models(self) -> tuple[str, ...]:
         """The encoders that are hub names, not local folders."""
-        return tuple(dict.fromkeys(n for n in (self.question_encoder, self.passage_encoder) if self.model_path(n) == n))
+        return tuple(dict.fromkeys(n for n in (self.question_encoder, self.passage_encoder) if self.local_model(n) is None))
 
     @property
     def evaluate_only(self) -> bool:

@@ -383,7 +383,7 @@ def _missing_files(cells: list[CellConfig]) -> list[tuple[str, str]]:
                 missing.append((f"data.{split}", str(cell.data_path(split))))
         for key in ("question_encoder", "passage_encoder"):
             name = getattr(cell, key)
-            if cell.model_path(name) != name and not Path(cell.model_path(name)).is_dir():
+            if cell.local_model(name) is not None and not cell.local_model(name).is_dir():
                 missing.append((key, f"{cell.model_path(name)} (a local model folder)"))
     return missing
 
