@@ -32,6 +32,27 @@ def data_files(tmp_path) -> Path:
     return tmp_path
 
 
+def trained_and_untrained_grid(folder: Path, demo: Path, epochs: int, warmup_steps: int) -> Path:
+    """One trained tiny BERT (the demo's settings) with repeated timing stages, and the same
+    weights evaluated untrained: the grid the end-to-end tests run."""
+    return write_grid(folder, f"""
+        name: e2e
+        data: {{train: {demo}/train.json, dev: {demo}/dev.json}}
+        defaults:
+          train: {{epochs: {epochs}, learning_rate: 1.0e-3, dropout: 0.0, warmup_steps: {warmup_steps}, seed: 7, batch_size: 16}}
+          text: {{max_length: 64}}
+          encode_batch_size: 128
+        blocks:
+          - name: trained
+            encoder: {demo}/models/tiny-bert
+            cells: [{{embedding_size: 64, repeats: {{index: 2, infer: 3}}}}]
+          - name: untrained
+            encoder: {demo}/models/tiny-bert
+            evaluate_only: true
+            embedding_sizes: [64]
+    """)
+
+
 def write_grid(folder: Path, text: str, name: str = "grid.yaml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text))

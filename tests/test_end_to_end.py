@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import write_grid
+from conftest import trained_and_untrained_grid, write_grid
 
 pytestmark = pytest.mark.slow
 
@@ -25,22 +25,7 @@ def demo_run(demo_assets, tmp_path_factory):
     """One trained tiny BERT (the demo's settings) with repeated timing stages, and the same
     weights evaluated untrained."""
     work = tmp_path_factory.mktemp("e2e")
-    grid = write_grid(work, f"""
-        name: e2e
-        data: {{train: {demo_assets}/train.json, dev: {demo_assets}/dev.json}}
-        defaults:
-          train: {{epochs: 25, learning_rate: 1.0e-3, dropout: 0.0, warmup_steps: 20, seed: 7, batch_size: 16}}
-          text: {{max_length: 64}}
-          encode_batch_size: 128
-        blocks:
-          - name: trained
-            encoder: {demo_assets}/models/tiny-bert
-            cells: [{{embedding_size: 64, repeats: {{index: 2, infer: 3}}}}]
-          - name: untrained
-            encoder: {demo_assets}/models/tiny-bert
-            evaluate_only: true
-            embedding_sizes: [64]
-    """)
+    grid = trained_and_untrained_grid(work, demo_assets, epochs=25, warmup_steps=20)
     first = cli("submit", grid, "--backend", "local", cwd=work)
     return work, grid, first
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import write_grid
+from conftest import trained_and_untrained_grid
 
 pytestmark = pytest.mark.slow
 
@@ -26,22 +26,7 @@ def cli(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def demo_run(demo_assets, tmp_path_factory):
     work = tmp_path_factory.mktemp("report-e2e")
-    grid = write_grid(work, f"""
-        name: e2e
-        data: {{train: {demo_assets}/train.json, dev: {demo_assets}/dev.json}}
-        defaults:
-          train: {{epochs: 2, learning_rate: 1.0e-3, dropout: 0.0, warmup_steps: 5, seed: 7, batch_size: 16}}
-          text: {{max_length: 64}}
-          encode_batch_size: 128
-        blocks:
-          - name: trained
-            encoder: {demo_assets}/models/tiny-bert
-            cells: [{{embedding_size: 64, repeats: {{index: 2, infer: 3}}}}]
-          - name: untrained
-            encoder: {demo_assets}/models/tiny-bert
-            evaluate_only: true
-            embedding_sizes: [64]
-    """)
+    grid = trained_and_untrained_grid(work, demo_assets, epochs=2, warmup_steps=5)
     first = cli("submit", grid, "--backend", "local", cwd=work)
     assert first.returncode == 0, first.stdout + first.stderr
     return work, grid, first
