@@ -17,7 +17,7 @@ from typing import Callable
 import submitit
 
 from dpr_hpc.backends import scheduler
-from dpr_hpc.backends.report import SubmitReport, check_records, rerun_reasons
+from dpr_hpc.backends.submit_report import SubmitReport, check_records, rerun_reasons
 from dpr_hpc.claim import live_claim
 from dpr_hpc.errors import UsageError
 from dpr_hpc.layout import RunLayout

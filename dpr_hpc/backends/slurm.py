@@ -23,7 +23,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from dpr_hpc.backends import scheduler
 from dpr_hpc.backends.profile import StageResources
-from dpr_hpc.backends.report import SubmitReport, check_records, rerun_reasons
+from dpr_hpc.backends.submit_report import SubmitReport, check_records, rerun_reasons
 from dpr_hpc.errors import DprHpcError, UsageError
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import Ledger
