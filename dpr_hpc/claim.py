@@ -11,10 +11,8 @@ INTERRUPTED rather than RUNNING forever.
 
 from __future__ import annotations
 
-import time
-
 from dpr_hpc.errors import DprHpcError
-from dpr_hpc.locks import LockFile, LockHeldError, describe_holder, pid_alive
+from dpr_hpc.locks import LockFile, LockHeldError, describe_holder, holder_is_stale
 from dpr_hpc.plan import StageJob
 from dpr_hpc.store import JobFolder
 
@@ -52,8 +50,4 @@ def dead_claim(folder: JobFolder) -> dict | None:
 
 
 def claim_is_dead(holder: dict) -> bool:
-    import socket
-
-    if time.time() - float(holder.get("heartbeat", 0)) > CLAIM_STALE_AFTER_S:
-        return True
-    return holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid"))
+    return holder_is_stale(holder, CLAIM_STALE_AFTER_S)

@@ -166,9 +166,7 @@ class LockFile:
                 return time.time() - self.path.stat().st_mtime > self.stale_after_s
             except FileNotFoundError:
                 return False  # released meanwhile: the next round takes it
-        if time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s:
-            return True
-        return holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid"))
+        return holder_is_stale(holder, self.stale_after_s)
 
     def _break(self, stale: dict | None) -> None:
         """Remove the stale lock `stale` unless someone else already did and took a new one."""
@@ -224,6 +222,14 @@ def _parse(text: str) -> dict | None:
     except ValueError:
         return None
     return holder if isinstance(holder, dict) and "token" in holder else None
+
+
+def holder_is_stale(holder: dict, stale_after_s: float) -> bool:
+    """A holder that stopped proving it is alive: no heartbeat for `stale_after_s`, or its
+    process is gone from this host."""
+    if time.time() - float(holder.get("heartbeat", 0)) > stale_after_s:
+        return True
+    return holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid"))
 
 
 def pid_alive(pid: Any) -> bool:
