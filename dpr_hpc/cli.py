@@ -101,7 +101,26 @@ def _parser() -> argparse.ArgumentParser:
         "--signal-delay", type=int, metavar="SECONDS",
         help="local only: how long before --time-limit the warning signal comes (default 300)",
     )
+    submit.add_argument("--exclude-node", metavar="NODES",
+                        help="slurm only: keep the jobs this submit queues off these hosts (a hostlist, e.g. 'gpu[01-04],gpu07'); replaces the profile's exclude")
+    submit.add_argument("--nodelist", metavar="NODES",
+                        help="slurm only: run the jobs this submit queues on these hosts (a hostlist); replaces the profile's nodelist")
     submit.set_defaults(handler=_submit)
+
+    prefetch = commands.add_parser(
+        "prefetch", parents=[runs_root], help="download every hub model a grid names into the Hugging Face cache, for offline nodes",
+        description="Download every hub model and tokenizer the grid's encoders name (local folders are left alone) into "
+        "the Hugging Face cache ($HF_HOME/hub, or $HF_HUB_CACHE), resolve each to the commit of the hub's main, and record "
+        "name -> commit in the run folder's models.json. Run it on the login node: stage jobs run with HF_HUB_OFFLINE=1 and "
+        "load exactly that commit from the same cache.",
+    )
+    prefetch.add_argument("grid", type=Path, help="grid file (YAML)")
+    prefetch.set_defaults(handler=_prefetch)
+
+    completion = commands.add_parser("completion", help="print a shell completion script for dpr-hpc's commands and flags",
+                                     description="Enable with:  eval \"$(dpr-hpc completion bash)\"  (bash; zsh after 'autoload -U bashcompinit && bashcompinit')")
+    completion.add_argument("shell", choices=("bash",), help="the shell the script is for")
+    completion.set_defaults(handler=_completion)
 
     cancel = commands.add_parser("cancel", parents=[runs_root], help="cancel the queued and running SLURM jobs of a grid")
     cancel.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
@@ -190,7 +209,7 @@ def _plan(args: argparse.Namespace) -> int:
                  "exists" if j in existing else "to run"] for j in jobs]
     print(_columns(["STAGE", "R", "KEY", "CELLS", "STORE"], job_rows))
     _note_missing(grid.missing_data)
-    _check_hub_models(grid, refuse=False)
+    _check_hub_models(grid)
     return 0
 
 
@@ -264,21 +283,38 @@ def _note_missing(missing_files: Sequence[str]) -> None:
         print(f"note: not found here (needed before submit): {missing}", file=sys.stderr)
 
 
-def _check_hub_models(grid, refuse: bool) -> None:
-    """Hub models absent from the local Hugging Face cache: a note, or with `refuse` (a real
-    submit) and the hub offline, a grid error, since every job would fail after its queue wait."""
-    from dpr_hpc.errors import GridError
-    from dpr_hpc.modeling.hub import hub_cache_dir, hub_offline, uncached
+def _check_hub_models(grid) -> None:
+    """A note for each hub model absent from the local Hugging Face cache (plan, dry run)."""
+    from dpr_hpc.modeling.hub import hub_cache_dir, uncached
 
-    missing = uncached(model for cell in grid.cells for model in cell.hub_models)
-    offline = hub_offline()
-    if missing and offline and refuse:
-        group = next(cell.group for cell in grid.cells if missing[0] in cell.hub_models)
-        raise GridError(str(grid.path), f"block {group}: encoder", f"hub model {missing[0]} is not in the local Hugging Face cache "
-                        f"({hub_cache_dir()}) and the hub is offline (HF_HUB_OFFLINE); download it where the hub is reachable, or set HF_HOME to a cache that has it")
-    for model in missing:
-        after = "offline (HF_HUB_OFFLINE): submit refuses it" if offline else "downloaded on first use where the hub is reachable"
-        print(f"note: hub model {model} is not in the local Hugging Face cache ({hub_cache_dir()}); {after}", file=sys.stderr)
+    for model in uncached(model for cell in grid.cells for model in cell.hub_models):
+        print(f"note: hub model {model} is not in the local Hugging Face cache ({hub_cache_dir()}); "
+              f"'dpr-hpc prefetch {grid.path}' downloads it (submit does too, where the hub is reachable)", file=sys.stderr)
+
+
+def _fetch_hub_models(grid, layout: RunLayout, refetch: bool) -> dict[str, str | None]:
+    """Every hub model the grid names in the local cache, fetched where it is missing (all of
+    them with `refetch`, as prefetch does), and recorded in the run folder's models.json: the
+    stage jobs run offline. A model neither cached nor reachable is a grid error naming it."""
+    from dpr_hpc.modeling.hub import HubUnreachableError, fetch, hub_cache_dir, is_cached
+    from dpr_hpc.runstate import record_hub_models
+
+    models = list(dict.fromkeys(model for cell in grid.cells for model in cell.hub_models))
+    for model in models:
+        if is_cached(model) and not refetch:
+            continue
+        try:
+            revision = fetch(model)
+        except HubUnreachableError as error:
+            if is_cached(model):  # prefetch with the hub offline: the cached commit stands
+                print(f"{model}: kept the cached commit; {error.reason}", flush=True)
+                continue
+            group = next(cell.group for cell in grid.cells if model in cell.hub_models)
+            raise GridError(str(grid.path), f"block {group}: encoder", f"hub model {model} is neither in the local Hugging Face cache "
+                            f"({hub_cache_dir()}) nor reachable: {error.reason}; run 'dpr-hpc prefetch' where the hub is reachable, "
+                            "or set HF_HOME to a cache that has it") from None
+        print(f"{model}: fetched commit {revision} into {hub_cache_dir()}", flush=True)
+    return record_hub_models(layout, models)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -287,18 +323,19 @@ def _submit(args: argparse.Namespace) -> int:
     from dpr_hpc.backends.profile import grid_resources
     from dpr_hpc.backends.slurm import SlurmBackend
     from dpr_hpc.grid import load_grid
+    from dpr_hpc.grid.resources import with_nodes
     from dpr_hpc.plan import make_plan
 
     backend = args.backend
     if backend == "auto":
         backend = "slurm" if args.dry_run or scheduler.slurm_available() else "local"
-    if backend == "local" and (args.profile or args.hold or args.dry_run or args.retry_failed):
-        raise UsageError("--profile, --hold, --dry-run and --retry-failed apply to the slurm backend only")
+    if backend == "local" and (args.profile or args.hold or args.dry_run or args.retry_failed or args.exclude_node or args.nodelist):
+        raise UsageError("--profile, --hold, --dry-run, --retry-failed, --exclude-node and --nodelist apply to the slurm backend only")
     if backend == "slurm" and (args.time_limit is not None or args.signal_delay is not None):
         raise UsageError("--time-limit and --signal-delay apply to the local backend only; on SLURM set time and signal_delay_s in the profile")
     grid = load_grid(args.grid, require_data=not args.dry_run)
     _check_checkpoints(grid)
-    resources = grid_resources(grid, args.profile)
+    resources = with_nodes(grid_resources(grid, args.profile), args.exclude_node, args.nodelist, ("--exclude-node", "--nodelist"))
     layout = RunLayout.for_grid(grid.name, args.runs_root)
     echo = lambda line: print(line, flush=True)  # noqa: E731
     if args.dry_run:  # a dry run writes nothing, not even the content-hash memo
@@ -306,7 +343,7 @@ def _submit(args: argparse.Namespace) -> int:
         for job, script in slurm.dry_run():
             print(f"# ---- {job.id} (cell {slurm.plan.users(job)[0]})\n{script}")
         _note_missing(grid.missing_data)
-        _check_hub_models(grid, refuse=False)
+        _check_hub_models(grid)
         return 0
     if backend == "slurm" and not scheduler.slurm_available():
         raise UsageError("--backend slurm: no sbatch on PATH here")
@@ -314,7 +351,7 @@ def _submit(args: argparse.Namespace) -> int:
     from dpr_hpc.runstate import bind_grid, check_binding
 
     check_binding(layout, args.grid)
-    _check_hub_models(grid, refuse=True)
+    _fetch_hub_models(grid, layout, refetch=False)  # before the plan: a stage key names each model's commit
     bind_grid(layout, args.grid)
     plan = make_plan(grid, layout.store.content_hashes())
     if backend == "slurm":
@@ -324,6 +361,28 @@ def _submit(args: argparse.Namespace) -> int:
     if not report.ok:
         return 1
     return EXIT_DEFERRED if report.deferred else 0
+
+
+def _prefetch(args: argparse.Namespace) -> int:
+    from dpr_hpc.grid import load_grid
+    from dpr_hpc.runstate import bind_grid, check_binding
+
+    grid = load_grid(args.grid, require_data=False)
+    layout = RunLayout.for_grid(grid.name, args.runs_root)
+    check_binding(layout, args.grid)
+    revisions = _fetch_hub_models(grid, layout, refetch=True)
+    bind_grid(layout, args.grid)
+    print(f"grid {grid.name}: {len(revisions)} hub model(s) recorded in {layout.hub_models}")
+    for model, revision in revisions.items():
+        print(f"  {model}  {revision}")
+    return 0
+
+
+def _completion(args: argparse.Namespace) -> int:
+    from dpr_hpc.completion import bash_script
+
+    print(bash_script(_parser()))
+    return 0
 
 
 def _cancel(args: argparse.Namespace) -> int:

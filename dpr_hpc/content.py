@@ -80,18 +80,9 @@ def model_identity(name: str, local_path: str | None, hashes: ContentHashes) -> 
     if local_path is not None:
         folder = Path(local_path)
         return hashes.once(("folder", local_path), lambda: {"folder_sha256": hashes.folder(folder) if folder.is_dir() else f"missing:{folder}"})
-    return hashes.once(("hub", name), lambda: {"hub": name, "revision": cached_hub_revision(name)})
+    from dpr_hpc.modeling.hub import cached_revision
 
-
-def cached_hub_revision(name: str, revision: str = "main") -> str | None:
-    """The commit the local Hugging Face cache holds for `name` (its refs/<revision> file)."""
-    from dpr_hpc.modeling.hub import hub_cache_dir
-
-    ref = hub_cache_dir() / f"models--{name.replace('/', '--')}" / "refs" / revision
-    try:
-        return ref.read_text().strip() or None
-    except OSError:
-        return None
+    return hashes.once(("hub", name), lambda: {"hub": name, "revision": cached_revision(name)})
 
 
 def sha256_file(path: Path) -> str:

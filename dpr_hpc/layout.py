@@ -6,6 +6,7 @@
         cells.json         every cell ever planned here, with its keys: cells that left the
                            grid keep their results, and status and collect count them
         submit.lock        held while a local submit runs
+        models.json        each hub model the grid names, with the commit its jobs load
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class RunLayout:
     @property
     def cells_history(self) -> Path:
         return self.root / "cells.json"
+
+    @property
+    def hub_models(self) -> Path:
+        return self.root / "models.json"
 
     @property
     def submit_lock(self) -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from dpr_hpc.errors import GridError, UsageError
 from dpr_hpc.fsutil import read_json, write_json_atomic
@@ -39,12 +39,16 @@ def bind_grid(layout: RunLayout, grid_file: Path) -> None:
 def save_plan(layout: RunLayout, plan: Plan, grid_file: Path) -> None:
     """Record the plan, add its cells to the run's history, and write each job's spec into
     the store, where the job reads the settings it runs with."""
+    from dpr_hpc.modeling.hub import cached_revision
+
     bind_grid(layout, grid_file)
     store = layout.store
     as_json = {cell.cell_id: cell.to_json() for cell in plan.cells}
     for job in plan.jobs():
         if job.repeat == 0:
-            store.write_spec(StageSpec(job.stage, job.key, as_json[plan.users(job)[0]], plan.upstream_keys(job)))
+            cell = plan.spec_cell(job)
+            revisions = {model: revision for model in cell.hub_models if (revision := cached_revision(model))}
+            store.write_spec(StageSpec(job.stage, job.key, as_json[cell.cell_id], plan.upstream_keys(job), revisions))
     history = cell_history(layout)
     stamp = now_iso()
     for cell in plan.cells:
@@ -52,6 +56,16 @@ def save_plan(layout: RunLayout, plan: Plan, grid_file: Path) -> None:
         history[cell.cell_id] = {**entry, "keys": plan.keys[cell.cell_id], "repeats": cell.repeats.__dict__, "last_planned": stamp}
     write_json_atomic(layout.cells_history, history)
     write_json_atomic(layout.plan_file, {**plan.to_json(), "grid_file": str(Path(grid_file).resolve()), "saved_at": stamp})
+
+
+def record_hub_models(layout: RunLayout, models: Iterable[str]) -> dict[str, str | None]:
+    """Write models.json: each hub model with the commit the cache holds for it (what the
+    grid's jobs load), and the cache it is in."""
+    from dpr_hpc.modeling.hub import cached_revision, hub_cache_dir
+
+    revisions = {model: cached_revision(model) for model in sorted(set(models))}
+    write_json_atomic(layout.hub_models, {"hub_cache": str(hub_cache_dir().resolve()), "models": revisions, "recorded_at": now_iso()})
+    return revisions
 
 
 def load_plan(layout: RunLayout) -> Plan:

@@ -24,7 +24,7 @@ record replaces result.json atomically once it is complete; earlier attempts sta
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +167,12 @@ class StageSpec:
     key: str
     cell: dict[str, Any]
     upstream: dict[str, str]
+    # The commit of each hub model the stage loads, as its key names it (modeling/hub.py):
+    # the job, offline, loads exactly that one.
+    hub_revisions: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": self.stage, "key": self.key, "cell": self.cell, "upstream": self.upstream}
+        return {"stage": self.stage, "key": self.key, "cell": self.cell, "upstream": self.upstream, "hub_revisions": self.hub_revisions}
 
 
 @dataclass(frozen=True)
@@ -218,4 +221,4 @@ class StageStore:
 
     def read_spec(self, stage: str, key: str) -> StageSpec:
         saved = read_json(self.spec_file(stage, key))
-        return StageSpec(saved["stage"], saved["key"], saved["cell"], dict(saved["upstream"]))
+        return StageSpec(saved["stage"], saved["key"], saved["cell"], dict(saved["upstream"]), dict(saved.get("hub_revisions", {})))

@@ -23,6 +23,41 @@ def demo_assets(tmp_path_factory) -> Path:
     return out
 
 
+# A commit id as the hub writes them (40 hex digits): transformers loads a pinned revision only
+# in that form without asking the hub.
+FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face hub cache of this test's own (HF_HUB_CACHE), which the jobs and
+    subprocesses it starts inherit."""
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def cache_hub_model(cache: Path, model: str, files: Path, commit: str = FAKE_COMMIT) -> Path:
+    """`model` in the hub cache's layout (refs/main naming `commit`, snapshots/<commit>/ holding
+    a real tiny model's files), as huggingface_hub leaves a download: the hub cannot be reached
+    here, so this is how tests have a "hub" model."""
+    import shutil
+
+    repo = cache / f"models--{model.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(files, repo / "snapshots" / commit)
+    return repo
+
+
+@pytest.fixture
+def cached_x_y(hub_cache, demo_assets) -> Path:
+    """The hub model x/y, which the small test grids name, in this test's hub cache (a submit
+    refuses a model neither cached nor reachable, and the hub is not reachable here)."""
+    return cache_hub_model(hub_cache, "x/y", demo_assets / "models" / "tiny-bert")
+
+
 @pytest.fixture
 def data_files(tmp_path) -> Path:
     """Two tiny files in DPR's format, enough for grids that are loaded but not run."""

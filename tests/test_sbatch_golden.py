@@ -14,16 +14,18 @@ import pytest
 from conftest import REPO, write_grid
 from dpr_hpc.backends.profile import grid_resources, load_profile, time_to_minutes
 from dpr_hpc.backends.slurm import SlurmBackend
-from dpr_hpc.errors import GridError
+from dpr_hpc.errors import GridError, UsageError
+from dpr_hpc.grid.resources import with_nodes
 from dpr_hpc.grid import load_grid
 from dpr_hpc.layout import RunLayout
+from dpr_hpc.modeling.hub import hub_cache_dir
 from dpr_hpc.plan import make_plan
 
 GOLDEN = Path(__file__).parent / "golden"
 
 
-@pytest.fixture
-def scripts(data_files, tmp_path):
+def rendered_scripts(data_files: Path, tmp_path: Path, profile: Path, resources=None) -> dict[str, str]:
+    """The dry run's script per stage, for one BERT cell under `profile` (or `resources`)."""
     grid = write_grid(data_files, """
         name: golden
         data: {train: train.json, dev: dev.json}
@@ -31,18 +33,44 @@ def scripts(data_files, tmp_path):
           - {name: bert, encoder: bert-base-uncased, embedding_sizes: [768], train: {batch_size: 16}}
     """)
     layout = RunLayout(tmp_path / "runs" / "golden")
-    backend = SlurmBackend(layout, make_plan(load_grid(grid)), load_profile(REPO / "slurm_templates" / "gpu24.yaml"))
+    backend = SlurmBackend(layout, make_plan(load_grid(grid)), resources or load_profile(profile))
     rendered = {job.stage: script for job, script in backend.dry_run()}
-    # Machine-specific parts: where the run folder and the interpreter are.
-    return {stage: text.replace(str(layout.runs_root), "<RUNS>").replace(sys.executable, "<PYTHON>") for stage, text in rendered.items()}
+    # Machine-specific parts: where the run folder, the interpreter and the hub cache are.
+    return {stage: text.replace(str(layout.runs_root), "<RUNS>").replace(sys.executable, "<PYTHON>")
+            .replace(str(hub_cache_dir().resolve()), "<HF_HUB_CACHE>") for stage, text in rendered.items()}
+
+
+def matches_golden(text: str, name: str) -> bool:
+    golden = GOLDEN / name
+    if os.environ.get("DPR_HPC_UPDATE_GOLDEN") == "1":
+        golden.write_text(text)
+    return text == golden.read_text()
+
+
+@pytest.fixture
+def scripts(data_files, tmp_path):
+    return rendered_scripts(data_files, tmp_path, REPO / "slurm_templates" / "gpu24.yaml")
 
 
 @pytest.mark.parametrize("stage", ["train", "index", "infer"])
 def test_dry_run_sbatch_script_matches_golden_file(scripts, stage):
-    golden = GOLDEN / f"sbatch_{stage}.txt"
-    if os.environ.get("DPR_HPC_UPDATE_GOLDEN") == "1":
-        golden.write_text(scripts[stage])
-    assert scripts[stage] == golden.read_text()
+    assert matches_golden(scripts[stage], f"sbatch_{stage}.txt")
+
+
+def test_a_profile_setting_every_key_gives_the_golden_script(data_files, tmp_path):
+    """Placement, exclusivity, reservation, mail, the user's comment after the tag, and other
+    sbatch options, as sbatch reads them; the job runs with the hub offline."""
+    index = rendered_scripts(data_files, tmp_path, GOLDEN / "profile_every_key.yaml")["index"]
+    assert matches_golden(index, "sbatch_every_key_index.txt")
+
+
+def test_exclude_node_and_nodelist_flags_replace_the_profile_hosts(data_files, tmp_path):
+    resources = with_nodes(load_profile(GOLDEN / "profile_every_key.yaml"), "gpu05", "gpu[20-21]", ("--exclude-node", "--nodelist"))
+    index = rendered_scripts(data_files, tmp_path, Path(), resources)["index"]
+    assert "#SBATCH --exclude=gpu05\n" in index and "#SBATCH --nodelist='gpu[20-21]'\n" in index
+    assert "gpu07" not in index and "gpu[10-12]" not in index
+    with pytest.raises(UsageError, match=r"^--nodelist: expected a SLURM hostlist"):
+        with_nodes(resources, None, "gpu01 gpu02", ("--exclude-node", "--nodelist"))
 
 
 def test_dry_run_writes_nothing(data_files, tmp_path):

@@ -281,3 +281,25 @@ def test_cancelled_training_resumes_from_its_checkpoint_on_a_plain_resubmit(slur
     assert [s["ended_by"] for s in segments] == ["SIGTERM", "finished"]
     assert segments[1]["first_step"] == segments[0]["steps"] >= 150
     assert segments[0]["job_id"] != segments[1]["job_id"]
+
+
+def test_placement_keys_reach_the_real_job_and_a_user_comment_keeps_adoption_working(slurm_cluster, demo_assets, tmp_path):
+    """A profile's comment, exclusive and sbatch_extra, and submit's --nodelist, as SLURM records
+    them; a submit killed between sbatch and its ledger write is still adopted by the next one,
+    found by the tag in front of the user's comment."""
+    node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, check=True).stdout.split()[0]
+    profile = tmp_path / "placed.yaml"
+    profile.write_text(PROFILE.read_text().replace("defaults:\n", "defaults:\n  comment: paper-run\n  exclusive: true\n  sbatch_extra: {spread-job: true}\n"))
+    grid = small_grid(tmp_path, demo_assets)
+    command = [sys.executable, "-m", "dpr_hpc", "submit", str(grid), "--backend", "slurm", "--profile", str(profile), "--hold", "--nodelist", node]
+    killed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "DPR_HPC_FAULT": "kill-after-sbatch:1"})
+    assert killed.returncode == 137, killed.stdout + killed.stderr
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0 and "adopting SLURM job" in again.stdout, again.stdout + again.stderr
+    ledger = Ledger.read(StageStore.at(tmp_path / "runs")).entries
+    assert len(ledger) == 7 and all(len(history) == 1 for history in ledger.values())
+    first = next(history[0]["job_id"] for history in ledger.values() if history[0].get("adopted"))
+    shown = subprocess.run(["scontrol", "show", "job", first], capture_output=True, text=True, check=True).stdout
+    assert f"Comment=dpr-hpc:{next(h[0]['tag'] for h in ledger.values() if h[0].get('adopted'))},paper-run" in shown, shown
+    assert "OverSubscribe=NO" in shown and f"ReqNodeList={node}" in shown, shown
+    cli("cancel", grid, cwd=tmp_path, check=True)

@@ -57,7 +57,7 @@ def fake_slurm(tmp_path, monkeypatch):
     return bin_dir
 
 
-def test_sbatch_failures_are_retried_then_reported_and_earlier_jobs_stay_recorded(fake_slurm, data_files, tmp_path, capsys):
+def test_sbatch_failures_are_retried_then_reported_and_earlier_jobs_stay_recorded(fake_slurm, cached_x_y, data_files, tmp_path, capsys):
     grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
     code, out, err = run_cli(capsys, "submit", grid, "--backend", "slurm", "--runs-root", tmp_path / "runs")
     assert code == 1
@@ -96,13 +96,15 @@ def test_a_job_the_scheduler_no_longer_lists_is_pending_only_for_a_grace_period(
     assert "no longer listed" in states[0].detail
 
 
-def test_a_submit_killed_between_sbatch_and_the_ledger_is_adopted_by_the_next(fake_slurm, data_files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("slurm_section", ["", "slurm: {defaults: {comment: my-note}}\n"], ids=["tag only", "with a user comment"])
+def test_a_submit_killed_between_sbatch_and_the_ledger_is_adopted_by_the_next(fake_slurm, cached_x_y, data_files, tmp_path, monkeypatch, slurm_section):
     """The fault hook kills the submit right after its first sbatch: the job is queued but not
-    recorded. The next submit finds it by its tag and records it; nothing is queued twice."""
+    recorded. The next submit finds it by its tag (before any comment of the user's) and
+    records it; nothing is queued twice."""
     import subprocess
     import sys
 
-    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
+    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n" + slurm_section)
     command = [sys.executable, "-m", "dpr_hpc", "submit", str(grid), "--backend", "slurm", "--runs-root", str(tmp_path / "runs")]
     killed = subprocess.run(command, env={**__import__("os").environ, "DPR_HPC_FAULT": "kill-after-sbatch:1"}, capture_output=True, text=True)
     assert killed.returncode == 137
@@ -114,9 +116,17 @@ def test_a_submit_killed_between_sbatch_and_the_ledger_is_adopted_by_the_next(fa
     ledger = Ledger.read(StageStore.at(tmp_path / "runs")).entries
     train = next(h for key, h in ledger.items() if key.startswith("train/"))
     assert [e["job_id"] for e in train] == ["101"] and train[0]["adopted"] is True
+    if slurm_section:
+        assert (fake_slurm / "queue").read_text().splitlines()[0].endswith(f"|dpr-hpc:{train[0]['tag']},my-note")
 
 
-def test_an_unreachable_scheduler_stops_submit_and_status_says_so(fake_slurm, data_files, tmp_path, capsys):
+def test_the_tag_is_read_from_a_comment_whatever_the_user_added():
+    assert scheduler.comment_nonce(scheduler.job_comment("0f3a", None)) == "0f3a"
+    assert scheduler.comment_nonce(scheduler.job_comment("0f3a", "dpr-hpc:beef")) == "0f3a"
+    assert scheduler.comment_nonce("paper dpr-hpc:0f3a") is None and scheduler.comment_nonce("dpr-hpc:0f3ax") is None
+
+
+def test_an_unreachable_scheduler_stops_submit_and_status_says_so(fake_slurm, cached_x_y, data_files, tmp_path, capsys):
     grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
     code, _, _ = run_cli(capsys, "submit", grid, "--backend", "slurm", "--runs-root", tmp_path / "runs")
     for name in ("squeue", "sacct"):

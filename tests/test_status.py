@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_grid
+from conftest import run_cli, write_grid, cache_hub_model
 from dpr_hpc.grid import load_grid
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.plan import StageJob, make_plan
@@ -29,6 +29,17 @@ FIGURES = dict(metrics={"epoch_loss": [1.0], "num_passages": 1, "num_questions":
 
 @pytest.fixture
 def run(data_files, tmp_path):
+    return planned_run(data_files, tmp_path)
+
+
+@pytest.fixture
+def run_of_a_cached_model(hub_cache, demo_assets, data_files, tmp_path):
+    """`run`, with its hub model in the hub cache first (a submit refuses it otherwise)."""
+    cache_hub_model(hub_cache, "bert-base-uncased", demo_assets / "models" / "tiny-bert")
+    return planned_run(data_files, tmp_path)
+
+
+def planned_run(data_files, tmp_path):
     path = write_grid(data_files, """
         name: g
         data: {train: train.json, dev: dev.json}
@@ -138,8 +149,8 @@ def test_claim_of_a_dead_process_reads_interrupted_and_a_live_one_running(run):
     assert states(layout, plan)["train/r0"] == "INTERRUPTED"
 
 
-def test_an_unreadable_record_stops_submit_and_nothing_runs(run, capsys, monkeypatch):
-    layout, plan, _ = run
+def test_an_unreadable_record_stops_submit_and_nothing_runs(run_of_a_cached_model, capsys, monkeypatch):
+    layout, plan, _ = run_of_a_cached_model
     train = job_of(plan, "train")
     complete(layout, plan, train)
     result, real_read = layout.store.job(train).result, Path.read_bytes

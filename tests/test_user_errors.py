@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ONE_CELL_GRID, run_cli, submitted_run, write_grid
+from conftest import ONE_CELL_GRID, cache_hub_model, run_cli, submitted_run, write_grid
 from dpr_hpc.cli import EXIT_DEFERRED
 from dpr_hpc.data import DataFormatError, read_records
 from dpr_hpc.grid import load_grid
@@ -54,18 +54,18 @@ def test_a_corrupt_plan_is_one_line_naming_it(data_files, tmp_path, capsys, dama
         assert code == 2 and _one_line(err) and str(layout.root / "plan.json") in err, command
 
 
-def test_a_running_local_submit_is_named_by_the_second(data_files, tmp_path, capsys):
+def test_a_running_local_submit_is_named_by_the_second(data_files, cached_x_y, tmp_path, capsys):
     from dpr_hpc.layout import RunLayout
     from dpr_hpc.locks import LockFile
 
     grid = write_grid(data_files, ONE_CELL_GRID)
     with LockFile(RunLayout(tmp_path / "runs" / "g").submit_lock, purpose="local submit"):
         code, _, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", tmp_path / "runs")
-    last = err.splitlines()[-1]  # after a note that the fake hub model x/y is not cached
+    last = err.splitlines()[-1]
     assert code == 2 and _one_line(last + "\n") and "another submit is running" in last and f"pid {os.getpid()}" in last
 
 
-def test_a_submit_that_defers_jobs_exits_with_its_own_code(data_files, tmp_path, monkeypatch, capsys):
+def test_a_submit_that_defers_jobs_exits_with_its_own_code(data_files, cached_x_y, tmp_path, monkeypatch, capsys):
     """The association allows one more job: train is queued, index and infer are deferred."""
     bin_dir = tmp_path / "fake-slurm"
     bin_dir.mkdir()
@@ -101,38 +101,19 @@ def test_a_local_model_folder_without_dot_slash_is_taken_from_the_grids_folder(d
     assert cell.hub_models == ()
 
 
-@pytest.fixture
-def empty_hub_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
-
-
-def _cache(cache, model: str, files: Path) -> None:
-    """`model` in the hub cache's layout, its snapshot holding a real (tiny) model's files, so
-    that the plan-time weight check can load it."""
-    import shutil
-
-    repo = cache / f"models--{model.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("abc123")
-    shutil.copytree(files, repo / "snapshots" / "abc123")
-
-
-def test_an_uncached_hub_model_offline_is_a_note_at_plan_and_an_error_at_submit(data_files, tmp_path, empty_hub_cache, monkeypatch, capsys):
+def test_an_uncached_hub_model_offline_is_a_note_at_plan_and_an_error_at_submit(data_files, tmp_path, hub_cache, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     grid = write_grid(data_files, ONE_CELL_GRID.replace("encoder: x/y", "encoder: bert-base-uncassed"))
     code, _, err = run_cli(capsys, "plan", grid)
     assert code == 0 and "note: hub model bert-base-uncassed is not in the local Hugging Face cache" in err
     code, out, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", tmp_path / "runs")
-    assert code == 2 and _one_line(err) and "hub model bert-base-uncassed is not in the local Hugging Face cache" in err
+    assert code == 2 and _one_line(err) and "hub model bert-base-uncassed is neither in the local Hugging Face cache" in err
     assert str(grid) in err and out == "" and not (tmp_path / "runs").exists()
 
 
-def test_a_cached_hub_model_passes_offline(data_files, demo_assets, empty_hub_cache, monkeypatch, capsys):
+def test_a_cached_hub_model_passes_offline(data_files, demo_assets, hub_cache, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _cache(empty_hub_cache, "org/cached-model", demo_assets / "models" / "tiny-bert")
+    cache_hub_model(hub_cache, "org/cached-model", demo_assets / "models" / "tiny-bert")
     grid = write_grid(data_files, ONE_CELL_GRID.replace("encoder: x/y", "encoder: org/cached-model"))
     code, _, err = run_cli(capsys, "plan", grid)
     assert code == 0 and "hub model" not in err

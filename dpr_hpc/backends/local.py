@@ -12,7 +12,8 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import submitit
 
@@ -24,6 +25,7 @@ from dpr_hpc.layout import RunLayout
 from dpr_hpc.locks import HEARTBEAT_S, LockFile, LockHeldError, describe_holder
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.ledger import Ledger
+from dpr_hpc.modeling.hub import job_environment
 from dpr_hpc.results import Records
 from dpr_hpc.runstate import cell_history, save_plan
 from dpr_hpc.stages.runner import stage_job_entry
@@ -144,7 +146,8 @@ class LocalBackend:
         executor.update_parameters(**self.executor_parameters())
         self.echo(f"{tag}  running")
         started = time.perf_counter()
-        handle = executor.submit(stage_job_entry, str(self.layout.runs_root), job.stage, job.key, job.repeat)
+        with _environment(job_environment()):  # the job's process copies this one's environment at its start
+            handle = executor.submit(stage_job_entry, str(self.layout.runs_root), job.stage, job.key, job.repeat)
         try:
             while not handle.done():
                 time.sleep(0.2)
@@ -166,3 +169,19 @@ class LocalBackend:
             return
         report.ran.append(job)
         self.echo(f"{tag}  done in {time.perf_counter() - started:.1f}s  {headline(check.record)}")
+
+
+@contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """`variables` set in this process while the block runs, then as they were. (submitit's
+    `setup` lines would put a shell between the job and the signals that stop it.)"""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

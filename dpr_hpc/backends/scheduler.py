@@ -21,6 +21,7 @@ from dpr_hpc.errors import DprHpcError
 
 # The tag in a job's --comment that names the stage job it runs (Ledger.nonce).
 TAG_PREFIX = "dpr-hpc:"
+_TAGGED_COMMENT = re.compile(re.escape(TAG_PREFIX) + r"([0-9a-f]+)(?:,|$)")
 # Every job state SLURM documents (sacct and squeue, long names) -> the status dpr-hpc shows.
 # HELD: in the queue, not progressing by itself (stopped, suspended, held after a requeue or a
 # deleted reservation): left alone by submit, never read as failed.
@@ -240,9 +241,22 @@ def queued_by_tag() -> dict[str, str]:
     tagged = {}
     for line in out.splitlines():
         job_id, _, comment = line.partition("|")
-        if comment.startswith(TAG_PREFIX):
-            tagged[comment[len(TAG_PREFIX):].strip()] = job_id.strip()
+        nonce = comment_nonce(comment)
+        if nonce is not None:
+            tagged[nonce] = job_id.strip()
     return tagged
+
+
+def job_comment(nonce: str, user_comment: str | None) -> str:
+    """A job's --comment: the tag first (what queued_by_tag reads), then the profile's own
+    comment after a comma, so a user's comment never hides the tag."""
+    return f"{TAG_PREFIX}{nonce}" + (f",{user_comment}" if user_comment else "")
+
+
+def comment_nonce(comment: str) -> str | None:
+    """The nonce of a job_comment, or None for a job dpr-hpc did not tag."""
+    match = _TAGGED_COMMENT.match(comment.strip())
+    return match.group(1) if match else None
 
 
 def submit_capacity() -> int | None:

@@ -27,6 +27,7 @@ from dpr_hpc.backends.submit_report import SubmitReport, check_records, rerun_re
 from dpr_hpc.errors import DprHpcError, UsageError
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import Ledger
+from dpr_hpc.modeling.hub import job_environment_lines
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.results import RecordCheck, Records
 from dpr_hpc.runstate import cell_history, resumable, save_plan
@@ -173,19 +174,23 @@ class SlurmBackend:
         r = self.resources[job.stage]
         params: dict = {
             "job_name": f"dpr-{job.stage}-r{job.repeat}-{self.plan.users(job)[0]}",
-            "comment": f"{scheduler.TAG_PREFIX}{nonce}",
+            "comment": scheduler.job_comment(nonce, r.comment),
             "time": r.time_min,
             "cpus_per_task": r.cpus_per_task,
             # The job acts on the warning this long before its end, however early SLURM sends it.
-            "setup": list(r.setup) + [f"export DPR_HPC_SIGNAL_DELAY_S={r.signal_delay_s}"],
+            "setup": list(r.setup) + [f"export DPR_HPC_SIGNAL_DELAY_S={r.signal_delay_s}"] + job_environment_lines(),
             "signal_delay_s": r.signal_delay_s,
         }
         optional = {"partition": r.partition, "gres": r.gres, "account": r.account, "qos": r.qos,
-                    "mem": r.sbatch_mem,
+                    "mem": r.sbatch_mem, "constraint": r.constraint, "exclude": r.exclude, "nodelist": r.nodelist,
+                    "exclusive": r.exclusive or None, "mail_type": r.mail_type, "mail_user": r.mail_user,
                     "dependency": "afterok:" + ":".join(dependencies) if dependencies else None}
         params.update({k: v for k, v in optional.items() if v is not None})
         # SLURM cancels a job whose dependency failed, instead of leaving it pending forever.
-        params["additional_parameters"] = {"kill-on-invalid-dep": "yes", **({"hold": True} if self.hold else {})}
+        params["additional_parameters"] = {
+            **dict(r.sbatch_extra), **({"reservation": r.reservation} if r.reservation else {}),
+            "kill-on-invalid-dep": "yes", **({"hold": True} if self.hold else {}),
+        }
         return params
 
     def dry_run(self) -> list[tuple[StageJob, str]]:

@@ -24,11 +24,36 @@ from typing import Any
 
 import yaml
 
-from dpr_hpc.errors import GridError
+from dpr_hpc.errors import GridError, UsageError
 from dpr_hpc.grid.config import STAGES
 
-# Partition lists ("gpu,gpu-long"), GRES ("gpu:a100:1"), account and QOS names.
+# Partition lists ("gpu,gpu-long"), GRES ("gpu:a100:1"), account, QOS and reservation names.
 SBATCH_SAFE = re.compile(r"[A-Za-z0-9_.,:=+@%/-]+")
+SBATCH_SAFE_EXPECTED = "a SLURM name (letters, digits and _ . , : = + @ % / -; no spaces, newlines or control characters)"
+# A feature expression (--constraint): features joined by & | , with brackets, parentheses and
+# counts ("a100&ib", "[rack1|rack2]", "gpu*2"). sbatch reads it, never a shell, and submitit
+# quotes it on its #SBATCH line; what must not pass is a newline or a space.
+SLURM_CONSTRAINT = re.compile(r"[A-Za-z0-9_.:=+@%/,&|*\[\]()-]+")
+# A SLURM hostlist (--nodelist, --exclude): names with optional bracketed ranges, comma-joined.
+_HOST = r"[A-Za-z0-9][A-Za-z0-9_.-]*(?:\[\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*\][A-Za-z0-9_.-]*)*"
+SLURM_HOSTLIST = re.compile(rf"{_HOST}(?:,{_HOST})*")
+HOSTLIST_EXPECTED = "a SLURM hostlist such as 'gpu[01-04],gpu07' (or a list of host names)"
+# sbatch --mail-type's values (comma-separated).
+MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT", "TIME_LIMIT",
+              "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS")
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+EXCLUSIVE_MODES = ("user", "mcs")
+SBATCH_LONG_OPTION = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+# sbatch options dpr-hpc (or submitit for it) writes itself: the time limit and its warning,
+# requeueing, the job name, logs and dependencies it reads back, and the comment that carries
+# the tag a submit finds its jobs by. sbatch_extra may not set them.
+SBATCH_OPTIONS_SET_HERE = ("time", "signal", "requeue", "no-requeue", "comment", "job-name", "output", "error",
+                           "open-mode", "dependency", "kill-on-invalid-dep", "hold", "array", "wckey", "nodes", "export")
+# sbatch options a profile key of its own sets: written there, they are validated as that key.
+SBATCH_OPTION_KEYS = {"partition": "partition", "gres": "gres", "cpus-per-task": "cpus_per_task", "mem": "mem_gb",
+                      "account": "account", "qos": "qos", "constraint": "constraint", "exclude": "exclude",
+                      "nodelist": "nodelist", "exclusive": "exclusive", "reservation": "reservation",
+                      "mail-type": "mail_type", "mail-user": "mail_user"}
 # SLURM's --mem: an integer with an optional unit (megabytes without one).
 SLURM_MEMORY = re.compile(r"[1-9][0-9]*[KMGT]?B?", re.IGNORECASE)
 # SLURM's time formats (sbatch --time): each pattern with the fields it names, in order.
@@ -59,6 +84,19 @@ class StageResources:
     signal_delay_s: int = 300
     # Automatic requeues after a time limit (preemptions do not count); then `submit` again.
     max_requeues: int = 20
+    # Where the job may run: node features, hosts to avoid or to use, a node of its own (a
+    # timing stage sharing a node with another job times both), a reservation.
+    constraint: str | None = None
+    exclude: str | None = None
+    nodelist: str | None = None
+    exclusive: bool | str = False
+    reservation: str | None = None
+    mail_type: str | None = None
+    mail_user: str | None = None
+    # Joined to the tag dpr-hpc's own comment carries (scheduler.job_comment), never replacing it.
+    comment: str | None = None
+    # Other long sbatch options, by name without the dashes: {"gpu-bind": "closest"}.
+    sbatch_extra: tuple[tuple[str, str | int | bool], ...] = ()
 
     @property
     def time_min(self) -> int:
@@ -211,10 +249,34 @@ def _field_value(key: str, value: Any, where: str, key_path: str) -> Any:
         return GridError(where, key_path, f"expected {expected}, got {value!r}")
 
     is_int = isinstance(value, int) and not isinstance(value, bool)
-    if key in ("partition", "gres", "account", "qos"):
+    if key in ("partition", "gres", "account", "qos", "reservation", "comment"):
         if value is not None and not (isinstance(value, str) and SBATCH_SAFE.fullmatch(value)):
-            raise fail("a SLURM name (letters, digits and _ . , : = + @ % / -; no spaces, newlines or control characters)")
+            raise fail(SBATCH_SAFE_EXPECTED)
         return value
+    if key == "constraint":
+        if value is not None and not (isinstance(value, str) and SLURM_CONSTRAINT.fullmatch(value)):
+            raise fail("a SLURM feature expression such as 'a100&ib' or '[rack1|rack2]' (no spaces, newlines or quotes)")
+        return value
+    if key in ("exclude", "nodelist"):
+        hostlist = ",".join(value) if isinstance(value, list) and all(isinstance(h, str) for h in value) else value
+        if hostlist is not None and not (isinstance(hostlist, str) and SLURM_HOSTLIST.fullmatch(hostlist) and _ranges_ascend(hostlist)):
+            raise fail(HOSTLIST_EXPECTED)
+        return hostlist
+    if key == "exclusive":
+        if not (isinstance(value, bool) or value in EXCLUSIVE_MODES):
+            raise fail(f"true, false, {' or '.join(repr(m) for m in EXCLUSIVE_MODES)}")
+        return value
+    if key == "mail_type":
+        listed = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else None
+        if value is not None and not (listed and all(isinstance(t, str) and t.strip().upper() in MAIL_TYPES for t in listed)):
+            raise fail(f"one or more of {', '.join(MAIL_TYPES)} (comma-separated or a list)")
+        return None if value is None else ",".join(t.strip().upper() for t in listed)
+    if key == "mail_user":
+        if value is not None and not (isinstance(value, str) and EMAIL.fullmatch(value)):
+            raise fail("an email address")
+        return value
+    if key == "sbatch_extra":
+        return _sbatch_extra(value, where, key_path)
     if key == "setup":
         if not isinstance(value, list) or not all(isinstance(line, str) and _one_line(line) for line in value):
             raise fail("a list of shell lines (strings without newlines or control characters)")
@@ -240,6 +302,43 @@ def _field_value(key: str, value: Any, where: str, key_path: str) -> Any:
             raise GridError(where, key_path, f"expected {TIME_EXPECTED}; got {value!r}: {exc}") from None
         return str(value).strip()
     raise AssertionError(f"no validation for profile key {key}")  # a new StageResources field
+
+
+def _sbatch_extra(value: Any, where: str, key_path: str) -> tuple[tuple[str, str | int | bool], ...]:
+    """Other long sbatch options: `true` gives a bare flag, a string or integer its value."""
+    _check(value, dict, where, key_path, "a mapping of long sbatch option names to values")
+    options = []
+    for name, option in value.items():
+        at = f"{key_path}.{name}"
+        if not (isinstance(name, str) and SBATCH_LONG_OPTION.fullmatch(name)):
+            raise GridError(where, at, "expected a long sbatch option name without its dashes, such as gpu-bind")
+        if name in SBATCH_OPTIONS_SET_HERE:
+            raise GridError(where, at, f"expected an option dpr-hpc does not set itself; --{name} is its own "
+                            f"({', '.join(SBATCH_OPTIONS_SET_HERE)})")
+        if name in SBATCH_OPTION_KEYS:
+            raise GridError(where, at, f"expected an option without a profile key; set --{name} as {SBATCH_OPTION_KEYS[name]}")
+        valid = option is True or (isinstance(option, int) and not isinstance(option, bool)) or (isinstance(option, str) and SBATCH_SAFE.fullmatch(option))
+        if not valid:
+            raise GridError(where, at, f"expected true (a bare flag), an integer or {SBATCH_SAFE_EXPECTED}, got {option!r}")
+        options.append((name, option))
+    return tuple(options)
+
+
+def _ranges_ascend(hostlist: str) -> bool:
+    """gpu[07-04] is no range SLURM accepts."""
+    return all(int(low) <= int(high) for low, high in re.findall(r"(\d+)-(\d+)", "".join(re.findall(r"\[[^]]*\]", hostlist))))
+
+
+def with_nodes(resources: Resources, exclude: str | None, nodelist: str | None, flags: tuple[str, str]) -> Resources:
+    """Every stage's resources with the command line's hosts to avoid or to use in place of the
+    profile's (the `flags` they came from name them in errors)."""
+    changes: dict[str, str] = {}
+    for key, value, flag in (("exclude", exclude, flags[0]), ("nodelist", nodelist, flags[1])):
+        if value is not None:
+            if not (SLURM_HOSTLIST.fullmatch(value) and _ranges_ascend(value)):
+                raise UsageError(f"{flag}: expected {HOSTLIST_EXPECTED}, got {value!r}")
+            changes[key] = value
+    return {stage: replace(r, **changes) for stage, r in resources.items()}
 
 
 def _one_line(text: str) -> bool:

@@ -60,17 +60,18 @@ class DprEncoder(nn.Module):
         return self.projection(vector) if self.projection is not None else vector
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, embedding_size: int, dropout: float | None = None) -> "DprEncoder":
-        """A fresh tower from a hub name or a folder; reuses a saved projection when the folder
-        has one. Raises CheckpointError when a weight did not load."""
+    def from_pretrained(cls, name_or_path: str, embedding_size: int, dropout: float | None = None, revision: str | None = None) -> "DprEncoder":
+        """A fresh tower from a hub name (at `revision`, a commit) or a folder; reuses a saved
+        projection when the folder has one. Raises CheckpointError when a weight did not load."""
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name_or_path, cache_dir=hub_cache_dir())
+        pinned = _at_revision(revision)
+        config = AutoConfig.from_pretrained(name_or_path, cache_dir=hub_cache_dir(), **pinned)
         if dropout is not None:
             for field in DROPOUT_FIELDS:
                 if hasattr(config, field):
                     setattr(config, field, dropout)
-        encoder = cls(load_backbone(name_or_path, config), embedding_size)
+        encoder = cls(load_backbone(name_or_path, config, **pinned), embedding_size)
         meta = Path(name_or_path) / ENCODER_META
         if meta.is_file():
             saved = json.loads(meta.read_text())
@@ -178,7 +179,12 @@ def native_size(config) -> int:
     return int(getattr(config, "projection_dim", 0) or config.hidden_size)
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path, cache_dir=hub_cache_dir())
+    return AutoTokenizer.from_pretrained(name_or_path, cache_dir=hub_cache_dir(), **_at_revision(revision))
+
+
+def _at_revision(revision: str | None) -> dict[str, str]:
+    """from_pretrained's revision argument, left out for a folder (or a hub model not pinned)."""
+    return {"revision": revision} if revision else {}

@@ -39,6 +39,11 @@ class StageIO:
     trained: AttemptPaths | None = None  # the train output (index and infer of a trained cell)
     index: AttemptPaths | None = None  # index repeat 0's output (infer)
     token_cache: Path | None = None
+    hub_revisions: dict[str, str] = field(default_factory=dict)  # hub model -> the commit to load
+
+    def revision(self, name_or_path: str) -> str | None:
+        """The commit to load a hub model at (None for a local folder)."""
+        return self.hub_revisions.get(name_or_path)
 
 
 def pick_device() -> torch.device:
@@ -82,7 +87,8 @@ def load_trained_tower(cell: CellConfig, io: StageIO, tower: str, device: torch.
     from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
 
     source = encoder_source(cell, io, tower)
-    return DprEncoder.from_pretrained(source, cell.embedding_size).to(device), load_tokenizer(source)
+    revision = io.revision(source)
+    return DprEncoder.from_pretrained(source, cell.embedding_size, revision=revision).to(device), load_tokenizer(source, revision)
 
 
 def tokenized(io: StageIO, cell: CellConfig, what: str, data_file: Path, tokenizer, build):

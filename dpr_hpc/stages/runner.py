@@ -20,7 +20,7 @@ from dpr_hpc.resume.signals import StopRequest, TrainingInterrupted
 from dpr_hpc.results import Records, describe_artifacts, make_record, write_record
 from dpr_hpc.runstate import mark_failed, mark_interrupted
 from dpr_hpc.stage_keys import stage_inputs
-from dpr_hpc.store import StageStore
+from dpr_hpc.store import StageSpec, StageStore
 
 # A training stopped by a signal, its checkpoint written, and not requeued by submitit (plain
 # SIGTERM, or no submitit handler): the job ends with this code and a resubmit resumes it.
@@ -95,7 +95,7 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[
         return _headline(current.record)
     if current.state == "unreadable":
         raise StageInputError(f"{job.id}: its record cannot be read, so it is not rerun: {current.reason}")
-    io = _stage_io(store, records, job, spec.upstream, current.attempt)
+    io = _stage_io(store, records, job, spec, current.attempt)
     paths = io.out
     if current.state != "missing":
         print(f"{job.id}: rerunning as attempt {paths.number}: the record of attempt {current.attempt} is {current.state} ({current.reason})", flush=True)
@@ -140,7 +140,7 @@ def prepare_io(runs_root: Path, job: StageJob) -> tuple["CellConfig", "StageIO"]
     store = StageStore.at(runs_root)
     spec = store.read_spec(job.stage, job.key)
     records = Records(store)
-    return cell_from_json(spec.cell), _stage_io(store, records, job, spec.upstream, records.check(job).attempt)
+    return cell_from_json(spec.cell), _stage_io(store, records, job, spec, records.check(job).attempt)
 
 
 def _upstream_jobs(upstream: dict[str, str]) -> list[StageJob]:
@@ -150,19 +150,19 @@ def _upstream_jobs(upstream: dict[str, str]) -> list[StageJob]:
     return [StageJob(stage, key, repeat_read[stage]) for stage, key in upstream.items()]
 
 
-def _stage_io(store: StageStore, records: Records, job: StageJob, upstream: dict[str, str], complete_attempt: int | None) -> "StageIO":
-    """The job's working attempt and the complete upstream outputs it reads; an upstream that is
-    not complete stops the job before it writes anything."""
+def _stage_io(store: StageStore, records: Records, job: StageJob, spec: StageSpec, complete_attempt: int | None) -> "StageIO":
+    """The job's working attempt, the complete upstream outputs it reads and the hub commits it
+    loads; an upstream that is not complete stops the job before it writes anything."""
     from dpr_hpc.stages.common import StageIO
 
     read: dict[str, Any] = {}
-    for up in _upstream_jobs(upstream):
+    for up in _upstream_jobs(spec.upstream):
         check = records.check(up)
         if not check.complete:
             raise StageInputError(f"{job.id}: its input {up.id} is {check.state}" + (f": {check.reason}" if check.reason else ""))
         read["trained" if up.stage == "train" else "index"] = records.attempt_of(up)
     out = store.job(job).working_attempt(complete_attempt)
-    return StageIO(job=job, out=out, token_cache=store.token_cache, **read)
+    return StageIO(job=job, out=out, token_cache=store.token_cache, hub_revisions=spec.hub_revisions, **read)
 
 
 def _input_provenance(cell, stage: str, records: Records) -> dict[str, Any]:

@@ -62,10 +62,11 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
     paths = io.out
     seed_everything(cfg.seed)
     device = pick_device()
-    question_encoder = DprEncoder.from_pretrained(cell.model_path(cell.question_encoder), cell.embedding_size, cfg.dropout)
-    passage_encoder = DprEncoder.from_pretrained(cell.model_path(cell.passage_encoder), cell.embedding_size, cfg.dropout)
-    question_tokenizer = load_tokenizer(cell.model_path(cell.question_encoder))
-    passage_tokenizer = load_tokenizer(cell.model_path(cell.passage_encoder))
+    question_source, passage_source = cell.model_path(cell.question_encoder), cell.model_path(cell.passage_encoder)
+    question_encoder = DprEncoder.from_pretrained(question_source, cell.embedding_size, cfg.dropout, io.revision(question_source))
+    passage_encoder = DprEncoder.from_pretrained(passage_source, cell.embedding_size, cfg.dropout, io.revision(passage_source))
+    question_tokenizer = load_tokenizer(question_source, io.revision(question_source))
+    passage_tokenizer = load_tokenizer(passage_source, io.revision(passage_source))
 
     examples = training_examples(read_records(cell.data_path("train")), source=str(cell.data_path("train")))
     if not examples:
