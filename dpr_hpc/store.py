@@ -3,7 +3,7 @@
     <runs root>/store/
         content-hashes.json                 input content hashes, by path, size and mtime
         ledger.jsonl, ledger.lock           scheduler job ids per stage job, appended (ledger.py)
-        <stage>/<key>/spec.json             the settings the stage runs with, its upstream keys
+        <stage>/<key>/spec.json             the settings the stage runs with, its upstream keys, hub commits
         <stage>/<key>/r<repeat>/
             result.json                     the record of the current complete attempt
             claim.lock                      the one writer now at work (host, pid, SLURM job, heartbeat)

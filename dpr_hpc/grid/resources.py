@@ -5,7 +5,10 @@ cluster profiles (slurm_templates/*.yaml) and a grid's `slurm:` section.
     stages:
       train: {time: "48:00:00", signal_delay_s: 600, max_requeues: 20}
 
-Values that reach `#SBATCH` lines (partition, gres, account, qos, the memory, the time) must
+Placement, mail and pass-through keys (constraint, exclude, nodelist, exclusive, reservation,
+mail_type, mail_user, comment, sbatch_extra) are checked against SLURM's own grammar for each.
+
+Values that reach `#SBATCH` lines (partition, gres, account, qos, the memory, the time, ...) must
 match a SLURM-safe pattern: a newline would end the directive and start a shell command, and
 sbatch stops reading directives there, silently dropping `--time` and `--signal`. `setup` lines
 are shell by design; like the grid and profile files themselves, they are code to be trusted.
