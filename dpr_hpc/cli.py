@@ -350,8 +350,13 @@ def _submit(args: argparse.Namespace) -> int:
     local_limits = _local_limits(args) if backend == "local" else {}
     from dpr_hpc.runstate import bind_grid, check_binding
 
+    from dpr_hpc.modeling.hub import uncached
+
     check_binding(layout, args.grid)
+    was_missing = uncached(model for cell in grid.cells for model in cell.hub_models)
     _fetch_hub_models(grid, layout, refetch=False)  # before the plan: a stage key names each model's commit
+    if was_missing:
+        _check_checkpoints(grid)  # the models just downloaded have their weights checked too
     bind_grid(layout, args.grid)
     plan = make_plan(grid, layout.store.content_hashes())
     if backend == "slurm":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_grid
+from conftest import REPO, run_cli, write_grid
 from dpr_hpc.backends.profile import grid_resources, load_profile, time_to_minutes
 from dpr_hpc.backends.slurm import SlurmBackend
 from dpr_hpc.errors import GridError, UsageError
@@ -121,3 +121,11 @@ def test_grid_slurm_section_errors_name_the_grid_key(data_files):
     grid.write_text(grid.read_text().replace("stages: {train: {tyme: 1}}", "profile: nowhere.yaml"))
     with pytest.raises(GridError, match=r"nowhere.yaml: cluster profile not found"):
         load_grid(grid)
+
+
+def test_submit_takes_the_node_flags_onto_every_script_and_refuses_a_bad_hostlist(data_files, tmp_path, capsys):
+    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
+    code, out, _ = run_cli(capsys, "submit", grid, "--dry-run", "--exclude-node", "gpu[01-02]", "--runs-root", tmp_path / "runs")
+    assert code == 0 and out.count("#SBATCH --exclude='gpu[01-02]'\n") == 3
+    code, out, err = run_cli(capsys, "submit", grid, "--dry-run", "--nodelist", "gpu[04-01]", "--runs-root", tmp_path / "runs")
+    assert code == 2 and out == "" and err == "dpr-hpc: error: --nodelist: expected a SLURM hostlist such as 'gpu[01-04],gpu07' (or a list of host names), got 'gpu[04-01]'\n"

@@ -262,7 +262,7 @@ def _field_value(key: str, value: Any, where: str, key_path: str) -> Any:
         return value
     if key in ("exclude", "nodelist"):
         hostlist = ",".join(value) if isinstance(value, list) and all(isinstance(h, str) for h in value) else value
-        if hostlist is not None and not (isinstance(hostlist, str) and SLURM_HOSTLIST.fullmatch(hostlist) and _ranges_ascend(hostlist)):
+        if hostlist is not None and not (isinstance(hostlist, str) and is_hostlist(hostlist)):
             raise fail(HOSTLIST_EXPECTED)
         return hostlist
     if key == "exclusive":
@@ -327,9 +327,12 @@ def _sbatch_extra(value: Any, where: str, key_path: str) -> tuple[tuple[str, str
     return tuple(options)
 
 
-def _ranges_ascend(hostlist: str) -> bool:
-    """gpu[07-04] is no range SLURM accepts."""
-    return all(int(low) <= int(high) for low, high in re.findall(r"(\d+)-(\d+)", "".join(re.findall(r"\[[^]]*\]", hostlist))))
+def is_hostlist(text: str) -> bool:
+    """SLURM's hostlist syntax, with every bracketed range ascending (gpu[07-04] is refused)."""
+    if not SLURM_HOSTLIST.fullmatch(text):
+        return False
+    ranges = re.findall(r"(\d+)-(\d+)", "".join(re.findall(r"\[[^]]*\]", text)))
+    return all(int(low) <= int(high) for low, high in ranges)
 
 
 def with_nodes(resources: Resources, exclude: str | None, nodelist: str | None, flags: tuple[str, str]) -> Resources:
@@ -338,7 +341,7 @@ def with_nodes(resources: Resources, exclude: str | None, nodelist: str | None, 
     changes: dict[str, str] = {}
     for key, value, flag in (("exclude", exclude, flags[0]), ("nodelist", nodelist, flags[1])):
         if value is not None:
-            if not (SLURM_HOSTLIST.fullmatch(value) and _ranges_ascend(value)):
+            if not is_hostlist(value):
                 raise UsageError(f"{flag}: expected {HOSTLIST_EXPECTED}, got {value!r}")
             changes[key] = value
     return {stage: replace(r, **changes) for stage, r in resources.items()}
