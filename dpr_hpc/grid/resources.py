@@ -48,15 +48,15 @@ EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 EXCLUSIVE_MODES = ("user", "mcs")
 SBATCH_LONG_OPTION = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 # sbatch options dpr-hpc (or submitit for it) writes itself: the time limit and its warning,
-# requeueing, the job name, logs and dependencies it reads back, and the comment that carries
-# the tag a submit finds its jobs by. sbatch_extra may not set them.
-SBATCH_OPTIONS_SET_HERE = ("time", "signal", "requeue", "no-requeue", "comment", "job-name", "output", "error",
+# requeueing, the job name, logs and dependencies it reads back. sbatch_extra may not set them
+# (nor --comment, which carries the tag a submit finds its jobs by: the `comment` key joins it).
+SBATCH_OPTIONS_SET_HERE = ("time", "signal", "requeue", "no-requeue", "job-name", "output", "error",
                            "open-mode", "dependency", "kill-on-invalid-dep", "hold", "array", "wckey", "nodes", "export")
 # sbatch options a profile key of its own sets: written there, they are validated as that key.
 SBATCH_OPTION_KEYS = {"partition": "partition", "gres": "gres", "cpus-per-task": "cpus_per_task", "mem": "mem_gb",
                       "account": "account", "qos": "qos", "constraint": "constraint", "exclude": "exclude",
                       "nodelist": "nodelist", "exclusive": "exclusive", "reservation": "reservation",
-                      "mail-type": "mail_type", "mail-user": "mail_user"}
+                      "mail-type": "mail_type", "mail-user": "mail_user", "comment": "comment"}
 # SLURM's --mem: an integer with an optional unit (megabytes without one).
 SLURM_MEMORY = re.compile(r"[1-9][0-9]*[KMGT]?B?", re.IGNORECASE)
 # SLURM's time formats (sbatch --time): each pattern with the fields it names, in order.
