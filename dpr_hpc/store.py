@@ -12,6 +12,7 @@
             attempts/a<n>/                  one attempt's outputs, never written once complete
                 record.json                 its record, once complete (result.json's twin)
                 jobs.json                   the scheduler jobs that worked on it (their logs are in jobs/)
+                meter.json                  live count of its work (steps, passages) for a progress bar
                 failed.json, interrupted.json
                 train:  checkpoint/{question,passage}_encoder/, resume/, progress.json, losses.json, batch_size.json
                 index:  shards/, index.faiss, passage_ids.npy
@@ -57,6 +58,10 @@ class AttemptPaths:
     @property
     def job_ids(self) -> Path:
         return self.dir / "jobs.json"
+
+    @property
+    def meter(self) -> Path:
+        return self.dir / "meter.json"
 
     @property
     def interrupted(self) -> Path:

@@ -234,3 +234,27 @@ def test_status_watch_ends_by_itself_once_nothing_runs(run):
     lines = rest.strip().splitlines()
     assert lines[0].startswith("grid sel (") and lines[-1] == "3 stage jobs: 3 PENDING"
     assert sum(1 for line in lines if " PENDING" in line and line.startswith(cell_of(plan, "tinybert"))) == 3
+
+
+def test_a_meter_feeds_a_progress_bar_with_an_eta_where_one_is_wanted(run, monkeypatch, capsys):
+    from dpr_hpc.meter import Meter, MeterBar, bars_wanted
+    from dpr_hpc.errors import UsageError
+
+    layout, plan, _ = run
+    folder = layout.store.job(jobs_of(plan, cell_of(plan, "tinybert"), "train")[0])
+    attempt = folder.working_attempt(None)
+    bar = MeterBar(folder, "[1/3]")
+    bar.refresh()  # no meter yet: nothing drawn
+    meter = Meter(attempt.meter, "training", "steps", total=40, done=10)
+    meter.update(30, force=True)
+    bar.refresh()
+    assert bar._bar.n == 30 and bar._bar.total == 40
+    bar.close()
+    assert "[1/3] training:  75%" in capsys.readouterr().err
+    monkeypatch.setenv("DPR_HPC_PROGRESS", "lines")
+    assert not bars_wanted()
+    monkeypatch.setenv("DPR_HPC_PROGRESS", "bar")
+    assert bars_wanted()
+    monkeypatch.setenv("DPR_HPC_PROGRESS", "yes")
+    with pytest.raises(UsageError, match="DPR_HPC_PROGRESS=yes: expected bar or lines"):
+        bars_wanted()

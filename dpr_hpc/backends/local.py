@@ -24,6 +24,7 @@ from dpr_hpc.layout import RunLayout
 from dpr_hpc.locks import HEARTBEAT_S, LockFile, LockHeldError, describe_holder
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.ledger import Ledger
+from dpr_hpc.meter import MeterBar, bars_wanted
 from dpr_hpc.results import Records
 from dpr_hpc.runstate import cell_history, save_plan
 from dpr_hpc.stages.runner import stage_job_entry
@@ -148,9 +149,14 @@ class LocalBackend:
         self.echo(f"{tag}  running")
         started = time.perf_counter()
         handle = executor.submit(stage_job_entry, str(self.layout.runs_root), job.stage, job.key, job.repeat)
+        bar = MeterBar(folder, tag.split("]")[0] + "]") if bars_wanted() else None
         try:
             while not handle.done():
+                if bar:
+                    bar.refresh()
                 time.sleep(0.2)
+            if bar:
+                bar.close()
             handle.result()
         except KeyboardInterrupt:
             handle.cancel(check=False)
