@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -104,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         "--signal-delay", type=int, metavar="SECONDS",
         help="local only: how long before --time-limit the warning signal comes (default 300)",
     )
-    add_selection_flags(submit, "the upstream jobs they need that are not complete run too")
+    add_selection_flags(submit, "The upstream jobs the selected ones need that are not complete run too.")
     submit.add_argument(
         "--force", action="store_true",
         help="rerun the selected stage jobs even when complete, as a new attempt; the earlier attempt stays on disk, "
@@ -115,13 +116,13 @@ def _parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser("cancel", parents=[runs_root], help="cancel the queued and running SLURM jobs of a grid")
     cancel.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
-    add_selection_flags(cancel, "an exact cell id matches itself")
+    add_selection_flags(cancel, "An exact cell id matches itself.")
     cancel.set_defaults(handler=_cancel)
 
     status = commands.add_parser("status", parents=[runs_root], help="show every cell x stage x repeat with its state")
     status.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    add_selection_flags(status, "the summary line counts the selected jobs only")
+    add_selection_flags(status, "The summary line counts the selected jobs only.")
     status.add_argument(
         "--watch", nargs="?", type=float, const=DEFAULT_WATCH_S, metavar="SECONDS",
         help=f"redraw every SECONDS (default {DEFAULT_WATCH_S:g}) until nothing is queued or running, then print the summary line",
@@ -148,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     collect.add_argument("--json", action="store_true", help="print the table as JSON records instead of Markdown")
     collect.add_argument("--format", default="csv,md", help="files to write, several at once: csv,md,json (default: csv,md)")
     collect.add_argument("--columns", help="comma-separated columns to print (default: those of the paper's tables that fit the terminal)")
-    add_selection_flags(collect, "--stage keeps the figures of those stages only")
+    add_selection_flags(collect, "--stage keeps the figures of those stages only.")
     collect.set_defaults(handler=_collect)
 
     report = commands.add_parser("report", parents=[runs_root],
@@ -160,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--variance-factor", type=float, default=1.5,
                         help="flag a timing repeat this many times slower or faster than its cell's median (default 1.5)")
     report.add_argument("--no-html", action="store_true", help="write report.md and the PNGs only")
-    add_selection_flags(report, "figures stay relative to the baseline even when it is not selected")
+    add_selection_flags(report, "Figures stay relative to the baseline even when it is not selected.")
     report.set_defaults(handler=_report)
 
     demo = commands.add_parser("generate-demo", help="write the offline demo's data, tokenizer and tiny models")
@@ -454,9 +455,11 @@ def _watch(args: argparse.Namespace, selection: Selection) -> int:
         lines = [line for layout, plan, report in reports for line in _status_lines(layout, plan, report)]
         summary = "; ".join(summary_line(report.states) for _, _, report in reports)
         active = any(still_active(layout, report) for layout, _, report in reports)
-        if redraw:
-            print((f"\x1b[{drawn}A\r\x1b[J" if drawn else "") + "\n".join(lines), flush=True)
-            drawn = len(lines)
+        if redraw:  # lines cut to the width, so that each takes one row and the cursor goes back up exactly
+            width = shutil.get_terminal_size((80, 24)).columns
+            screen = [row[: width - 1] for line in lines for row in line.split("\n")]
+            print((f"\x1b[{drawn}A\r\x1b[J" if drawn else "") + "\n".join(screen), flush=True)
+            drawn = len(screen)
         elif active and summary != last_summary:
             print(summary, flush=True)
         last_summary = summary

@@ -97,15 +97,16 @@ def parse_stages(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(stages))
 
 
-def add_selection_flags(parser: argparse.ArgumentParser, acts: str) -> None:
-    """The three flags every command that acts on a grid's cells takes; `acts` ends the help
-    text ("to submit", "to show")."""
-    parser.add_argument("--cell", action="append", default=[], metavar="PATTERN",
-                        help=f"only the cells whose id matches this shell glob (quote it: 'tiny-bert*'); repeatable; {acts}")
-    parser.add_argument("--group", action="append", default=[], metavar="NAME",
-                        help="only the cells of this block of the grid file (its name:); repeatable")
-    parser.add_argument("--stage", action="append", default=[], metavar="STAGE",
-                        help="only these stages: train, index, infer (repeatable, or a comma list)")
+def add_selection_flags(parser: argparse.ArgumentParser, note: str) -> None:
+    """The three flags every command that acts on a grid's cells takes, in a help section of
+    their own; `note` says what a selection means for this command."""
+    group = parser.add_argument_group("selection", "act on part of the grid; flags narrow each other, values of one flag add up. " + note)
+    group.add_argument("--cell", action="append", default=[], metavar="PATTERN",
+                       help="only the cells whose id matches this shell glob (quote it: 'tiny-bert*'); repeatable")
+    group.add_argument("--group", action="append", default=[], metavar="NAME",
+                       help="only the cells of this block of the grid file (its name:); repeatable")
+    group.add_argument("--stage", action="append", default=[], metavar="STAGE",
+                       help="only these stages: train, index, infer (repeatable, or a comma list)")
 
 
 def _listed(ids: Iterable[str]) -> str:

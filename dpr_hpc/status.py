@@ -239,7 +239,12 @@ def training_progress(folder: JobFolder) -> str:
     if not progress:
         return ""
     restarts = progress.get("restarts", 0)
-    return (f"epoch {progress.get('epoch')}/{progress.get('epochs')}, step {progress.get('step')}/{progress.get('total_steps')}, "
+    epoch, step = progress.get("epoch"), progress.get("step")
+    live = read_marker(attempt.meter)  # progress.json is written at checkpoints; the meter every second
+    if live and isinstance(progress.get("epochs"), int) and progress.get("total_steps"):
+        step = live["done"]
+        epoch = step * progress["epochs"] // progress["total_steps"]
+    return (f"epoch {epoch}/{progress.get('epochs')}, step {step}/{progress.get('total_steps')}, "
             f"{restarts} restart{'s' if restarts != 1 else ''}")
 
 

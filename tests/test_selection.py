@@ -258,3 +258,35 @@ def test_a_meter_feeds_a_progress_bar_with_an_eta_where_one_is_wanted(run, monke
     monkeypatch.setenv("DPR_HPC_PROGRESS", "yes")
     with pytest.raises(UsageError, match="DPR_HPC_PROGRESS=yes: expected bar or lines"):
         bars_wanted()
+
+
+def test_a_forced_slurm_submit_queues_the_selected_jobs_only_and_needs_no_retry_flag(run, capsys, tmp_path, monkeypatch):
+    """The index repeats of one cell ran before as SLURM jobs that completed; --force queues them
+    again (an ended job with a record is not a failure to --retry-failed) and nothing else."""
+    import os
+    import stat
+
+    from dpr_hpc.ledger import Ledger
+
+    layout, plan, grid = run
+    cell = cell_of(plan, "bert-base-uncased-es64")
+    complete_cell(layout, plan, cell)
+    with Ledger.locked(layout.store) as ledger:
+        for number, job in enumerate(jobs_of(plan, cell, "index")):
+            ledger.record(job, str(500 + number))
+    bin_dir = tmp_path / "fake-slurm"
+    bin_dir.mkdir()
+    scripts = {"sbatch": 'echo "$@" >> "$FAKE_SLURM/sbatch.args"; echo "Submitted batch job 77"',
+               "sacct": 'printf "500|COMPLETED|0:0|n1|00:01:00|None\\n501|COMPLETED|0:0|n2|00:01:00|None\\n"',
+               "squeue": "exit 0", "sacctmgr": "exit 0", "scontrol": "exit 0"}
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(bin_dir))
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "slurm", "--force", "--stage", "index", "--cell", cell,
+                             "--runs-root", layout.runs_root)
+    assert code == 0, out + err
+    assert "slurm: 2 submitted, 0 already complete (skipped), 0 failed, 0 blocked" in out
+    assert len((bin_dir / "sbatch.args").read_text().splitlines()) == 2
+    assert "a rerun was asked for (submit --force" in out
