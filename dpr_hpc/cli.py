@@ -34,7 +34,8 @@ the node it ran on; collect merges them into the paper's tables.
 typical use:
   dpr-hpc plan jobs/paper.yaml          what would run, nothing started
   dpr-hpc submit jobs/paper.yaml        run every stage not yet complete
-  dpr-hpc status                        where every cell and stage stands
+  dpr-hpc status                        where every cell and stage stands (--watch: until nothing runs)
+  dpr-hpc logs CELL -f                  a stage job's log, followed while it runs
   dpr-hpc collect --median              one table, medians over repeats
   dpr-hpc report jobs/paper.yaml        tables, figures, node variance and cost in results/paper/
 """
@@ -471,21 +472,10 @@ def _watch(args: argparse.Namespace, selection: Selection) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from dpr_hpc.joblogs import LogPrinter, chosen_logs, follow, job_logs
+    from dpr_hpc.joblogs import LogPrinter, chosen_logs, follow
 
     layout, plan, cell_id = _one_cell(args.cell, _runs(args.grid, args.runs_root))
-    cell = plan.cell(cell_id)
-    stages = [s for s in cell.stages if s == args.stage] if args.stage else [s for s in reversed(cell.stages)]
-    if not stages:
-        raise UsageError(f"--stage {args.stage}: cell {cell_id} has the stages {', '.join(cell.stages)}")
-    jobs = [plan.cell_jobs(cell_id, stage) for stage in stages]
-    if any(args.repeat not in range(len(j)) for j in jobs[:1]):
-        raise UsageError(f"--repeat {args.repeat}: cell {cell_id}'s {stages[0]} has repeats 0 to {len(jobs[0]) - 1}")
-    if not args.stage:  # the last stage that has a log, else the first one that will
-        logged = [j[args.repeat] for j in jobs if args.repeat < len(j) and job_logs(layout.store.job(j[args.repeat]))]
-        job = logged[0] if logged else plan.cell_jobs(cell_id, cell.stages[0])[0]
-    else:
-        job = jobs[0][args.repeat]
+    job = _logged_job(layout, plan, cell_id, args.stage, args.repeat)
     folder = layout.store.job(job)
     printer = LogPrinter()
     if args.follow:
@@ -500,6 +490,23 @@ def _logs(args: argparse.Namespace) -> int:
         return 0
     printer.pump(logs)
     return 0
+
+
+def _logged_job(layout: RunLayout, plan: "Plan", cell_id: str, stage: str | None, repeat: int):
+    """The stage job `logs` shows: of `stage`, or of the cell's last stage with a log for this
+    repeat (else its first stage, whose log comes first)."""
+    from dpr_hpc.joblogs import job_logs
+
+    cell = plan.cell(cell_id)
+    if stage is not None and stage not in cell.stages:
+        raise UsageError(f"--stage {stage}: cell {cell_id} has the stages {', '.join(cell.stages)}")
+    stages = [stage] if stage else list(reversed(cell.stages))
+    jobs = [plan.cell_jobs(cell_id, s)[repeat] for s in stages if repeat in range(cell.repeats.of(s))]
+    if not jobs:
+        raise UsageError(f"--repeat {repeat}: cell {cell_id}'s {' and '.join(stages)} has repeats 0 to {cell.repeats.of(stages[0]) - 1}")
+    if stage:
+        return jobs[0]
+    return next((job for job in jobs if job_logs(layout.store.job(job))), jobs[-1])
 
 
 def _one_cell(pattern: str, runs: list[tuple[RunLayout, "Plan"]]) -> tuple[RunLayout, "Plan", str]:

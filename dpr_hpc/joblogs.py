@@ -27,7 +27,7 @@ class JobLog:
     job_id: str
     stdout: Path
     stderr: Path
-    attempt: int | None  # None: the job wrote no attempt (it stopped before it claimed one)
+    attempt: int | None  # None: the job listed no attempt (it stopped before it claimed one, or predates jobs.json)
 
     @property
     def files(self) -> tuple[Path, Path]:
@@ -85,7 +85,7 @@ class LogPrinter:
         if not data and path in self.offsets:
             return
         if path != self.current:
-            shown = f"attempt {attempt}" if attempt is not None else "no attempt"
+            shown = f"attempt {attempt}" if attempt is not None else "attempt not recorded"
             self.out.write(f"{chr(10) if self.current else ''}==> {path} ({shown}) <==\n")
             self.current = path
         self.offsets[path] = self.offsets.get(path, 0) + len(data)

@@ -183,6 +183,8 @@ def test_logs_prints_the_newest_attempts_logs_and_any_attempt_asked_for(run, cap
     assert code == 0 and "resumed" in out
     code, _, err = run_cli(capsys, "logs", "bert*", "--runs-root", layout.runs_root)
     assert code == 2 and "matches cells bert-base-uncased-es32" in err
+    code, _, err = run_cli(capsys, "logs", cell, "--runs-root", layout.runs_root, "--stage", "train", "--repeat", "1")
+    assert code == 2 and "--repeat 1: cell" in err and "train has repeats 0 to 0" in err
 
 
 # Holds what a local submit holds while it works: the run's submit lock, and the claim of the
