@@ -195,8 +195,21 @@ def _state_of(
                 state = blocked  # cancelled by SLURM (kill-on-invalid-dep), or waiting on a failed job
             return _with_progress(state, folder)
     if stale:
+        failed_rerun = _failed_rerun(folder, check)
+        if failed_rerun:
+            return StageState(job, "FAILED", failed_rerun.get("host", ""), f"its rerun failed: {failed_rerun.get('error', '')}; "
+                              f"attempt {check.attempt} is still {check.state} ({check.reason}); submit reruns it", log, job_id or "")
         return StageState(job, "STALE", detail=f"{check.reason}; submit reruns it", log=log, job_id=job_id or "")
     return _with_progress(_marked_state(folder, job, log, blocked), folder)
+
+
+def _failed_rerun(folder: JobFolder, check: RecordCheck) -> dict[str, Any] | None:
+    """The failure marker of a newer attempt than the stale record's (a rerun, forced or not,
+    that failed), so that status does not show it as merely STALE."""
+    latest = folder.latest_attempt()
+    if latest is None or check.attempt is None or latest.number == check.attempt:
+        return None
+    return read_marker(latest.failure)
 
 
 class _LazyLog:

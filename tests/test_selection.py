@@ -292,3 +292,18 @@ def test_a_forced_slurm_submit_queues_the_selected_jobs_only_and_needs_no_retry_
     assert "slurm: 2 submitted, 0 already complete (skipped), 0 failed, 0 blocked" in out
     assert len((bin_dir / "sbatch.args").read_text().splitlines()) == 2
     assert "a rerun was asked for (submit --force" in out
+
+
+def test_a_forced_rerun_that_failed_shows_as_failed_not_stale(run):
+    from dpr_hpc.status import stage_states
+
+    layout, plan, _ = run
+    cell = cell_of(plan, "tinybert")
+    complete_cell(layout, plan, cell)
+    index = jobs_of(plan, cell, "index")[0]
+    submit_targets(plan, [index], Records(layout.store), force=True)
+    rerun = layout.store.job(index).working_attempt(1)
+    rerun.failure.write_text(json.dumps({"error": "RuntimeError: CUDA out of memory", "host": "gpu7"}))
+    state = stage_states(layout, plan).jobs[index]
+    assert (state.state, state.node, state.attempt) == ("FAILED", "gpu7", 2)
+    assert "its rerun failed: RuntimeError: CUDA out of memory; attempt 1 is still stale (a rerun was asked for" in state.detail
