@@ -118,8 +118,9 @@ def selected_status(runs: list[tuple[RunLayout, Plan]], selection: Selection) ->
         yield layout, plan, replace(report, jobs={job: report.jobs[job] for job in jobs}, rows=rows)
 
 
-# States of a job that a scheduler or a local submit is still working on.
-_IN_PROGRESS = ("RUNNING", "REQUEUED", "HELD")
+# States of a job that a scheduler or a local submit is still working on. HELD is not one: a
+# held job waits on a person (scontrol release), so `status --watch` would never end on it.
+_IN_PROGRESS = ("RUNNING", "REQUEUED")
 
 
 def still_active(layout: RunLayout, report: StatusReport) -> bool:

@@ -307,3 +307,16 @@ def test_a_forced_rerun_that_failed_shows_as_failed_not_stale(run):
     state = stage_states(layout, plan).jobs[index]
     assert (state.state, state.node, state.attempt) == ("FAILED", "gpu7", 2)
     assert "its rerun failed: RuntimeError: CUDA out of memory; attempt 1 is still stale (a rerun was asked for" in state.detail
+
+
+def test_watch_waits_on_queued_and_running_slurm_jobs_but_not_on_held_ones(run):
+    from dpr_hpc.status import StageState, StatusReport, still_active
+
+    layout, plan, _ = run
+    job = jobs_of(plan, cell_of(plan, "tinybert"), "train")[0]
+
+    def active(state: str, job_id: str = "") -> bool:
+        return still_active(layout, StatusReport({job: StageState(job, state, job_id=job_id)}, [], "store", ""))
+
+    assert active("RUNNING") and active("REQUEUED") and active("PENDING", "5")
+    assert not active("PENDING") and not active("HELD", "5") and not active("COMPLETED", "5")
