@@ -196,21 +196,25 @@ def _state_of(
                 state = blocked  # cancelled by SLURM (kill-on-invalid-dep), or waiting on a failed job
             return _with_progress(state, folder)
     if stale:
-        failed_rerun = _failed_rerun(folder, check)
-        if failed_rerun:
-            return StageState(job, "FAILED", failed_rerun.get("host", ""), f"its rerun failed: {failed_rerun.get('error', '')}; "
-                              f"attempt {check.attempt} is still {check.state} ({check.reason}); submit reruns it", log, job_id or "")
-        return StageState(job, "STALE", detail=f"{check.reason}; submit reruns it", log=log, job_id=job_id or "")
+        return _rerun_state(folder, job, check, log, job_id or "") or StageState(
+            job, "STALE", detail=f"{check.reason}; submit reruns it", log=log, job_id=job_id or "")
     return _with_progress(_marked_state(folder, job, log, blocked), folder)
 
 
-def _failed_rerun(folder: JobFolder, check: RecordCheck) -> dict[str, Any] | None:
-    """The failure marker of a newer attempt than the stale record's (a rerun, forced or not,
-    that failed), so that status does not show it as merely STALE."""
+def _rerun_state(folder: JobFolder, job: StageJob, check: RecordCheck, log, job_id: str) -> StageState | None:
+    """A rerun of a stale record (forced or not) whose newer attempt failed, or stopped after a
+    checkpoint: FAILED or INTERRUPTED, so that status does not show it as merely STALE."""
     latest = folder.latest_attempt()
     if latest is None or check.attempt is None or latest.number == check.attempt:
         return None
-    return read_marker(latest.failure)
+    still = f"attempt {check.attempt} is still {check.state} ({check.reason})"
+    failure = read_marker(latest.failure)
+    if failure:
+        return StageState(job, "FAILED", failure.get("host", ""), f"its rerun failed: {failure.get('error', '')}; {still}; submit reruns it", log, job_id)
+    stopped = read_marker(latest.interrupted)
+    if stopped:
+        return StageState(job, "INTERRUPTED", stopped.get("host", ""), f"its rerun {stopped.get('reason', '')}; {still}; submit again to resume", log, job_id)
+    return None
 
 
 class _LazyLog:

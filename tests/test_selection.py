@@ -294,7 +294,7 @@ def test_a_forced_slurm_submit_queues_the_selected_jobs_only_and_needs_no_retry_
     assert "a rerun was asked for (submit --force" in out
 
 
-def test_a_forced_rerun_that_failed_shows_as_failed_not_stale(run):
+def test_a_forced_rerun_that_failed_or_stopped_shows_as_such_not_stale(run):
     from dpr_hpc.status import stage_states
 
     layout, plan, _ = run
@@ -307,6 +307,10 @@ def test_a_forced_rerun_that_failed_shows_as_failed_not_stale(run):
     state = stage_states(layout, plan).jobs[index]
     assert (state.state, state.node, state.attempt) == ("FAILED", "gpu7", 2)
     assert "its rerun failed: RuntimeError: CUDA out of memory; attempt 1 is still stale (a rerun was asked for" in state.detail
+    rerun.failure.unlink()
+    rerun.interrupted.write_text(json.dumps({"reason": "stopped by SIGTERM after step 12", "host": "gpu7"}))
+    state = stage_states(layout, plan).jobs[index]
+    assert (state.state, state.attempt) == ("INTERRUPTED", 2) and state.detail.startswith("its rerun stopped by SIGTERM after step 12")
 
 
 def test_watch_waits_on_queued_and_running_slurm_jobs_but_not_on_held_ones(run):
