@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from dpr_hpc.claim import StageClaimedError, claim_stage
 from dpr_hpc.errors import DprHpcError
+from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid.config import cell_from_json
 from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import node_tags, now_iso
 from dpr_hpc.resume.signals import StopRequest, TrainingInterrupted
 from dpr_hpc.results import Records, describe_artifacts, make_record, write_record
-from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.runstate import mark_failed, mark_interrupted, read_marker
 from dpr_hpc.stage_keys import stage_inputs
 from dpr_hpc.store import AttemptPaths, StageStore
