@@ -7,19 +7,23 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from dpr_hpc.errors import DprHpcError, GridError, UsageError
 from dpr_hpc.layout import DEFAULT_RUNS_ROOT, RunLayout
+from dpr_hpc.selection import STAGES, Selection, add_selection_flags
 
 if TYPE_CHECKING:
     from dpr_hpc.plan import Plan
 # A submit that queued what it could but had to defer jobs over the cluster's submit limit:
 # not a failure, not done either (scripts that loop on submit wait on this code).
 EXIT_DEFERRED = 3
+DEFAULT_WATCH_S = 5.0
 
 DESCRIPTION = """\
 Run the grid of "Improving Efficiency in Dense Passage Retrieval" (DPR bi-encoders with BERT,
@@ -30,7 +34,8 @@ the node it ran on; collect merges them into the paper's tables.
 typical use:
   dpr-hpc plan jobs/paper.yaml          what would run, nothing started
   dpr-hpc submit jobs/paper.yaml        run every stage not yet complete
-  dpr-hpc status                        where every cell and stage stands
+  dpr-hpc status                        where every cell and stage stands (--watch: until nothing runs)
+  dpr-hpc logs CELL -f                  a stage job's log, followed while it runs
   dpr-hpc collect --median              one table, medians over repeats
   dpr-hpc report jobs/paper.yaml        tables, figures, node variance and cost in results/paper/
 """
@@ -105,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="slurm only: keep the jobs this submit queues off these hosts (a hostlist, e.g. 'gpu[01-04],gpu07'); replaces the profile's exclude")
     submit.add_argument("--nodelist", metavar="NODES",
                         help="slurm only: run the jobs this submit queues on these hosts (a hostlist); replaces the profile's nodelist")
+    add_selection_flags(submit, "The upstream jobs the selected ones need that are not complete run too.")
+    submit.add_argument(
+        "--force", action="store_true",
+        help="rerun the selected stage jobs even when complete, as a new attempt; the earlier attempt stays on disk, "
+        "and the jobs that read it turn STALE. Needs --cell, --group or --stage (or --force-all)",
+    )
+    submit.add_argument("--force-all", action="store_true", help="--force for every stage job of the grid")
     submit.set_defaults(handler=_submit)
 
     prefetch = commands.add_parser(
@@ -124,13 +136,31 @@ def _parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser("cancel", parents=[runs_root], help="cancel the queued and running SLURM jobs of a grid")
     cancel.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
-    cancel.add_argument("--cell", action="append", default=[], help="only this cell id (repeatable)")
+    add_selection_flags(cancel, "An exact cell id matches itself.")
     cancel.set_defaults(handler=_cancel)
 
     status = commands.add_parser("status", parents=[runs_root], help="show every cell x stage x repeat with its state")
     status.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    add_selection_flags(status, "The summary line counts the selected jobs only.")
+    status.add_argument(
+        "--watch", nargs="?", type=float, const=DEFAULT_WATCH_S, metavar="SECONDS",
+        help=f"redraw every SECONDS (default {DEFAULT_WATCH_S:g}) until nothing is queued or running, then print the summary line",
+    )
     status.set_defaults(handler=_status)
+
+    logs = commands.add_parser(
+        "logs", parents=[runs_root], help="print a stage job's stdout and stderr; -f follows them while it runs",
+        description="Print the log files of one stage job of one cell: the newest attempt's by default. CELL is a cell id "
+        "or a glob that matches exactly one cell.",
+    )
+    logs.add_argument("cell", metavar="CELL", help="cell id, or a glob matching one cell")
+    logs.add_argument("--grid", metavar="TARGET", help="grid file or run folder (default: every run under --runs-root)")
+    logs.add_argument("--stage", choices=STAGES, help="default: the last stage of the cell that has a log")
+    logs.add_argument("--repeat", type=int, default=0, help="the repeat (default 0)")
+    logs.add_argument("--attempt", type=int, help="the store attempt (default: the newest); status shows it in column A")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing what the job writes until it is no longer queued or running")
+    logs.set_defaults(handler=_logs)
 
     collect = commands.add_parser("collect", parents=[runs_root], help="merge result records into one table (CSV and Markdown)")
     collect.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
@@ -139,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     collect.add_argument("--json", action="store_true", help="print the table as JSON records instead of Markdown")
     collect.add_argument("--format", default="csv,md", help="files to write, several at once: csv,md,json (default: csv,md)")
     collect.add_argument("--columns", help="comma-separated columns to print (default: those of the paper's tables that fit the terminal)")
+    add_selection_flags(collect, "--stage keeps the figures of those stages only.")
     collect.set_defaults(handler=_collect)
 
     report = commands.add_parser("report", parents=[runs_root],
@@ -150,6 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--variance-factor", type=float, default=1.5,
                         help="flag a timing repeat this many times slower or faster than its cell's median (default 1.5)")
     report.add_argument("--no-html", action="store_true", help="write report.md and the PNGs only")
+    add_selection_flags(report, "Figures stay relative to the baseline even when it is not selected.")
     report.set_defaults(handler=_report)
 
     demo = commands.add_parser("generate-demo", help="write the offline demo's data, tokenizer and tiny models")
@@ -333,14 +365,19 @@ def _submit(args: argparse.Namespace) -> int:
         raise UsageError("--profile, --hold, --dry-run, --retry-failed, --exclude-node and --nodelist apply to the slurm backend only")
     if backend == "slurm" and (args.time_limit is not None or args.signal_delay is not None):
         raise UsageError("--time-limit and --signal-delay apply to the local backend only; on SLURM set time and signal_delay_s in the profile")
+    selection = Selection.from_args(args)
+    if args.force and selection.everything:
+        raise UsageError("--force reruns complete jobs: pick them with --cell, --group or --stage, or pass --force-all to rerun the whole grid")
     grid = load_grid(args.grid, require_data=not args.dry_run)
     _check_checkpoints(grid)
     resources = with_nodes(grid_resources(grid, args.profile), args.exclude_node, args.nodelist, ("--exclude-node", "--nodelist"))
     layout = RunLayout.for_grid(grid.name, args.runs_root)
     echo = lambda line: print(line, flush=True)  # noqa: E731
     if args.dry_run:  # a dry run writes nothing, not even the content-hash memo
-        slurm = SlurmBackend(layout, make_plan(grid), resources, echo)
-        for job, script in slurm.dry_run():
+        plan = make_plan(grid)
+        targets = _submit_targets(plan, layout, selection, args, dry_run=True)
+        slurm = SlurmBackend(layout, plan, resources, echo, only=targets.jobs if targets else None)
+        for job, script in slurm.dry_run(frozenset(targets.forced) if targets else frozenset()):
             print(f"# ---- {job.id} (cell {slurm.plan.users(job)[0]})\n{script}")
         _note_missing(grid.missing_data)
         _check_hub_models(grid)
@@ -359,10 +396,18 @@ def _submit(args: argparse.Namespace) -> int:
         _check_checkpoints(grid)  # the models just downloaded have their weights checked too
     bind_grid(layout, args.grid)
     plan = make_plan(grid, layout.store.content_hashes())
+    targets = _submit_targets(plan, layout, selection, args)
+    only = targets.jobs if targets else None
     if backend == "slurm":
-        slurm = SlurmBackend(layout, plan, resources, echo, hold=args.hold, retry_failed=args.retry_failed)
-    print(f"grid {grid.name}: {len(plan.cells)} cells, {len(list(plan.jobs()))} stage jobs -> {layout.root} ({backend})", flush=True)
-    report = (slurm if backend == "slurm" else LocalBackend(layout, plan, echo=echo, **local_limits)).submit(args.grid)
+        slurm = SlurmBackend(layout, plan, resources, echo, hold=args.hold, retry_failed=args.retry_failed, only=only)
+    picked = f" ({len(only)} selected: {selection.describe()})" if only is not None else ""
+    print(f"grid {grid.name}: {len(plan.cells)} cells, {len(list(plan.jobs()))} stage jobs{picked} -> {layout.root} ({backend})", flush=True)
+    report = (slurm if backend == "slurm" else LocalBackend(layout, plan, echo=echo, only=only, **local_limits)).submit(args.grid)
+    if targets and targets.turned_stale:
+        stale = targets.turned_stale
+        print(f"note: {len(stale)} stage job(s) outside the selection read a forced job's output and are STALE now "
+              f"({', '.join(j.short for j in stale[:3])}{' ...' if len(stale) > 3 else ''}); collect leaves them out until "
+              "they are submitted again", flush=True)
     if not report.ok:
         return 1
     return EXIT_DEFERRED if report.deferred else 0
@@ -388,18 +433,31 @@ def _completion(args: argparse.Namespace) -> int:
 
     print(bash_script(_parser()))
     return 0
+def _submit_targets(plan: "Plan", layout: RunLayout, selection: Selection, args: argparse.Namespace, dry_run: bool = False):
+    """What a submit with a selection or --force acts on (None: every job, none forced), and
+    what it tells the user first: the forced reruns and the upstream jobs it adds."""
+    from dpr_hpc.backends.submit_report import submit_targets
+    from dpr_hpc.results import Records
+
+    if selection.everything and not args.force_all:
+        return None
+    [selected] = selection.apply([plan])
+    records = Records(layout.store)
+    targets = submit_targets(plan, selected, records, force=args.force or args.force_all, dry_run=dry_run)
+    for job in targets.forced:
+        print(f"{job.id}: forced rerun (--force); its complete attempt {records.check(job).attempt} stays on disk", flush=True)
+    for job in targets.upstream:
+        print(f"{job.id}: not complete, and a selected job needs it: it runs first", flush=True)
+    return targets
 
 
 def _cancel(args: argparse.Namespace) -> int:
     from dpr_hpc.backends import scheduler
     from dpr_hpc.ledger import Ledger
 
-    for layout, plan in _runs(args.target, args.runs_root):
-        unknown = set(args.cell) - {c.cell_id for c in plan.cells}
-        if unknown:
-            raise UsageError(f"{layout.root}: no cell {sorted(unknown)[0]} in this run")
-        cells = args.cell or [c.cell_id for c in plan.cells]
-        jobs = {job for cell_id in cells for stage in plan.cell(cell_id).stages for job in plan.cell_jobs(cell_id, stage)}
+    runs = _runs(args.target, args.runs_root)
+    selected = Selection.from_args(args).apply([plan for _, plan in runs])
+    for (layout, plan), jobs in zip(runs, selected):
         ledger = Ledger.read(layout.store)
         ids = {job.id: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
         view = scheduler.query(sorted(set(ids.values())), ledger.first_submission(), ledger.users())
@@ -410,30 +468,139 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dpr_hpc.status import stage_states, summary_line
+    from dpr_hpc.status import selected_status, summary_line
 
+    selection = Selection.from_args(args)
+    if args.watch is not None:
+        if args.json:
+            raise UsageError("--watch redraws a table; it does not combine with --json")
+        return _watch(args, selection)
     everything = []
-    for layout, plan in _runs(args.target, args.runs_root):
-        report = stage_states(layout, plan)
-        states = report.states
+    for layout, plan, report in selected_status(_runs(args.target, args.runs_root), selection):
         if args.json:
             everything.append({"grid": plan.grid_name, "run_dir": str(layout.root), "source": report.source,
-                               "rows": [row.to_json() for row in report.rows], "summary": summary_line(states),
+                               "rows": [row.to_json() for row in report.rows], "summary": summary_line(report.states),
                                "left_cells": report.left_cells})
             continue
-        print(f"grid {plan.grid_name} ({layout.root}); states from the {report.source}")
-        rows = [
-            [row.cell_id, s.job.stage, str(s.job.repeat), s.job.key[:8] + ("*" if row.shared_by > 1 else ""), s.state, s.job_id, s.node,
-             s.detail + (f"  log: {s.log}" if s.state in ("FAILED", "TIMEOUT") and s.log else "")]
-            for row in report.rows for s in [row.state]
-        ]
-        print(_columns(["CELL", "STAGE", "R", "KEY", "STATE", "JOB", "NODE", "DETAIL"], rows))
-        print(summary_line(states) + ("  (KEY*: a job shared by several cells)" if any(r.shared_by > 1 for r in report.rows) else ""))
-        if report.left_cells:
-            print(report.left_cells)
+        print("\n".join(_status_lines(layout, plan, report)))
     if args.json:
         print(json.dumps(everything, indent=2))
     return 0
+
+
+def _status_lines(layout: RunLayout, plan: "Plan", report) -> list[str]:
+    from dpr_hpc.status import summary_line
+
+    rows = [
+        [row.cell_id, s.job.stage, str(s.job.repeat), "" if s.attempt is None else str(s.attempt),
+         s.job.key[:8] + ("*" if row.shared_by > 1 else ""), s.state, s.job_id, s.node,
+         s.detail + (f"  log: {s.log}" if s.state in ("FAILED", "TIMEOUT") and s.log else "")]
+        for row in report.rows for s in [row.state]
+    ]
+    lines = [f"grid {plan.grid_name} ({layout.root}); states from the {report.source}",
+             _columns(["CELL", "STAGE", "R", "A", "KEY", "STATE", "JOB", "NODE", "DETAIL"], rows),
+             summary_line(report.states) + ("  (KEY*: a job shared by several cells)" if any(r.shared_by > 1 for r in report.rows) else "")]
+    return lines + ([report.left_cells] if report.left_cells else [])
+
+
+def _watch(args: argparse.Namespace, selection: Selection) -> int:
+    """Redraw status in place (cursor up, clear to the end of the screen: plain ANSI) on a
+    terminal; elsewhere print the summary line each time it changes. Ends by itself once no
+    selected job is queued or running and no local submit works on the run."""
+    from dpr_hpc.status import selected_status, still_active, summary_line
+
+    if not (math.isfinite(args.watch) and args.watch > 0):
+        raise UsageError(f"--watch {args.watch:g}: expected a positive number of seconds")
+    redraw = sys.stdout.isatty()
+    drawn, last_summary = 0, None
+    while True:
+        reports = list(selected_status(_runs(args.target, args.runs_root), selection))
+        lines = [line for layout, plan, report in reports for line in _status_lines(layout, plan, report)]
+        summary = "; ".join(summary_line(report.states) for _, _, report in reports)
+        active = any(still_active(layout, report) for layout, _, report in reports)
+        if redraw:  # lines cut to the width, so that each takes one row and the cursor goes back up exactly
+            width = shutil.get_terminal_size((80, 24)).columns
+            screen = [row[: width - 1] for line in lines for row in line.split("\n")]
+            print((f"\x1b[{drawn}A\r\x1b[J" if drawn else "") + "\n".join(screen), flush=True)
+            drawn = len(screen)
+        elif active and summary != last_summary:
+            print(summary, flush=True)
+        last_summary = summary
+        if not active:
+            if not redraw:
+                print("\n".join(lines), flush=True)
+            return 0
+        time.sleep(args.watch)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from dpr_hpc.joblogs import LogPrinter, chosen_logs, follow
+
+    layout, plan, cell_id = _one_cell(args.cell, _runs(args.grid, args.runs_root))
+    job = _logged_job(layout, plan, cell_id, args.stage, args.repeat)
+    folder = layout.store.job(job)
+    printer = LogPrinter()
+    if args.follow:
+        try:
+            follow(folder, args.attempt, lambda: _job_active(layout, job), printer)
+        except KeyboardInterrupt:
+            return 130  # Ctrl-C is how a user stops following: no message
+        return 0
+    logs = chosen_logs(folder, args.attempt)
+    if not logs:
+        print(f"{job.id} (cell {cell_id}) has no log yet; -f waits for it while the job is queued or running", file=sys.stderr)
+        return 0
+    printer.pump(logs)
+    return 0
+
+
+def _logged_job(layout: RunLayout, plan: "Plan", cell_id: str, stage: str | None, repeat: int):
+    """The stage job `logs` shows: of `stage`, or of the cell's last stage with a log for this
+    repeat (else its first stage, whose log comes first)."""
+    from dpr_hpc.joblogs import job_logs
+
+    cell = plan.cell(cell_id)
+    if stage is not None and stage not in cell.stages:
+        raise UsageError(f"--stage {stage}: cell {cell_id} has the stages {', '.join(cell.stages)}")
+    stages = [stage] if stage else list(reversed(cell.stages))
+    jobs = [plan.cell_jobs(cell_id, s)[repeat] for s in stages if repeat in range(cell.repeats.of(s))]
+    if not jobs:
+        raise UsageError(f"--repeat {repeat}: cell {cell_id}'s {' and '.join(stages)} has repeats 0 to {cell.repeats.of(stages[0]) - 1}")
+    if stage:
+        return jobs[0]
+    return next((job for job in jobs if job_logs(layout.store.job(job))), jobs[-1])
+
+
+def _one_cell(pattern: str, runs: list[tuple[RunLayout, "Plan"]]) -> tuple[RunLayout, "Plan", str]:
+    """The one cell a glob names, over the runs; several cells (or one cell id in runs whose
+    keys differ) is a usage error that lists them."""
+    import fnmatch
+
+    matches = [(layout, plan, c.cell_id) for layout, plan in runs for c in plan.cells if fnmatch.fnmatchcase(c.cell_id, pattern)]
+    distinct = sorted({(cell_id, json.dumps(plan.keys[cell_id], sort_keys=True)) for _, plan, cell_id in matches})
+    if not matches:
+        raise UsageError(f"no cell matches '{pattern}'; cells here: {', '.join(c.cell_id for _, p in runs for c in p.cells[:5])} ...")
+    if len(distinct) > 1:
+        shown = sorted({cell_id for _, _, cell_id in matches})
+        where = f"cells {', '.join(shown[:8])}" if len(shown) > 1 else f"cell {shown[0]} in runs {', '.join(str(l.root) for l, _, _ in matches)} (pass --grid)"
+        raise UsageError(f"'{pattern}' matches {where}; name one")
+    return matches[0]
+
+
+def _job_active(layout: RunLayout, job) -> bool:
+    """Queued or running: a live claim (local or SLURM), or a SLURM job the scheduler lists as active."""
+    from dpr_hpc.backends import scheduler
+    from dpr_hpc.claim import live_claim
+    from dpr_hpc.ledger import Ledger
+
+    if live_claim(layout.store.job(job)):
+        return True
+    ledger = Ledger.read(layout.store)
+    entry = ledger.latest(job)
+    if not entry or entry.get("backend") != "slurm" or not scheduler.slurm_available():
+        return False
+    info = scheduler.query([entry["job_id"]], ledger.first_submission(), ledger.users()).jobs.get(entry["job_id"])
+    return info.active if info else ledger.recently_submitted(job)
 
 
 def _collect(args: argparse.Namespace) -> int:
@@ -442,8 +609,9 @@ def _collect(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     outputs = []
-    for layout, plan in _runs(args.target, args.runs_root):
-        table = collect_table(layout, plan, median=args.median)
+    selection = Selection.from_args(args)
+    for layout, plan in _selected_runs(args, selection):
+        table = collect_table(layout, plan, median=args.median, selection=selection)
         stem = f"{plan.grid_name}-median" if args.median else plan.grid_name
         paths = write_table(table, args.out, stem, formats)
         if args.json:
@@ -463,8 +631,9 @@ def _report(args: argparse.Namespace) -> int:
     from dpr_hpc.report import ReportOptions, write_report
 
     options = ReportOptions(baseline=args.baseline, variance_factor=args.variance_factor, html=not args.no_html)
-    for layout, plan in _runs(args.target, args.runs_root):
-        written = write_report(layout, plan, args.out / plan.grid_name, options)
+    selection = Selection.from_args(args)
+    for layout, plan in _selected_runs(args, selection):
+        written = write_report(layout, plan, args.out / plan.grid_name, options, selection)
         print(f"grid {plan.grid_name}: report -> {', '.join(str(p) for p in written)}")
     return 0
 
@@ -513,6 +682,13 @@ def _runs(target: str | None, runs_root: Path) -> list[tuple[RunLayout, "Plan"]]
     from dpr_hpc.runstate import runs_for
 
     return runs_for(target, runs_root)
+
+
+def _selected_runs(args: argparse.Namespace, selection: Selection) -> list[tuple[RunLayout, "Plan"]]:
+    """The runs a command acts on that hold a selected job (every run without a selection)."""
+    runs = _runs(args.target, args.runs_root)
+    selected = selection.apply([plan for _, plan in runs])
+    return [run for run, jobs in zip(runs, selected) if jobs]
 
 
 def _columns(header: list[str], rows: list[list[str]]) -> str:

@@ -27,6 +27,7 @@ from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
 from dpr_hpc.results import Records
 from dpr_hpc.runstate import cell_history, superseded
+from dpr_hpc.selection import Selection
 from dpr_hpc.status import left_cells_line
 
 CELL_COLUMNS = ["cell_id", "group", "encoder", "embedding_size", "batch_size", "projection"]
@@ -38,6 +39,9 @@ NODE_COLUMNS = ["train_node", "index_node", "infer_node"]
 # What each repeat's index and infer ran on, "index/infer": a median over repeats that differ in
 # either is flagged rather than mixed silently.
 RAN_ON_COLUMNS = ["precision", "gpu"]
+# Which attempt of each stage's job a row's figures come from, "train/index/infer" ("-": no
+# record): after a forced rerun (submit --force) the table says it shows the new attempt.
+ATTEMPT_COLUMN = "attempt"
 SPREAD_OF = {"pei_s": "pei_spread_s", "ita_mean_ms": "ita_mean_spread_ms"}
 
 
@@ -65,13 +69,17 @@ class CompleteRecords:
     left_cells: str | None
 
 
-def complete_records(layout: RunLayout, plan: Plan) -> CompleteRecords:
-    """The one place that decides which records give figures: complete ones only."""
+def complete_records(layout: RunLayout, plan: Plan, selection: Selection | None = None) -> CompleteRecords:
+    """The one place that decides which records give figures: complete ones only, of the
+    selected cells, with the figures of the selected stages (every one by default)."""
+    selection = selection or Selection()
     records = Records(layout.store)
     left_out: list[str] = []
     history = cell_history(layout)
 
     def read(cell_id: str, job: StageJob) -> dict[str, Any] | None:
+        if not selection.picks_stage(job.stage):
+            return None
         check = records.check(job)
         if check.complete:
             return check.record
@@ -80,14 +88,15 @@ def complete_records(layout: RunLayout, plan: Plan) -> CompleteRecords:
             left_out.append(f"{cell_id} {job.stage} r{job.repeat}: {why}")
         return None
 
-    repeats = [r for cell in plan.cells for r in _cell_records(read, plan, cell.cell_id)]
+    repeats = [r for cell_id in selection.cell_ids(plan) for r in _cell_records(read, plan, cell_id)]
     return CompleteRecords(repeats, left_out, left_cells_line(layout, plan, records))
 
 
-def collect_table(layout: RunLayout, plan: Plan, median: bool = False, found: CompleteRecords | None = None) -> pd.DataFrame:
-    found = found or complete_records(layout, plan)
+def collect_table(layout: RunLayout, plan: Plan, median: bool = False, found: CompleteRecords | None = None,
+                  selection: Selection | None = None) -> pd.DataFrame:
+    found = found or complete_records(layout, plan, selection)
     rows = [_row(plan, r) for r in found.repeats]
-    table = pd.DataFrame(rows, columns=CELL_COLUMNS + ["repeat"] + FIGURE_COLUMNS + NODE_COLUMNS + RAN_ON_COLUMNS)
+    table = pd.DataFrame(rows, columns=CELL_COLUMNS + ["repeat"] + FIGURE_COLUMNS + NODE_COLUMNS + RAN_ON_COLUMNS + [ATTEMPT_COLUMN])
     table = _median_per_cell(table) if median else table
     table.attrs["left_out"] = list(found.left_out)
     table.attrs["left_cells"] = found.left_cells
@@ -131,6 +140,7 @@ def _row(plan: Plan, found: RepeatRecords) -> dict[str, Any]:
         row["infer_node"] = node_label(infer["node"])
     row["precision"] = _ran_on(index, infer, lambda r: r.get("details", {}).get("precision"))
     row["gpu"] = _ran_on(index, infer, lambda r: r.get("node", {}).get("gpu_name") or "cpu")
+    row[ATTEMPT_COLUMN] = "/".join(str(r["attempt"]) if r else "-" for r in (train, index, infer))
     return row
 
 
@@ -156,6 +166,7 @@ def _median_per_cell(table: pd.DataFrame) -> pd.DataFrame:
         for column in NODE_COLUMNS:
             row[column.replace("_node", "_nodes")] = ",".join(sorted({str(v) for v in group[column].dropna()})) or None
         row["mixed"] = _mixed_repeats(group)
+        row["attempts"] = ",".join(dict.fromkeys(str(v) for v in group[ATTEMPT_COLUMN].dropna())) or None
         out.append(row)
     return pd.DataFrame(out)
 

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 30.0
 
 
+# A lock whose holder set no other bound (the local submit's, the ledger's) is stale after this.
+DEFAULT_STALE_AFTER_S = 300.0
+
+
 class LockHeldError(DprHpcError):
     """The lock stayed held by someone else until the timeout; says who."""
 
@@ -49,7 +53,7 @@ class LockHeldError(DprHpcError):
 
 class LockFile:
     def __init__(
-        self, path: Path, *, purpose: str, stale_after_s: float = 300.0,
+        self, path: Path, *, purpose: str, stale_after_s: float = DEFAULT_STALE_AFTER_S,
         heartbeat_s: float | None = None, timeout_s: float = 0.0,
     ) -> None:
         """`timeout_s` is what `with LockFile(...)` waits; `acquire` takes its own."""

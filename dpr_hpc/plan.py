@@ -117,6 +117,12 @@ class Plan:
             return tuple(j for j in self.inputs(job) if j.stage == "index")
         return ()
 
+    def subset(self, cell_ids: list[str]) -> "Plan":
+        """The plan of some of its cells (a --cell or --group selection): their jobs and keys,
+        for reports of those cells alone. Never saved: plan.json always holds the whole grid."""
+        wanted = set(cell_ids)
+        return Plan(self.grid_name, tuple(c for c in self.cells if c.cell_id in wanted), {c: self.keys[c] for c in cell_ids})
+
     def to_json(self) -> dict[str, Any]:
         return {
             "grid": self.grid_name,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,6 +29,7 @@ from dpr_hpc.ledger import Ledger
 from dpr_hpc.plan import Plan
 from dpr_hpc.provenance import node_label
 from dpr_hpc.results import Records
+from dpr_hpc.selection import Selection
 
 # Families by the encoder's name, most specific first (TinyBERT and DistilBERT contain "bert").
 FAMILIES = (("tinybert", "TinyBERT"), ("distilbert", "DistilBERT"), ("electra", "ELECTRA"), ("roberta", "RoBERTa"), ("bert", "BERT"))
@@ -55,30 +56,37 @@ class Baseline:
         return f"{self.family}-{self.size}"
 
 
-def write_report(layout: RunLayout, plan: Plan, out_dir: Path, options: ReportOptions) -> list[Path]:
+def write_report(layout: RunLayout, plan: Plan, out_dir: Path, options: ReportOptions, selection: Selection | None = None) -> list[Path]:
+    """The report of the selected cells and stages (every one by default); figures stay
+    relative to the baseline cell even when the selection leaves it out."""
     if options.variance_factor <= 1.0:
         raise UsageError(f"--variance-factor {options.variance_factor:g}: expected a factor above 1")
+    selection = selection or Selection()
+    shown = plan if selection.everything else plan.subset(selection.cell_ids(plan))
     records = Records(layout.store)
-    found = complete_records(layout, plan)
-    table = collect_table(layout, plan, found=found)
+    every_cell = complete_records(layout, plan, Selection(stages=selection.stages))
+    table = collect_table(layout, plan, found=every_cell)
     table["family"] = [family_of(plan.cell(c)) for c in table["cell_id"]]
     baseline = find_baseline(plan, options.baseline)
+    found = _of_cells(every_cell, shown)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     sections = [f"# Report: grid `{plan.grid_name}`", _baseline_line(baseline)]
+    if not selection.everything:
+        sections.append(f"Selected: {selection.describe()} ({len(shown.cells)} of {len(plan.cells)} cells).")
     if found.left_out:
         sections.append("Left out (not complete): " + "; ".join(found.left_out))
     pngs: list[Path] = []
-    sections += [efficiency_table(plan, table, baseline), retrieval_table(plan, table, baseline),
-                 evaluation_only_table(plan, table, baseline), batch_size_table(plan, table)]
-    pngs += _token_length_figure(layout, plan, found, out_dir, sections)
-    pngs += _metric_figures(plan, table, baseline, out_dir, sections)
+    sections += [efficiency_table(shown, table, baseline), retrieval_table(shown, table, baseline),
+                 evaluation_only_table(shown, table, baseline), batch_size_table(shown, table)]
+    pngs += _token_length_figure(layout, shown, found, out_dir, sections)
+    pngs += _metric_figures(shown, table, baseline, out_dir, sections)
     variance = variance_rows(found.repeats, options.variance_factor)
     sections.append(variance_section(variance, options.variance_factor))
     if not variance.empty:
         pngs.append(figures.node_variance(node_points(variance), options.variance_factor, out_dir / "variance.png"))
         sections.append("![hardware variance](variance.png)")
-    sections.append(cost_section(cost_table(plan, records, Ledger.read(layout.store))))
+    sections.append(cost_section(cost_table(shown, records, Ledger.read(layout.store))))
 
     report_md = out_dir / "report.md"
     report_md.write_text("\n\n".join(sections) + "\n")
@@ -86,6 +94,12 @@ def write_report(layout: RunLayout, plan: Plan, out_dir: Path, options: ReportOp
     if options.html:
         written.append(write_html(report_md, out_dir / "report.html"))
     return written
+
+
+def _of_cells(found: CompleteRecords, plan: Plan) -> CompleteRecords:
+    """The records of the plan's cells (left-out notes start with their cell's id)."""
+    return replace(found, repeats=[r for r in found.repeats if plan.has_cell(r.cell_id)],
+                   left_out=[line for line in found.left_out if plan.has_cell(line.split(" ", 1)[0])])
 
 
 def family_of(cell: CellConfig) -> str:

@@ -6,8 +6,9 @@ A record is checked, never trusted:
     unreadable   any other read error (EIO, ESTALE, a permission error, broken JSON): callers
                  stop and name the file; nothing is rerun on a guess
     invalid      wrong schema, stage, key or repeat, or a figure its stage must report is absent
-    stale        an artifact is gone or has another size, an input's content changed, or an
-                 upstream record changed, went away or is itself not complete
+    stale        an artifact is gone or has another size, an input's content changed, an
+                 upstream record changed, went away or is itself not complete, or a rerun of
+                 this very attempt was asked for (submit --force) and has not completed yet
     complete     everything above holds
 """
 
@@ -20,6 +21,7 @@ from typing import Any, Sequence
 
 from dpr_hpc.content import ContentHashes, sha256_bytes, sha256_file
 from dpr_hpc.fsutil import write_json_atomic
+from dpr_hpc.provenance import now_iso
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.plan import StageJob
 from dpr_hpc.store import AttemptPaths, JobFolder, StageStore
@@ -108,6 +110,14 @@ def write_record(folder: JobFolder, attempt: AttemptPaths, record: dict[str, Any
     write_json_atomic(folder.result, record)
 
 
+def request_rerun(folder: JobFolder, attempt: int) -> None:
+    """Ask for a rerun of a complete job (submit --force): its record reads stale until a new
+    attempt completes, so every backend and the job itself treat it as any stale record, and
+    the attempt it replaces stays on disk. A new record names another attempt, which answers
+    the request; a job queued for hours, or requeued, still sees it until then."""
+    write_json_atomic(folder.rerun_request, {"attempt": attempt, "requested_at": now_iso()})
+
+
 class Records:
     """Checks of the store's records for one command, each made once: status, submit and
     collect ask for the same upstream record many times."""
@@ -149,7 +159,7 @@ class Records:
         problem = _invalid(record, job)
         if problem:
             return RecordCheck(INVALID, problem, record if isinstance(record, dict) else None, digest)
-        stale = _damaged(record, folder) or _inputs_changed(record, self.hashes) or self._upstream_changed(record)
+        stale = _rerun_requested(record, folder) or _damaged(record, folder) or _inputs_changed(record, self.hashes) or self._upstream_changed(record)
         if stale:
             return RecordCheck(STALE, stale, record, digest)
         return RecordCheck(DONE, "", record, digest)
@@ -183,6 +193,18 @@ def _invalid(record: Any, job: StageJob) -> str | None:
             if name not in figures:
                 return f"missing {section}.{name}"
     return None
+
+
+def _rerun_requested(record: dict[str, Any], folder: JobFolder) -> str | None:
+    try:
+        request = json.loads(folder.rerun_request.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return f"its rerun request {folder.rerun_request} cannot be read ({exc}); remove it or submit --force again"
+    if not isinstance(request, dict) or request.get("attempt") != record["attempt"]:
+        return None
+    return f"a rerun was asked for (submit --force, {request.get('requested_at', 'at an unknown time')})"
 
 
 def _damaged(record: dict[str, Any], folder: JobFolder) -> str | None:

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterator
 
 from dpr_hpc.backends import scheduler
 from dpr_hpc.claim import dead_claim, live_claim
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.ledger import Ledger
-from dpr_hpc.locks import pid_alive
+from dpr_hpc.locks import DEFAULT_STALE_AFTER_S, LockFile, holder_is_stale, pid_alive
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
 from dpr_hpc.results import Records, RecordCheck
 from dpr_hpc.runstate import cell_history, latest_log, read_marker, resumable, superseded
+from dpr_hpc.selection import Selection
 from dpr_hpc.store import JobFolder
 
 STATES = ("COMPLETED", "STALE", "RUNNING", "PENDING", "REQUEUED", "FAILED", "TIMEOUT", "CANCELLED",
@@ -39,13 +40,15 @@ class StageState:
     detail: str = ""
     log: str = ""
     job_id: str = ""
+    attempt: int | None = None  # the store attempt shown: the complete record's, else the newest
 
     def __post_init__(self) -> None:
         if not isinstance(self.log, str):  # a _LazyLog: looked up now, for a state that shows it
             object.__setattr__(self, "log", str(self.log))
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.job.to_json(), "state": self.state, "node": self.node, "detail": self.detail, "log": self.log, "job_id": self.job_id}
+        return {**self.job.to_json(), "state": self.state, "node": self.node, "detail": self.detail, "log": self.log, "job_id": self.job_id,
+                "attempt": self.attempt}
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,57 @@ def stage_states(layout: RunLayout, plan: Plan, records: Records | None = None) 
     return _report(layout, plan, records, states, source)
 
 
+def selected_status(runs: list[tuple[RunLayout, Plan]], selection: Selection) -> Iterator[tuple[RunLayout, Plan, StatusReport]]:
+    """Each run's status narrowed to a selection (--cell, --group, --stage): its rows and the
+    states its summary counts; runs with no selected job are left out. The states are worked
+    out over the whole plan, since a selected job's state depends on its upstream jobs'."""
+    for (layout, plan), jobs in zip(runs, selection.apply([plan for _, plan in runs])):
+        if not jobs:
+            continue
+        report = stage_states(layout, plan)
+        if selection.everything:
+            yield layout, plan, report
+            continue
+        cells = set(selection.cell_ids(plan))
+        rows = [row for row in report.rows if row.cell_id in cells and selection.picks_stage(row.state.job.stage)]
+        yield layout, plan, replace(report, jobs={job: report.jobs[job] for job in jobs}, rows=rows)
+
+
+# States of a job that a scheduler or a local submit is still working on. HELD is not one: a
+# held job waits on a person (scontrol release), so `status --watch` would never end on it.
+_IN_PROGRESS = ("RUNNING", "REQUEUED")
+
+
+def still_active(layout: RunLayout, report: StatusReport) -> bool:
+    """Whether anything may still change by itself: a job queued (on SLURM: it has a job id) or
+    running, or a local submit working through the run's jobs (between two jobs none runs)."""
+    if any(s.state in _IN_PROGRESS or (s.state == "PENDING" and s.job_id) for s in report.states):
+        return True
+    holder = LockFile.read_holder(layout.submit_lock)
+    return holder is not None and not holder_is_stale(holder, DEFAULT_STALE_AFTER_S)
+
+
 def _report(layout: RunLayout, plan: Plan, records: Records, states: dict[StageJob, StageState], source: str) -> StatusReport:
+    states = {job: replace(state, attempt=shown_attempt(layout.store.job(job), records.check(job), state.state))
+              for job, state in states.items()}
     rows = [
         CellStage(cell.cell_id, states[job], len(plan.users(job)))
         for cell in plan.cells for stage in cell.stages for job in plan.cell_jobs(cell.cell_id, stage)
     ]
     return StatusReport(states, rows, source, left_cells_line(layout, plan, records))
+
+
+def shown_attempt(folder: JobFolder, check: RecordCheck, state: str) -> int | None:
+    """The attempt a status row speaks of: the complete record's; while a job runs (a forced
+    rerun included) or after it failed, its newest attempt; else the record's, if any."""
+    if check.complete or state not in ("RUNNING", "REQUEUED", "FAILED", "TIMEOUT", "INTERRUPTED"):
+        return check.attempt if check.record else (None if state == "PENDING" else _newest(folder))
+    return _newest(folder)
+
+
+def _newest(folder: JobFolder) -> int | None:
+    latest = folder.latest_attempt()
+    return latest.number if latest else None
 
 
 def _unknown(job: StageJob, records: Records, job_id: str | None, why: str) -> StageState:
@@ -148,8 +196,25 @@ def _state_of(
                 state = blocked  # cancelled by SLURM (kill-on-invalid-dep), or waiting on a failed job
             return _with_progress(state, folder)
     if stale:
-        return StageState(job, "STALE", detail=f"{check.reason}; submit reruns it", log=log, job_id=job_id or "")
+        return _rerun_state(folder, job, check, log, job_id or "") or StageState(
+            job, "STALE", detail=f"{check.reason}; submit reruns it", log=log, job_id=job_id or "")
     return _with_progress(_marked_state(folder, job, log, blocked), folder)
+
+
+def _rerun_state(folder: JobFolder, job: StageJob, check: RecordCheck, log, job_id: str) -> StageState | None:
+    """A rerun of a stale record (forced or not) whose newer attempt failed, or stopped after a
+    checkpoint: FAILED or INTERRUPTED, so that status does not show it as merely STALE."""
+    latest = folder.latest_attempt()
+    if latest is None or check.attempt is None or latest.number == check.attempt:
+        return None
+    still = f"attempt {check.attempt} is still {check.state} ({check.reason})"
+    failure = read_marker(latest.failure)
+    if failure:
+        return StageState(job, "FAILED", failure.get("host", ""), f"its rerun failed: {failure.get('error', '')}; {still}; submit reruns it", log, job_id)
+    stopped = read_marker(latest.interrupted)
+    if stopped:
+        return StageState(job, "INTERRUPTED", stopped.get("host", ""), f"its rerun {stopped.get('reason', '')}; {still}; submit again to resume", log, job_id)
+    return None
 
 
 class _LazyLog:
@@ -192,7 +257,12 @@ def training_progress(folder: JobFolder) -> str:
     if not progress:
         return ""
     restarts = progress.get("restarts", 0)
-    return (f"epoch {progress.get('epoch')}/{progress.get('epochs')}, step {progress.get('step')}/{progress.get('total_steps')}, "
+    epoch, step = progress.get("epoch"), progress.get("step")
+    live = read_marker(attempt.meter)  # progress.json is written at checkpoints; the meter every second
+    if live and isinstance(progress.get("epochs"), int) and progress.get("total_steps"):
+        step = live["done"]
+        epoch = step * progress["epochs"] // progress["total_steps"]
+    return (f"epoch {epoch}/{progress.get('epochs')}, step {step}/{progress.get('total_steps')}, "
             f"{restarts} restart{'s' if restarts != 1 else ''}")
 
 

@@ -6,10 +6,13 @@
         <stage>/<key>/spec.json             the settings the stage runs with, its upstream keys, hub commits
         <stage>/<key>/r<repeat>/
             result.json                     the record of the current complete attempt
+            rerun.json                      a forced rerun asked for (submit --force): the attempt it replaces
             claim.lock                      the one writer now at work (host, pid, SLURM job, heartbeat)
             jobs/                           submitit's scripts and logs, of every attempt
             attempts/a<n>/                  one attempt's outputs, never written once complete
                 record.json                 its record, once complete (result.json's twin)
+                jobs.json                   the scheduler jobs that worked on it (their logs are in jobs/)
+                meter.json                  live count of its work (steps, passages) for a progress bar
                 failed.json, interrupted.json
                 train:  checkpoint/{question,passage}_encoder/, resume/, progress.json, losses.json, batch_size.json
                 index:  shards/, index.faiss, passage_ids.npy
@@ -19,6 +22,8 @@
 Every grid under one runs root shares the store: a second grid that names a trained model
 trains nothing. A rerun (a stale input, a damaged output) writes a new attempt, and its
 record replaces result.json atomically once it is complete; earlier attempts stay on disk.
+`submit --force` reruns a complete job the same way: rerun.json names the complete attempt it
+replaces, which reads as stale until a new attempt's record takes its place.
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ class AttemptPaths:
     @property
     def failure(self) -> Path:
         return self.dir / "failed.json"
+
+    @property
+    def job_ids(self) -> Path:
+        return self.dir / "jobs.json"
+
+    @property
+    def meter(self) -> Path:
+        return self.dir / "meter.json"
 
     @property
     def interrupted(self) -> Path:
@@ -121,6 +134,10 @@ class JobFolder:
         return self.dir / "result.json"
 
     @property
+    def rerun_request(self) -> Path:
+        return self.dir / "rerun.json"
+
+    @property
     def claim(self) -> Path:
         return self.dir / "claim.lock"
 
@@ -131,6 +148,15 @@ class JobFolder:
     @property
     def attempts(self) -> Path:
         return self.dir / "attempts"
+
+    def logs(self) -> list[tuple[str, Path, Path]]:
+        """Every job log pair (submitit writes <job id>_<task>_log.out and .err), oldest first,
+        as (job id, stdout, stderr)."""
+        found = []
+        for stdout in self.jobs.glob("*_log.out"):
+            job_id = stdout.name[: -len("_log.out")].rsplit("_", 1)[0]
+            found.append((stdout.stat().st_mtime, job_id, stdout, stdout.with_suffix(".err")))
+        return [(job_id, out, err) for _, job_id, out, err in sorted(found)]
 
     def attempt(self, number: int) -> AttemptPaths:
         return AttemptPaths(self.attempts / f"a{number}", number)

@@ -88,6 +88,22 @@ def trained_and_untrained_grid(folder: Path, demo: Path, epochs: int, warmup_ste
     """)
 
 
+def cli(*args, cwd: Path) -> "subprocess.CompletedProcess":
+    """dpr-hpc in its own process, as a user runs it (stage jobs inherit PYTHONPATH)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dpr_hpc", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def submitted_locally(work: Path, demo: Path, epochs: int, warmup_steps: int) -> Path:
+    """trained_and_untrained_grid, run to completion by the local backend; the grid file."""
+    grid = trained_and_untrained_grid(work, demo, epochs=epochs, warmup_steps=warmup_steps)
+    done = cli("submit", grid, "--backend", "local", cwd=work)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return grid
+
+
 def write_grid(folder: Path, text: str, name: str = "grid.yaml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text))

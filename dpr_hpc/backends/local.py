@@ -25,6 +25,7 @@ from dpr_hpc.layout import RunLayout
 from dpr_hpc.locks import HEARTBEAT_S, LockFile, LockHeldError, describe_holder
 from dpr_hpc.plan import Plan, StageJob
 from dpr_hpc.ledger import Ledger
+from dpr_hpc.meter import MeterBar, bars_wanted
 from dpr_hpc.modeling.hub import job_environment
 from dpr_hpc.results import Records
 from dpr_hpc.runstate import cell_history, save_plan
@@ -57,15 +58,18 @@ class LocalBackend:
     def __init__(
         self, layout: RunLayout, plan: Plan, echo: Callable[[str], None] = print,
         timeout_min: float = DEFAULT_TIMEOUT_MIN, signal_delay_s: int = DEFAULT_SIGNAL_DELAY_S,
+        only: frozenset[StageJob] | None = None,
     ) -> None:
         """`timeout_min` is each job's time limit: as on SLURM, a job gets the warning signal
-        `signal_delay_s` before it, a training checkpoints and is restarted from there."""
+        `signal_delay_s` before it, a training checkpoints and is restarted from there. `only`:
+        the jobs a selection (--cell, --group, --stage) runs; every job of the plan by default."""
         self.layout = layout
         self.plan = plan
         self.echo = echo
         self.timeout_min = timeout_min
         self.signal_delay_s = min(signal_delay_s, max(1, int(timeout_min * 60) - 1))
         self.gpus = visible_gpus()
+        self.only = only
 
     def submit(self, grid_file: Path) -> SubmitReport:
         self.layout.root.mkdir(parents=True, exist_ok=True)
@@ -85,7 +89,7 @@ class LocalBackend:
 
     def _run_all(self, records: Records, checks: dict, reasons: dict) -> SubmitReport:
         report = SubmitReport()
-        jobs = list(self.plan.jobs())
+        jobs = [job for job in self.plan.jobs() if self.only is None or job in self.only]
         width = len(str(len(jobs)))
         on_slurm = self._queued_on_slurm(jobs, checks)
         for number, job in enumerate(jobs, start=1):
@@ -148,9 +152,14 @@ class LocalBackend:
         started = time.perf_counter()
         with _environment(job_environment()):  # the job's process copies this one's environment at its start
             handle = executor.submit(stage_job_entry, str(self.layout.runs_root), job.stage, job.key, job.repeat)
+        bar = MeterBar(folder, tag.split("]")[0] + "]") if bars_wanted() else None
         try:
             while not handle.done():
+                if bar:
+                    bar.refresh()
                 time.sleep(0.2)
+            if bar:
+                bar.close()
             handle.result()
         except KeyboardInterrupt:
             handle.cancel(check=False)

@@ -53,7 +53,9 @@ class SlurmBackend:
         *,
         hold: bool = False,
         retry_failed: bool = False,
+        only: frozenset[StageJob] | None = None,
     ) -> None:
+        """`only`: the jobs a selection (--cell, --group, --stage) submits; every job by default."""
         if any(c.isspace() or not c.isprintable() for c in str(layout.root)):
             # The run folder is written into #SBATCH --output/--error lines, which end at a space.
             raise UsageError(f"{layout.root}: the run folder's path must not contain spaces or control characters for SLURM")
@@ -63,6 +65,7 @@ class SlurmBackend:
         self.echo = echo
         self.hold = hold
         self.retry_failed = retry_failed
+        self.only = only
         self.capacity: int | None = None
         self._checks: dict[StageJob, RecordCheck] = {}  # read once per submit: dependants ask again
         self._reasons: dict[StageJob, str] = {}
@@ -75,14 +78,14 @@ class SlurmBackend:
         self._checks = check_records(self.plan, records)
         self._reasons = rerun_reasons(self.plan, self._checks, cell_history(self.layout), records)
         with Ledger.locked(store) as ledger:
-            jobs = [job for job in self.plan.jobs() if not self._complete(job)]
+            jobs = [job for job in self._jobs() if not self._complete(job)]
             self._adopt_tagged(jobs, ledger, scheduler.queued_by_tag())
             ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
             view = scheduler.query(sorted(set(ids.values())), ledger.first_submission(), ledger.users())
             save_plan(self.layout, self.plan, grid_file)
             self.capacity = scheduler.submit_capacity()
             queued: dict[StageJob, str] = {}
-            for job in self.plan.jobs():
+            for job in self._jobs():
                 self._place(job, ledger, view, queued, report)
         self.echo(f"slurm: {report.summary('submitted')}")
         return report
@@ -134,6 +137,9 @@ class SlurmBackend:
         report.ran.append(job)
         after = f" after {','.join(dependencies)}" if dependencies else ""
         self.echo(f"{job.id}: submitted as job {job_id}{after}")
+
+    def _jobs(self) -> list[StageJob]:
+        return [job for job in self.plan.jobs() if self.only is None or job in self.only]
 
     def _complete(self, job: StageJob) -> bool:
         check = self._checks.get(job)
@@ -193,13 +199,14 @@ class SlurmBackend:
         }
         return params
 
-    def dry_run(self) -> list[tuple[StageJob, str]]:
+    def dry_run(self, forced: frozenset[StageJob] = frozenset()) -> list[tuple[StageJob, str]]:
         """The exact sbatch scripts submit would write, with the dependency on every upstream job
-        named by its stage (a real submit fills in the SLURM job id)."""
+        named by its stage (a real submit fills in the SLURM job id); `forced` jobs (--force)
+        are shown although complete."""
         scripts = []
         records = Records(self.layout.store)
-        self._checks = {job: records.check(job) for job in self.plan.jobs()}
-        for job in self.plan.jobs():
+        self._checks = {job: RecordCheck("stale", "forced") if job in forced else records.check(job) for job in self.plan.jobs()}
+        for job in self._jobs():
             if self._complete(job):
                 continue
             deps = [f"<{dep.id}>" for dep in self.plan.dependencies(job) if not self._complete(dep)]

@@ -40,8 +40,9 @@ class Encoded:
 def encode(
     encoder, texts: TokenizedTexts, pad_id: int, batch_size: int, device: torch.device,
     precision: str = "fp32", *, sort: bool = True, pad_to: int | None = None, shard_dir: Path | None = None,
-    shard_rows: int = SHARD_ROWS, progress=None,
+    shard_rows: int = SHARD_ROWS, progress=None, meter=None,
 ) -> Encoded:
+    """`progress` takes a line per shard for the log; `meter(rows done)` a count per batch."""
     encoder.eval()
     order = np.argsort(-texts.lengths, kind="stable") if sort else np.arange(len(texts))
     out = np.empty((len(texts), encoder.embedding_size), dtype=np.float32)
@@ -56,10 +57,13 @@ def encode(
             encode_s += seconds
             reused += 1
             nodes.append(node)
+            if meter:
+                meter(start + len(rows))
             continue
         nodes.append(node_name())
         began = time.perf_counter()
-        vectors = _encode_rows(encoder, texts, rows, pad_id, batch_size, device, precision, pad_to)
+        counted = (lambda done, start=start: meter(start + done)) if meter else None
+        vectors = _encode_rows(encoder, texts, rows, pad_id, batch_size, device, precision, pad_to, counted)
         seconds = time.perf_counter() - began
         encode_s += seconds
         out[rows] = vectors
@@ -71,12 +75,14 @@ def encode(
 
 
 @torch.inference_mode()
-def _encode_rows(encoder, texts, rows, pad_id, batch_size, device, precision, pad_to) -> np.ndarray:
+def _encode_rows(encoder, texts, rows, pad_id, batch_size, device, precision, pad_to, counted=None) -> np.ndarray:
     vectors = np.empty((len(rows), encoder.embedding_size), dtype=np.float32)
     with autocast(precision, device):
         for start in range(0, len(rows), batch_size):
             batch = pad_batch(rows_of(texts, rows[start : start + batch_size]), pad_id, PAD_MULTIPLE, pad_to)
             vectors[start : start + batch_size] = encoder(**to_device(batch, device)).float().cpu().numpy()
+            if counted:
+                counted(min(start + batch_size, len(rows)))
     return vectors
 
 

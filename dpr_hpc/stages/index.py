@@ -15,6 +15,7 @@ import numpy as np
 from dpr_hpc.data import evaluation_pool, pool_with_duplicates, read_records
 from dpr_hpc.fsutil import save_array, write_file_atomic
 from dpr_hpc.grid import CellConfig
+from dpr_hpc.meter import Meter
 from dpr_hpc.modeling.batching import tokenize_passages
 from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
@@ -39,8 +40,9 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     progress(f"encoding {len(pool)} passages ({precision}, {'cached' if texts.hit else 'fresh'} tokens)")
 
     paths = io.out
+    meter = Meter(paths.meter, "encoding", "passages", len(texts.texts))
     encoded = encode(encoder, texts.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision,
-                     shard_dir=paths.shards, progress=progress)
+                     shard_dir=paths.shards, progress=progress, meter=meter.update)
     if encoded.reused_shards:
         progress(f"reused {encoded.reused_shards} shard(s) of embeddings from a stopped job")
 

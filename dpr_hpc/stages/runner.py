@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from dpr_hpc.claim import StageClaimedError, claim_stage
 from dpr_hpc.errors import DprHpcError
+from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid.config import cell_from_json
 from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import node_tags, now_iso
 from dpr_hpc.resume.signals import StopRequest, TrainingInterrupted
 from dpr_hpc.results import Records, describe_artifacts, make_record, write_record
-from dpr_hpc.runstate import mark_failed, mark_interrupted
+from dpr_hpc.runstate import mark_failed, mark_interrupted, read_marker
 from dpr_hpc.stage_keys import stage_inputs
-from dpr_hpc.store import StageSpec, StageStore
+from dpr_hpc.store import AttemptPaths, StageSpec, StageStore
 
 # A training stopped by a signal, its checkpoint written, and not requeued by submitit (plain
 # SIGTERM, or no submitit handler): the job ends with this code and a resubmit resumes it.
@@ -97,6 +98,7 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[
         raise StageInputError(f"{job.id}: its record cannot be read, so it is not rerun: {current.reason}")
     io = _stage_io(store, records, job, spec, current.attempt)
     paths = io.out
+    note_scheduler_job(paths)
     if current.state != "missing":
         print(f"{job.id}: rerunning as attempt {paths.number}: the record of attempt {current.attempt} is {current.state} ({current.reason})", flush=True)
     paths.failure.unlink(missing_ok=True)
@@ -132,6 +134,19 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[
     for leftover in output.discard:
         shutil.rmtree(leftover, ignore_errors=True)
     return _headline(record)
+
+
+def note_scheduler_job(paths: "AttemptPaths") -> None:
+    """Add the submitit job now running to the attempt's list, so that `dpr-hpc logs --attempt`
+    finds the logs of every job that worked on it (a resumed training has several)."""
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return  # called in-process (tests, notebooks): no scheduler job, no log file
+    import submitit
+
+    job_id = submitit.JobEnvironment().job_id
+    noted = read_marker(paths.job_ids) or {"job_ids": []}
+    if job_id not in noted["job_ids"]:
+        write_json_atomic(paths.job_ids, {"job_ids": [*noted["job_ids"], job_id]})
 
 
 def prepare_io(runs_root: Path, job: StageJob) -> tuple["CellConfig", "StageIO"]:

@@ -24,6 +24,7 @@ import torch
 from dpr_hpc.data import TrainingExample, read_records, training_examples
 from dpr_hpc.fsutil import atomic_folder, read_json, write_json_atomic
 from dpr_hpc.grid import CellConfig
+from dpr_hpc.meter import Meter
 from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device, tokenize_passages, tokenize_questions
 from dpr_hpc.modeling.batch_probe import CPU_FALLBACK, MAX_BATCH, gpu_step_probe, largest_fitting_power_of_two
 from dpr_hpc.modeling.encoding import PAD_MULTIPLE
@@ -138,6 +139,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
         segment.train_s += now - clock
         clock = now
 
+    meter = Meter(paths.meter, "training", "steps", total_steps, position.step)
     while position.epoch < cfg.epochs:
         if position.order is None:
             position.order = torch.randperm(len(examples), generator=order_generator).tolist()
@@ -152,6 +154,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
             position.step += 1
             position.next_batch += 1
             segment.steps += 1
+            meter.update(position.step)
             if position.next_batch == steps_per_epoch:
                 position.epoch_losses.append(sum(position.step_losses[-steps_per_epoch:]) / steps_per_epoch)
                 position.epoch += 1

@@ -1,0 +1,78 @@
+"""Live progress of a running stage job, for a progress bar with an ETA.
+
+A stage counts its work (training steps, passages encoded) into a `Meter`, which writes the
+count to its attempt's meter.json at most once a second. The job's own log keeps the plain
+progress lines (stages.common.progress): a bar's carriage returns would clutter a batch log.
+The bar is drawn by whoever watches from a terminal: the local backend, while it waits on each
+job it runs, when its stderr is a terminal or DPR_HPC_PROGRESS=bar asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dpr_hpc.errors import UsageError
+from dpr_hpc.fsutil import write_json_atomic
+from dpr_hpc.runstate import read_marker
+from dpr_hpc.store import JobFolder
+
+PROGRESS_ENV = "DPR_HPC_PROGRESS"
+PROGRESS_MODES = ("bar", "lines")
+WRITE_EVERY_S = 1.0
+
+
+class Meter:
+    """Counts one kind of work of a stage (`what`, out of `total`) into `path`."""
+
+    def __init__(self, path: Path, what: str, unit: str, total: int, done: int = 0) -> None:
+        self.path, self.what, self.unit, self.total = path, what, unit, total
+        self._written_at = 0.0
+        self.update(done, force=True)
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or done >= self.total or now - self._written_at >= WRITE_EVERY_S:
+            write_json_atomic(self.path, {"what": self.what, "unit": self.unit, "done": done, "total": self.total})
+            self._written_at = now
+
+
+def bars_wanted() -> bool:
+    """A bar where a person watches (stderr is a terminal), or where DPR_HPC_PROGRESS says."""
+    mode = os.environ.get(PROGRESS_ENV, "")
+    if mode and mode not in PROGRESS_MODES:
+        raise UsageError(f"{PROGRESS_ENV}={mode}: expected {' or '.join(PROGRESS_MODES)}")
+    return mode == "bar" or (not mode and sys.stderr.isatty())
+
+
+class MeterBar:
+    """A tqdm bar that follows the meter of a job's newest attempt, one bar per kind of work."""
+
+    def __init__(self, folder: JobFolder, label: str) -> None:
+        self.folder = folder
+        self.label = label
+        self._bar: Any = None
+        self._what: str | None = None
+
+    def refresh(self) -> None:
+        attempt = self.folder.latest_attempt()
+        reading = read_marker(attempt.meter) if attempt else None
+        if not reading:
+            return
+        if reading["what"] != self._what:
+            self.close()
+            from tqdm import tqdm
+
+            # initial: a resumed job's steps done before this run do not count towards the rate
+            self._bar = tqdm(total=reading["total"], initial=reading["done"], unit=reading["unit"],
+                             desc=f"{self.label} {reading['what']}", file=sys.stderr, leave=False, dynamic_ncols=True)
+            self._what = reading["what"]
+        self._bar.update(reading["done"] - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar, self._what = None, None
