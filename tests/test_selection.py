@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli, write_grid
+from conftest import REPO, cache_hub_model, run_cli, write_grid
 from dpr_hpc.backends.submit_report import submit_targets
 from dpr_hpc.grid import load_grid
 from dpr_hpc.layout import RunLayout
@@ -32,7 +32,10 @@ GRID = """
 
 
 @pytest.fixture
-def run(data_files, tmp_path, monkeypatch):
+def run(data_files, tmp_path, monkeypatch, hub_cache, demo_assets):
+    # The grid names hub models: a submit refuses ones neither cached nor reachable.
+    for model in ("bert-base-uncased", "huawei-noah/TinyBERT_General_4L_312D"):
+        cache_hub_model(hub_cache, model, demo_assets / "models" / "tiny-bert")
     monkeypatch.chdir(tmp_path)
     grid = write_grid(data_files, GRID)
     plan = make_plan(load_grid(grid))
