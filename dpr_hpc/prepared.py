@@ -35,7 +35,8 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from dpr_hpc.content import ContentHashes
-from dpr_hpc.data import DevQuestion, Passage, TrainingExample, dev_entry, iter_records, json_parser_backend, training_example
+from dpr_hpc.data import (FAST_JSON_PARSER, DevQuestion, Passage, TrainingExample, dev_entry, iter_records, json_parser_backend,
+                          training_example)
 from dpr_hpc.fsutil import atomic_folder, read_json, write_json_atomic
 from dpr_hpc.locks import HEARTBEAT_S, LockFile
 from dpr_hpc.provenance import now_iso
@@ -267,11 +268,16 @@ def _open_or_build(path: Path, folder: Path, kind: str, sha256: str, build, open
             return _open(folder, kind, sha256, True, open_entry)
         except DAMAGED_ENTRY as exc:
             log.warning("prepared data: %s is damaged (%s: %s); preparing %s again", folder, type(exc).__name__, exc, path)
+    parser = json_parser_backend()
+    if parser != FAST_JSON_PARSER:
+        # Slower, not wrong, and paid once per file: a warning and the manifest say so.
+        log.warning("prepared data: ijson's C backend %s is not installed here; parsing %s with %s, more than 10 times slower",
+                    FAST_JSON_PARSER, path, parser)
     began = time.perf_counter()
     with atomic_folder(folder) as tmp:
         counts = build(path, tmp)
         manifest = {"format": PREPARED_FORMAT, "kind": kind, "source": str(path.resolve()), "sha256": sha256,
-                    "parser": json_parser_backend(), "built_at": now_iso(), "built_by": f"{socket.gethostname()}:{os.getpid()}",
+                    "parser": parser, "built_at": now_iso(), "built_by": f"{socket.gethostname()}:{os.getpid()}",
                     "build_s": round(time.perf_counter() - began, 3), **counts}
         write_json_atomic(tmp / "manifest.json", manifest)
     return _open(folder, kind, sha256, False, open_entry)

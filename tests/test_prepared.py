@@ -127,6 +127,14 @@ def test_bad_data_is_named_by_file_and_record(tmp_path):
     assert not any(p.name.endswith("-v1") for p in (tmp_path / "cache").iterdir())  # nothing half-built is left
 
 
+def test_without_the_c_parser_the_build_warns_and_records_the_parser(tmp_path, monkeypatch, caplog):
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([{"question": "q", "positive_ctxs": [{"title": "t", "text": "x", "passage_id": "1"}]}]))
+    monkeypatch.setattr(prepared, "json_parser_backend", lambda: "python")
+    train = load_train(data, tmp_path / "cache")
+    assert train.manifest["parser"] == "python" and "C backend yajl2_c is not installed" in caplog.text
+
+
 CONCURRENT_LOAD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
