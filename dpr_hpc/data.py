@@ -2,6 +2,8 @@
 
 Each record: {"question", "answers", "positive_ctxs", "negative_ctxs", "hard_negative_ctxs"},
 each context {"title", "text", "passage_id"} (DPR's own files sometimes say "psg_id").
+Files are read a record at a time (`iter_records`); the stages read them through
+dpr_hpc.prepared, which does that once per file content.
 """
 
 from __future__ import annotations
