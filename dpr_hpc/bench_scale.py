@@ -1,0 +1,342 @@
+"""`dpr-hpc bench --scale`: what every stage phase costs at Natural Questions' size, on this node.
+
+NQ-shaped data (dpr_hpc.demo.nq_shape: the train file at a fraction, the full dev pool) goes
+through the stages' own code phase by phase: parse and prepare (first load), map (second load,
+as a later job or a requeue does), tokenise, encode with a tiny encoder, build an HNSW index
+(M=512, efConstruction=200, d=768, the paper's) on random unit vectors, and search one query at
+a time. Each phase runs in its own child process, so its peak RSS (the child's ru_maxrss) is its
+own and not the high-water mark of an earlier phase. Disk is the size of what the phase wrote.
+
+Where a phase ran on a fraction of full NQ (58,880 train questions, 935,159 pool passages) its
+figures are extrapolated linearly to full NQ and flagged `extrapolated`; the peak RSS
+extrapolates only the growth above what the child held before its work began (interpreter and
+libraries). HNSW builds are superlinear in the number of vectors, so the build time is also
+extrapolated with the exponent fitted over the sizes measured, and the larger figure is used.
+Search time per query grows with log n, so it is reported as measured, never scaled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+NQ_TRAIN_QUESTIONS = 58_880
+NQ_POOL = 935_159
+INDEX_DIM = 768
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, TOP_K = 512, 200, 128, 100
+MAX_LENGTH = 256
+ENCODE_BATCH = 64
+TOKENIZER_SAMPLE = 2000  # pool passages whose words make the benchmark's tokenizer's vocabulary
+
+GOAL_TRAIN_RSS_BYTES = 4 * 2**30
+GOAL_SECOND_LOAD_S = 5.0
+GOAL_INDEX_RSS_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class ScaleSize:
+    """How much of NQ each phase runs on: fractions of the train file and of the dev pool, the
+    pool passages encoded, the HNSW sizes as fractions of the pool, and the queries searched."""
+
+    train_fraction: float
+    dev_fraction: float
+    encode_sample: int
+    hnsw_fractions: tuple[float, ...]
+    search_queries: int
+
+
+QUICK = ScaleSize(train_fraction=0.002, dev_fraction=0.002, encode_sample=128, hnsw_fractions=(0.0005, 0.001), search_queries=20)
+FULL_CPU = ScaleSize(train_fraction=0.1, dev_fraction=1.0, encode_sample=20_000, hnsw_fractions=(0.01, 0.02, 0.05, 0.1), search_queries=1000)
+
+
+@dataclass(frozen=True)
+class PhaseRun:
+    """One phase as its child process measured it, and what it comes to at full NQ."""
+
+    phase: str
+    wall_s: float  # the phase's work, imports and interpreter start excluded
+    peak_rss_bytes: int  # the child's ru_maxrss
+    rss_before_bytes: int  # what the child held when its work began
+    disk_bytes: int
+    scale: float  # the share of full NQ it ran on (1.0: full size)
+    details: dict[str, Any]
+
+    def full_nq(self) -> dict[str, Any]:
+        """Linear extrapolation to full NQ, flagged; the measured figures where it ran at full size."""
+        factor = 1.0 / self.scale
+        grown = self.rss_before_bytes + (self.peak_rss_bytes - self.rss_before_bytes) * factor
+        return {"wall_s": self.wall_s * factor, "peak_rss_bytes": int(grown), "disk_bytes": int(self.disk_bytes * factor),
+                "extrapolated": self.scale < 1.0, "factor": factor}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "full_nq": self.full_nq()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: runs each phase in a child and puts the report together.
+
+def run_scale_benchmark(size: ScaleSize, work: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    from dpr_hpc.provenance import node_tags, now_iso
+
+    report: dict[str, Any] = {"started_at": now_iso(), "node": node_tags(), "size": asdict(size),
+                              "full_nq": {"train_questions": NQ_TRAIN_QUESTIONS, "pool_passages": NQ_POOL},
+                              "hnsw": {"m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH, "dim": INDEX_DIM, "k": TOP_K}}
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as scratch:
+        folder = Path(work) if work is not None else Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        runs = [_run_phase(name, params, folder, echo) for name, params in _phase_plan(size)]
+    report["phases"] = [run.to_json() for run in runs]
+    report["hnsw_scaling"] = hnsw_scaling([r for r in runs if r.phase == "hnsw-build"])
+    report["index_stage"] = index_stage_estimate(runs, report["hnsw_scaling"])
+    report["goals"] = goals(runs, report["index_stage"])
+    report["finished_at"] = now_iso()
+    return report
+
+
+def _phase_plan(size: ScaleSize) -> list[tuple[str, dict[str, Any]]]:
+    pool_sizes = [max(2, round(f * NQ_POOL)) for f in size.hnsw_fractions]
+    return [
+        ("generate", {"train_fraction": size.train_fraction, "dev_fraction": size.dev_fraction}),
+        ("prepare-train", {"scale": size.train_fraction}),
+        ("prepare-dev", {"scale": size.dev_fraction}),
+        ("load-train", {"scale": size.train_fraction}),
+        ("load-dev", {"scale": size.dev_fraction}),
+        ("tokenise-train", {"scale": size.train_fraction}),
+        ("tokenise-pool", {"scale": size.dev_fraction}),
+        ("encode", {"sample": size.encode_sample}),
+        *[("hnsw-build", {"vectors": n}) for n in pool_sizes],
+        ("search", {"vectors": pool_sizes[-1], "queries": size.search_queries}),
+    ]
+
+
+def _run_phase(name: str, params: dict[str, Any], work: Path, echo: Callable[[str], None]) -> PhaseRun:
+    """The phase in a fresh interpreter; its peak RSS is the child's own (wait4's ru_maxrss)."""
+    result_file, log_file = (work / f".phase-{name}-{os.getpid()}.{ext}" for ext in ("json", "log"))
+    command = [sys.executable, "-m", "dpr_hpc.bench_scale", name, json.dumps(params), str(work), str(result_file)]
+    with log_file.open("w") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        # Reaped here, not by Popen.wait, so that wait4 returns the child's own resource usage.
+        _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    output = log_file.read_text()
+    log_file.unlink()
+    if child.returncode != 0:
+        raise RuntimeError(f"bench --scale: phase {name} failed (exit {child.returncode}):\n{output[-4000:]}")
+    measured = json.loads(result_file.read_text())
+    result_file.unlink()
+    run = PhaseRun(phase=name, peak_rss_bytes=usage.ru_maxrss * 1024, **measured)  # ru_maxrss is in KiB on Linux
+    full = run.full_nq()
+    echo(f"{_label(run):<28} {run.wall_s:9.2f} s  peak RSS {_gib(run.peak_rss_bytes):6.2f} GiB  disk {_gib(run.disk_bytes):6.2f} GiB"
+         + (f"   full NQ ({'extrapolated x' + format(full['factor'], '.3g') if full['extrapolated'] else 'measured'}): "
+            f"{full['wall_s']:.1f} s, {_gib(full['peak_rss_bytes']):.2f} GiB, disk {_gib(full['disk_bytes']):.2f} GiB"))
+    return run
+
+
+def _label(run: PhaseRun) -> str:
+    return f"{run.phase} ({run.details['vectors']:,})" if "vectors" in run.details else run.phase
+
+
+def _gib(n: float) -> float:
+    return n / 2**30
+
+
+def hnsw_scaling(builds: list[PhaseRun]) -> dict[str, Any]:
+    """Build time and index size at full pool size: linear from the largest build, and with the
+    exponent of a log-log fit over every build (HNSW inserts get dearer as the graph grows)."""
+    largest = max(builds, key=lambda r: r.details["vectors"])
+    linear_s = largest.wall_s / largest.scale
+    exponent = None
+    if len(builds) >= 2:
+        xs = [math.log(r.details["vectors"]) for r in builds]
+        ys = [math.log(max(r.wall_s, 1e-9)) for r in builds]
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        exponent = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    fitted_s = largest.wall_s * (NQ_POOL / largest.details["vectors"]) ** exponent if exponent is not None else None
+    return {"largest_vectors": largest.details["vectors"], "build_s_linear": linear_s, "fitted_exponent": exponent,
+            "build_s_fitted": fitted_s, "build_s": max(linear_s, fitted_s or 0.0),
+            "index_bytes": int(largest.details["index_bytes"] / largest.scale), "extrapolated": largest.scale < 1.0}
+
+
+def index_stage_estimate(runs: list[PhaseRun], scaling: dict[str, Any]) -> dict[str, Any]:
+    """The index stage's peak RSS at full NQ: while FAISS builds, the stage holds the HNSW
+    build's own peak (embeddings + index, extrapolated) and the tokenised pool (extrapolated);
+    the encoder's weights come on top (bert-base: 110 M parameters in fp32)."""
+    build = max((r for r in runs if r.phase == "hnsw-build"), key=lambda r: r.details["vectors"])
+    tokens = next(r for r in runs if r.phase == "tokenise-pool")
+    encoder_bytes = 110_000_000 * 4
+    tokens_bytes = int(tokens.details["token_bytes"] / tokens.scale)
+    peak = build.full_nq()["peak_rss_bytes"] + tokens_bytes + encoder_bytes
+    return {"peak_rss_bytes": peak, "hnsw_build_peak_rss_bytes": build.full_nq()["peak_rss_bytes"], "tokenised_pool_bytes": tokens_bytes,
+            "encoder_bytes": encoder_bytes, "index_bytes": scaling["index_bytes"], "ratio": peak / scaling["index_bytes"],
+            "extrapolated": True}
+
+
+def goals(runs: list[PhaseRun], index_stage: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's three goals, each with whether this run met it and the figure it was judged on."""
+    by_phase = {r.phase: r for r in runs}
+    train_path = [by_phase[p] for p in ("prepare-train", "load-train", "tokenise-train")]
+    train_peak = max(r.full_nq()["peak_rss_bytes"] for r in train_path)
+    second = [by_phase[p] for p in ("load-train", "load-dev")]
+    second_s = max(r.full_nq()["wall_s"] for r in second)
+    return [
+        {"goal": "train data path <= 4 GiB peak RSS at full NQ", "met": train_peak <= GOAL_TRAIN_RSS_BYTES,
+         "measured": f"{_gib(train_peak):.2f} GiB", "extrapolated": any(r.scale < 1 for r in train_path)},
+        {"goal": "second job's data load <= 5 s", "met": second_s <= GOAL_SECOND_LOAD_S,
+         "measured": f"{second_s:.2f} s", "extrapolated": any(r.scale < 1 for r in second)},
+        {"goal": "index stage peak RSS <= 1.5x the FAISS index", "met": index_stage["ratio"] <= GOAL_INDEX_RSS_RATIO,
+         "measured": f"{index_stage['ratio']:.2f}x ({_gib(index_stage['peak_rss_bytes']):.2f} GiB / {_gib(index_stage['index_bytes']):.2f} GiB)",
+         "extrapolated": True},
+    ]
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table: measured figures, then full NQ, each flagged."""
+    lines = ["| phase | ran on | wall | peak RSS | disk | full NQ: wall | full NQ: peak RSS | full NQ: disk |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in report["phases"]:
+        full, details = row["full_nq"], row["details"]
+        ran_on = details.get("ran_on", "")
+        mark = " (extrapolated)" if full["extrapolated"] else ""
+        lines.append(f"| {row['phase']} | {ran_on} | {row['wall_s']:.2f} s | {_gib(row['peak_rss_bytes']):.2f} GiB | {_gib(row['disk_bytes']):.2f} GiB "
+                     f"| {_full_wall(row)}{mark} | {_gib(full['peak_rss_bytes']):.2f} GiB{mark} | {_gib(full['disk_bytes']):.2f} GiB{mark} |")
+    return "\n".join(lines)
+
+
+def _full_wall(row: dict[str, Any]) -> str:
+    if row["phase"] == "search":
+        return f"{row['details']['ms_per_query']:.2f} ms/query (as measured, not scaled)"
+    return f"{row['full_nq']['wall_s']:.1f} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# The children: one phase each, run as `python -m dpr_hpc.bench_scale PHASE PARAMS WORK RESULT`.
+
+class Meter:
+    """Times a phase's work and notes the RSS when it begins (after imports and setup)."""
+
+    def __init__(self) -> None:
+        self.began = 0.0
+        self.rss_before = 0
+
+    def start(self) -> None:
+        self.rss_before = _vm_rss()
+        self.began = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.began
+
+
+def _vm_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def disk_usage(*paths: Path) -> int:
+    """Bytes of the files under `paths` (files or folders)."""
+    total = 0
+    for path in paths:
+        if path.is_file():
+            total += path.stat().st_size
+        elif path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return total
+
+
+def _data(work: Path) -> Path:
+    return work / "data"
+
+
+def _runs_root(work: Path) -> Path:
+    return work / "runs"
+
+
+def _tokens(work: Path) -> Path:
+    return work / "tokens"
+
+
+def _indexes(work: Path) -> Path:
+    return work / "indexes"
+
+
+def _phase_hnsw_build(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+    import numpy as np
+
+    from dpr_hpc.grid.config import IndexConfig
+    from dpr_hpc.modeling.searcher import build_index, save_index
+
+    n = int(params["vectors"])
+    config = _hnsw_config(IndexConfig)
+    meter.start()
+    vectors = random_unit_vectors(np.random.default_rng(n), n)
+    index = build_index(config, vectors)
+    wall = meter.elapsed()
+    digest = save_index(index, _index_file(work, n))
+    return {"wall_s": wall, "disk_bytes": digest.size, "scale": n / NQ_POOL,
+            "details": {"vectors": n, "ran_on": f"{n:,} vectors", "index_bytes": digest.size, "vectors_bytes": int(vectors.nbytes),
+                        "note": "wall is the build (random unit vectors drawn and added); disk is the serialised index"}}
+
+
+def _phase_search(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+    import numpy as np
+
+    from dpr_hpc.grid.config import IndexConfig
+    from dpr_hpc.modeling.searcher import load_index, search_one_at_a_time
+
+    n, queries = int(params["vectors"]), int(params["queries"])
+    meter.start()
+    index = load_index(_index_file(work, n), _hnsw_config(IndexConfig))
+    found = search_one_at_a_time(index, random_unit_vectors(np.random.default_rng(-1 % 2**32), queries), TOP_K)
+    wall = meter.elapsed()
+    return {"wall_s": wall, "disk_bytes": 0, "scale": 1.0,
+            "details": {"vectors": n, "queries": queries, "ran_on": f"{queries:,} queries, {n:,} vectors",
+                        "ms_per_query": float(found.times_ms.mean()), "ms_sd": float(found.times_ms.std()),
+                        "ms_median": float(np.median(found.times_ms)),
+                        "note": "not extrapolated: per-query HNSW search time grows about with log n, not n"}}
+
+
+def _hnsw_config(index_config_class):
+    return index_config_class(type="hnsw_flat", hnsw_m=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION, ef_search=HNSW_EF_SEARCH)
+
+
+def _index_file(work: Path, vectors: int) -> Path:
+    return _indexes(work) / f"hnsw-{vectors}.faiss"
+
+
+def random_unit_vectors(rng, n: int, dim: int = INDEX_DIM):
+    """float32 rows of unit length, drawn in blocks so no float64 copy of the whole array exists."""
+    import numpy as np
+
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 65536):
+        block = rng.standard_normal((min(65536, n - start), dim), dtype=np.float32)
+        out[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+PHASES: dict[str, Callable[[dict[str, Any], Path, Meter], dict[str, Any]]] = {
+    "hnsw-build": _phase_hnsw_build,
+    "search": _phase_search,
+}
+
+
+def child_main(argv: list[str]) -> int:
+    name, params, work, result_file = argv
+    meter = Meter()
+    measured = PHASES[name](json.loads(params), Path(work), meter)
+    measured["rss_before_bytes"] = meter.rss_before
+    Path(result_file).write_text(json.dumps(measured))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))
