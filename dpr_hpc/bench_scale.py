@@ -4,13 +4,14 @@ NQ-shaped data (dpr_hpc.demo.nq_shape: the train file at a fraction, the full de
 through the stages' own code phase by phase: parse and prepare (first load), map (second load,
 as a later job or a requeue does), tokenise, encode with a tiny encoder, build an HNSW index
 (M=512, efConstruction=200, d=768, the paper's) on random unit vectors, and search one query at
-a time. Each phase runs in its own child process, so its peak RSS (the child's ru_maxrss) is its
+a time. Each phase runs in its own child process, so its peak RSS (the child's VmHWM) is its
 own and not the high-water mark of an earlier phase. Disk is the size of what the phase wrote.
 
 Where a phase ran on a fraction of full NQ (58,880 train questions, 935,159 pool passages) its
 figures are extrapolated linearly to full NQ and flagged `extrapolated`; the peak RSS
 extrapolates only the growth above what the child held before its work began (interpreter and
-libraries). HNSW builds are superlinear in the number of vectors, so the build time is also
+libraries), or for encoding only its output array, the one thing there that grows with the
+pool (activations are per batch). HNSW builds are superlinear in the number of vectors, so the build time is also
 extrapolated with the exponent fitted over the sizes measured, and the larger figure is used.
 Search time per query grows with log n, so it is reported as measured, never scaled.
 """
@@ -54,7 +55,7 @@ class ScaleSize:
 
 
 QUICK = ScaleSize(train_fraction=0.002, dev_fraction=0.002, encode_sample=128, hnsw_fractions=(0.0005, 0.001), search_queries=20)
-FULL_CPU = ScaleSize(train_fraction=0.1, dev_fraction=1.0, encode_sample=20_000, hnsw_fractions=(0.01, 0.02, 0.05, 0.1), search_queries=1000)
+FULL_CPU = ScaleSize(train_fraction=0.1, dev_fraction=1.0, encode_sample=10_000, hnsw_fractions=(0.01, 0.02, 0.05, 0.1), search_queries=1000)
 
 
 @dataclass(frozen=True)
@@ -63,16 +64,20 @@ class PhaseRun:
 
     phase: str
     wall_s: float  # the phase's work, imports and interpreter start excluded
-    peak_rss_bytes: int  # the child's ru_maxrss
+    peak_rss_bytes: int  # the child's VmHWM
     rss_before_bytes: int  # what the child held when its work began
     disk_bytes: int
-    scale: float  # the share of full NQ it ran on (1.0: full size)
+    scale: float | None  # the share of full NQ it ran on (1.0: full size; None: a figure that is not scaled)
     details: dict[str, Any]
 
-    def full_nq(self) -> dict[str, Any]:
+    def full_nq(self) -> dict[str, Any] | None:
         """Linear extrapolation to full NQ, flagged; the measured figures where it ran at full size."""
+        if self.scale is None:
+            return None
         factor = 1.0 / self.scale
         grown = self.rss_before_bytes + (self.peak_rss_bytes - self.rss_before_bytes) * factor
+        if "rss_per_unit_bytes" in self.details:  # the phase knows what of its memory grows with size
+            grown = self.peak_rss_bytes + self.details["rss_per_unit_bytes"] * self.details["units"] * (factor - 1)
         return {"wall_s": self.wall_s * factor, "peak_rss_bytes": int(grown), "disk_bytes": int(self.disk_bytes * factor),
                 "extrapolated": self.scale < 1.0, "factor": factor}
 
@@ -102,46 +107,51 @@ def run_scale_benchmark(size: ScaleSize, work: Path | None = None, echo: Callabl
 
 
 def _phase_plan(size: ScaleSize) -> list[tuple[str, dict[str, Any]]]:
+    train, dev = size.train_fraction, size.dev_fraction
     pool_sizes = [max(2, round(f * NQ_POOL)) for f in size.hnsw_fractions]
     return [
-        ("generate", {"train_fraction": size.train_fraction, "dev_fraction": size.dev_fraction}),
-        ("prepare-train", {"scale": size.train_fraction}),
-        ("prepare-dev", {"scale": size.dev_fraction}),
-        ("load-train", {"scale": size.train_fraction}),
-        ("load-dev", {"scale": size.dev_fraction}),
-        ("tokenise-train", {"scale": size.train_fraction}),
-        ("tokenise-pool", {"scale": size.dev_fraction}),
-        ("encode", {"sample": size.encode_sample}),
+        *[("generate", {"fraction": f}) for f in sorted({train, dev})],
+        ("prepare-train", {"split": "train", "fraction": train, "expect_hit": False}),
+        ("prepare-dev", {"split": "dev", "fraction": dev, "expect_hit": False}),
+        ("load-train", {"split": "train", "fraction": train, "expect_hit": True}),
+        ("load-dev", {"split": "dev", "fraction": dev, "expect_hit": True}),
+        ("tokenise-train", {"fraction": train, "dev_fraction": dev}),
+        ("tokenise-pool", {"fraction": dev}),
+        ("encode", {"sample": size.encode_sample, "dev_fraction": dev}),
         *[("hnsw-build", {"vectors": n}) for n in pool_sizes],
         ("search", {"vectors": pool_sizes[-1], "queries": size.search_queries}),
     ]
 
 
 def _run_phase(name: str, params: dict[str, Any], work: Path, echo: Callable[[str], None]) -> PhaseRun:
-    """The phase in a fresh interpreter; its peak RSS is the child's own (wait4's ru_maxrss)."""
-    result_file, log_file = (work / f".phase-{name}-{os.getpid()}.{ext}" for ext in ("json", "log"))
+    """The phase in a fresh interpreter, whose peak RSS is its own: the child's VmHWM, which
+    starts afresh at exec. (Not its ru_maxrss: Linux carries that over from the forking parent,
+    so every child would report at least the parent's RSS at the fork.)"""
+    result_file = work / f".phase-{name}-{os.getpid()}.json"
     command = [sys.executable, "-m", "dpr_hpc.bench_scale", name, json.dumps(params), str(work), str(result_file)]
-    with log_file.open("w") as log:
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        # Reaped here, not by Popen.wait, so that wait4 returns the child's own resource usage.
-        _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    output = log_file.read_text()
-    log_file.unlink()
-    if child.returncode != 0:
-        raise RuntimeError(f"bench --scale: phase {name} failed (exit {child.returncode}):\n{output[-4000:]}")
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench --scale: phase {name} failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
     measured = json.loads(result_file.read_text())
     result_file.unlink()
-    run = PhaseRun(phase=name, peak_rss_bytes=usage.ru_maxrss * 1024, **measured)  # ru_maxrss is in KiB on Linux
-    full = run.full_nq()
-    echo(f"{_label(run):<28} {run.wall_s:9.2f} s  peak RSS {_gib(run.peak_rss_bytes):6.2f} GiB  disk {_gib(run.disk_bytes):6.2f} GiB"
-         + (f"   full NQ ({'extrapolated x' + format(full['factor'], '.3g') if full['extrapolated'] else 'measured'}): "
-            f"{full['wall_s']:.1f} s, {_gib(full['peak_rss_bytes']):.2f} GiB, disk {_gib(full['disk_bytes']):.2f} GiB"))
+    run = PhaseRun(phase=name, **measured)
+    echo(f"{_label(run):<28} {run.wall_s:9.2f} s  peak RSS {_gib(run.peak_rss_bytes):6.2f} GiB  disk {_gib(run.disk_bytes):6.2f} GiB   "
+         + _full_nq_words(run))
     return run
 
 
+def _full_nq_words(run: PhaseRun) -> str:
+    full = run.full_nq()
+    if full is None:
+        return f"full NQ: not scaled ({run.details['note']})"
+    how = f"extrapolated x{full['factor']:.3g}" if full["extrapolated"] else "measured"
+    return f"full NQ ({how}): {full['wall_s']:.1f} s, {_gib(full['peak_rss_bytes']):.2f} GiB, disk {_gib(full['disk_bytes']):.2f} GiB"
+
+
 def _label(run: PhaseRun) -> str:
-    return f"{run.phase} ({run.details['vectors']:,})" if "vectors" in run.details else run.phase
+    if run.phase == "hnsw-build":
+        return f"{run.phase} ({run.details['vectors']:,})"
+    return f"{run.phase} ({run.scale:g})" if run.phase == "generate" else run.phase
 
 
 def _gib(n: float) -> float:
@@ -204,16 +214,13 @@ def table(report: dict[str, Any]) -> str:
     for row in report["phases"]:
         full, details = row["full_nq"], row["details"]
         ran_on = details.get("ran_on", "")
-        mark = " (extrapolated)" if full["extrapolated"] else ""
-        lines.append(f"| {row['phase']} | {ran_on} | {row['wall_s']:.2f} s | {_gib(row['peak_rss_bytes']):.2f} GiB | {_gib(row['disk_bytes']):.2f} GiB "
-                     f"| {_full_wall(row)}{mark} | {_gib(full['peak_rss_bytes']):.2f} GiB{mark} | {_gib(full['disk_bytes']):.2f} GiB{mark} |")
+        mark = " (extrapolated)" if full and full["extrapolated"] else ""
+        measured = f"| {row['phase']} | {ran_on} | {row['wall_s']:.2f} s | {_gib(row['peak_rss_bytes']):.2f} GiB | {_gib(row['disk_bytes']):.2f} GiB "
+        if full is None:
+            lines.append(measured + f"| {details['ms_per_query']:.2f} ms/query, as measured (not scaled) | | |")
+        else:
+            lines.append(measured + f"| {full['wall_s']:.1f} s{mark} | {_gib(full['peak_rss_bytes']):.2f} GiB{mark} | {_gib(full['disk_bytes']):.2f} GiB{mark} |")
     return "\n".join(lines)
-
-
-def _full_wall(row: dict[str, Any]) -> str:
-    if row["phase"] == "search":
-        return f"{row['details']['ms_per_query']:.2f} ms/query (as measured, not scaled)"
-    return f"{row['full_nq']['wall_s']:.1f} s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,18 +234,19 @@ class Meter:
         self.rss_before = 0
 
     def start(self) -> None:
-        self.rss_before = _vm_rss()
+        self.rss_before = _memory_status("VmRSS")
         self.began = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.began
 
 
-def _vm_rss() -> int:
+def _memory_status(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (the peak since exec) of this process, in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status: bench --scale measures memory on Linux only")
 
 
 def disk_usage(*paths: Path) -> int:
@@ -266,6 +274,160 @@ def _tokens(work: Path) -> Path:
 
 def _indexes(work: Path) -> Path:
     return work / "indexes"
+
+
+def _data_file(work: Path, split: str, fraction: float) -> Path:
+    """Each fraction's files in their own folder: the generator writes both splits at once."""
+    return _data(work) / f"fraction-{fraction:g}" / f"{split}.json"
+
+
+def _prepared_cache(work: Path) -> Path:
+    from dpr_hpc.store import StageStore
+
+    return StageStore(_runs_root(work)).prepared_cache
+
+
+def _phase_generate(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+    from dpr_hpc.demo.nq_shape import write_nq_shaped
+
+    fraction = float(params["fraction"])
+    folder = _data_file(work, "train", fraction).parent
+    meter.start()
+    summary = write_nq_shaped(folder, fraction)
+    wall = meter.elapsed()
+    return {"wall_s": wall, "disk_bytes": disk_usage(folder), "scale": fraction,
+            "details": {"ran_on": f"fraction {fraction:g}: {summary['train']['records']:,} train questions, "
+                                  f"pool of {summary['dev']['pool_with_duplicates']:,}", "summary": summary}}
+
+
+def _phase_prepare(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+    """The first job's load (parse the JSON, write the columns), or with `expect_hit` a later
+    job's (map them): the stages' own load_train / load_dev."""
+    from dpr_hpc import prepared
+
+    split, fraction, expect_hit = params["split"], float(params["fraction"]), bool(params["expect_hit"])
+    load = {"train": prepared.load_train, "dev": prepared.load_dev}[split]
+    cache = _prepared_cache(work)
+    before = disk_usage(cache)
+    meter.start()
+    data = load(_data_file(work, split, fraction), cache)
+    size = len(data.pool) if split == "dev" else len(data)
+    wall = meter.elapsed()
+    if data.hit != expect_hit:
+        raise RuntimeError(f"{split} data was {'mapped' if data.hit else 'prepared'}, expected it {'mapped' if expect_hit else 'prepared'}")
+    counted = f"{size:,} pool passages" if split == "dev" else f"{size:,} train examples"
+    return {"wall_s": wall, "disk_bytes": disk_usage(cache) - before, "scale": fraction,
+            "details": {"ran_on": counted, "hit": data.hit, "load_s": data.load_s, "entry": data.folder.name,
+                        "entry_bytes": disk_usage(data.folder)}}
+
+
+def _phase_tokenise_train(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+    """The train stage's tokenising (hard_negative: first): every question, its first positive
+    and its first hard negative, read from the mapped columns."""
+    from dpr_hpc.modeling.batching import tokenize_passages, tokenize_questions
+    from dpr_hpc.prepared import load_train
+
+    fraction = float(params["fraction"])
+    tokenizer = _tokenizer(work, float(params["dev_fraction"]))
+    meter.start()
+    examples = load_train(_data_file(work, "train", fraction), _prepared_cache(work))
+    counts = examples.negative_counts
+    first_negatives = examples.negatives.take(examples.negative_offsets[:-1][counts > 0])
+    parts = {"questions": tokenize_questions(tokenizer, examples.questions, MAX_LENGTH),
+             "positives": tokenize_passages(tokenizer, examples.positives, MAX_LENGTH, True),
+             "negatives": tokenize_passages(tokenizer, first_negatives, MAX_LENGTH, True)}
+    wall = meter.elapsed()
+    written = [_save_tokens(work, f"train-{name}", texts) for name, texts in parts.items()]
+    return {"wall_s": wall, "disk_bytes": disk_usage(*written), "scale": fraction,
+            "details": {"ran_on": f"{len(examples):,} examples (question, positive, first hard negative)",
+                        "token_bytes": sum(_token_bytes(t) for t in parts.values()),
+                        "mean_passage_tokens": float(parts["positives"].lengths.mean())}}
+
+
+def _phase_tokenise_pool(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+    """The index stage's tokenising: the whole evaluation pool, read from the mapped columns."""
+    from dpr_hpc.modeling.batching import tokenize_passages
+    from dpr_hpc.prepared import load_dev
+
+    fraction = float(params["fraction"])
+    tokenizer = _tokenizer(work, fraction)
+    meter.start()
+    pool = load_dev(_data_file(work, "dev", fraction), _prepared_cache(work)).pool
+    texts = tokenize_passages(tokenizer, pool, MAX_LENGTH, True)
+    wall = meter.elapsed()
+    written = _save_tokens(work, "pool", texts)
+    return {"wall_s": wall, "disk_bytes": disk_usage(written), "scale": fraction,
+            "details": {"ran_on": f"{len(pool):,} pool passages", "token_bytes": _token_bytes(texts),
+                        "mean_passage_tokens": float(texts.lengths.mean())}}
+
+
+def _phase_encode(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+    """The index stage's encoding (length-sorted, per-batch padding, precision auto, the grid's
+    default batch 512) of the pool's first `sample` passages with a tiny 2-layer BERT projected
+    to 768, so the embeddings have the paper's size."""
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from dpr_hpc.demo.generate import MODEL_CONFIGS
+    from dpr_hpc.modeling.batching import TokenizedTexts
+    from dpr_hpc.modeling.encoder import DprEncoder
+    from dpr_hpc.modeling.encoding import encode
+    from dpr_hpc.modeling.precision import resolve_precision
+    from dpr_hpc.stages.common import pick_device
+
+    tokenizer = _tokenizer(work, float(params["dev_fraction"]))
+    pool = TokenizedTexts.load(_tokens(work) / "pool.npz")
+    sample = first_rows(pool, min(int(params["sample"]), len(pool)))
+    fields = {k: v for k, v in MODEL_CONFIGS["tiny-bert"].items() if k != "family"}
+    torch.manual_seed(0)
+    encoder = DprEncoder(BertModel(BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **fields), add_pooling_layer=False), INDEX_DIM)
+    device = pick_device()
+    precision = resolve_precision("auto", device)
+    meter.start()
+    encoded = encode(encoder, sample, tokenizer.pad_token_id, 512, device, precision)
+    wall = meter.elapsed()
+    out = work / "embeddings-sample.npy"
+    np.save(out, encoded.embeddings)
+    return {"wall_s": wall, "disk_bytes": disk_usage(out), "scale": len(sample) / NQ_POOL,
+            "details": {"ran_on": f"{len(sample):,} pool passages, tiny BERT (2 x 64) -> 768", "encode_s": encoded.encode_s,
+                        "precision": precision, "passages_per_s": len(sample) / encoded.encode_s,
+                        # What grows with the pool is encode's output array; activations are per batch.
+                        "units": len(sample), "rss_per_unit_bytes": INDEX_DIM * 4}}
+
+
+def first_rows(texts, n: int):
+    """The first n sequences of tokenized texts, as tokenized texts (views, no copy)."""
+    from dpr_hpc.modeling.batching import TokenizedTexts
+
+    end = int(texts.offsets[n])
+    return TokenizedTexts(texts.ids[:end], None if texts.types is None else texts.types[:end], texts.offsets[: n + 1])
+
+
+def _tokenizer(work: Path, dev_fraction: float):
+    """A BERT-style fast tokenizer whose vocabulary is the words of the pool's first passages
+    (built offline as the demo builds its own), saved once and loaded by every later phase."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = work / "tokenizer"
+    if not folder.is_dir():
+        from dpr_hpc.demo.generate import build_tokenizer
+        from dpr_hpc.prepared import load_dev
+
+        pool = load_dev(_data_file(work, "dev", dev_fraction), _prepared_cache(work)).pool
+        build_tokenizer([f"{p.title} {p.text}" for p in pool[:TOKENIZER_SAMPLE]]).save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def _save_tokens(work: Path, name: str, texts) -> Path:
+    path = _tokens(work) / f"{name}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    texts.save(path)
+    return path
+
+
+def _token_bytes(texts) -> int:
+    return int(texts.ids.nbytes + texts.offsets.nbytes + (texts.types.nbytes if texts.types is not None else 0))
 
 
 def _phase_hnsw_build(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
@@ -297,7 +459,7 @@ def _phase_search(params: dict[str, Any], work: Path, meter: Meter) -> dict[str,
     index = load_index(_index_file(work, n), _hnsw_config(IndexConfig))
     found = search_one_at_a_time(index, random_unit_vectors(np.random.default_rng(-1 % 2**32), queries), TOP_K)
     wall = meter.elapsed()
-    return {"wall_s": wall, "disk_bytes": 0, "scale": 1.0,
+    return {"wall_s": wall, "disk_bytes": 0, "scale": None,
             "details": {"vectors": n, "queries": queries, "ran_on": f"{queries:,} queries, {n:,} vectors",
                         "ms_per_query": float(found.times_ms.mean()), "ms_sd": float(found.times_ms.std()),
                         "ms_median": float(np.median(found.times_ms)),
@@ -324,6 +486,14 @@ def random_unit_vectors(rng, n: int, dim: int = INDEX_DIM):
 
 
 PHASES: dict[str, Callable[[dict[str, Any], Path, Meter], dict[str, Any]]] = {
+    "generate": _phase_generate,
+    "prepare-train": _phase_prepare,
+    "prepare-dev": _phase_prepare,
+    "load-train": _phase_prepare,
+    "load-dev": _phase_prepare,
+    "tokenise-train": _phase_tokenise_train,
+    "tokenise-pool": _phase_tokenise_pool,
+    "encode": _phase_encode,
     "hnsw-build": _phase_hnsw_build,
     "search": _phase_search,
 }
@@ -334,6 +504,7 @@ def child_main(argv: list[str]) -> int:
     meter = Meter()
     measured = PHASES[name](json.loads(params), Path(work), meter)
     measured["rss_before_bytes"] = meter.rss_before
+    measured["peak_rss_bytes"] = _memory_status("VmHWM")
     Path(result_file).write_text(json.dumps(measured))
     return 0
 
