@@ -1,6 +1,7 @@
 """`dpr-hpc bench --scale`: what every stage phase costs at Natural Questions' size, on this node.
 
-NQ-shaped data (dpr_hpc.demo.nq_shape: the train file at a fraction, the full dev pool) goes
+NQ-shaped data (dpr_hpc.demo.nq_shape; by default the full train file and the full dev pool,
+each at a smaller fraction on request) goes
 through the stages' own code phase by phase: parse and prepare (first load), map (second load,
 as a later job or a requeue does), tokenise, encode with a tiny encoder, build an HNSW index
 (M=512, efConstruction=200, d=768, the paper's) on random unit vectors, and search one query at
@@ -55,7 +56,7 @@ class ScaleSize:
 
 
 QUICK = ScaleSize(train_fraction=0.002, dev_fraction=0.002, encode_sample=128, hnsw_fractions=(0.0005, 0.001), search_queries=20)
-FULL_CPU = ScaleSize(train_fraction=0.1, dev_fraction=1.0, encode_sample=10_000, hnsw_fractions=(0.01, 0.02, 0.05, 0.1), search_queries=1000)
+FULL_CPU = ScaleSize(train_fraction=1.0, dev_fraction=1.0, encode_sample=10_000, hnsw_fractions=(0.01, 0.02, 0.05), search_queries=1000)
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,14 @@ def _run_phase(name: str, params: dict[str, Any], work: Path, echo: Callable[[st
     so every child would report at least the parent's RSS at the fork.)"""
     result_file = work / f".phase-{name}-{os.getpid()}.json"
     command = [sys.executable, "-m", "dpr_hpc.bench_scale", name, json.dumps(params), str(work), str(result_file)]
+    load_before = os.getloadavg()[0]
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"bench --scale: phase {name} failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
     measured = json.loads(result_file.read_text())
     result_file.unlink()
+    # Other work on the node slows a phase down: the 1-minute load average before and after it says how much there was.
+    measured["details"]["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     run = PhaseRun(phase=name, **measured)
     echo(f"{_label(run):<28} {run.wall_s:9.2f} s  peak RSS {_gib(run.peak_rss_bytes):6.2f} GiB  disk {_gib(run.disk_bytes):6.2f} GiB   "
          + _full_nq_words(run))
