@@ -134,7 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_report)
 
     demo = commands.add_parser("generate-demo", help="write the offline demo's data, tokenizer and tiny models")
-    demo.add_argument("out", type=Path, nargs="?", default=Path("data/demo"), help="output folder (default: data/demo)")
+    demo.add_argument("out", type=Path, nargs="?", help="output folder (default: data/demo, or data/nq-shaped with --scale nq)")
+    demo.add_argument("--scale", choices=["demo", "nq"], default="demo",
+                      help="demo: the small demo with models; nq: DPR-format train and dev files shaped like NQ's (data only)")
+    demo.add_argument("--fraction", type=float, help="with --scale nq: this fraction of NQ's question counts and pool, in (0, 1]")
     demo.set_defaults(handler=_generate_demo)
 
     bench = commands.add_parser(
@@ -498,13 +501,35 @@ def _write_report(report: dict, out_dir: Path, kind: str) -> Path:
 
 
 def _generate_demo(args: argparse.Namespace) -> int:
+    if args.scale == "nq":
+        return _generate_nq_shaped(args)
+    if args.fraction is not None:
+        raise UsageError("--fraction: only with --scale nq")
     from dpr_hpc.demo.generate import generate_demo
     from dpr_hpc.stages.runner import quiet_libraries
 
     quiet_libraries()
-    summary = generate_demo(args.out)
+    summary = generate_demo(args.out or Path("data/demo"))
     print(f"demo data in {args.out}: {summary['train']} training questions, {summary['dev']} dev questions, "
           f"{summary['passages']} passages; models: {', '.join(summary['models'])}")
+    return 0
+
+
+def _generate_nq_shaped(args: argparse.Namespace) -> int:
+    from dpr_hpc.demo.nq_shape import NQ_DEV_POOL_WITH_DUPLICATES, NQ_DEV_QUESTIONS, NQ_TRAIN_QUESTIONS, write_nq_shaped
+
+    fraction = 1.0 if args.fraction is None else args.fraction
+    if not 0 < fraction <= 1:
+        raise UsageError(f"--fraction: expected a number in (0, 1], got {fraction}")
+    out = args.out or Path("data/nq-shaped")
+    summary = write_nq_shaped(out, fraction)
+    nq = {"train": (NQ_TRAIN_QUESTIONS, None), "dev": (NQ_DEV_QUESTIONS, NQ_DEV_POOL_WITH_DUPLICATES)}
+    print(f"NQ-shaped data in {out} (fraction {fraction:g} of NQ):")
+    for split, (questions, pool) in nq.items():
+        written = summary[split]
+        pool_text = f", pool {written['pool_with_duplicates']:,} with duplicates (NQ {pool:,})" if pool else ""
+        print(f"  {split}.json: {written['records']:,} questions (NQ {questions:,}), {written['contexts']:,} contexts"
+              f"{pool_text}, {written['bytes'] / 1e9:.2f} GB")
     return 0
 
 

@@ -15,6 +15,7 @@
                 index:  shards/, index.faiss, passage_ids.npy
                 infer:  rankings.npy, run.trec (the ranking as a TREC run), qrels.trec (the dev gold)
     <runs root>/cache/tokens/               tokenized data, shared by every grid
+    <runs root>/cache/prepared/             data files parsed once into mapped columns (prepared.py)
 
 Every grid under one runs root shares the store: a second grid that names a trained model
 trains nothing. A rerun (a stale input, a damaged output) writes a new attempt, and its
@@ -195,6 +196,10 @@ class StageStore:
     @property
     def token_cache(self) -> Path:
         return self.runs_root / "cache" / "tokens"
+
+    @property
+    def prepared_cache(self) -> Path:
+        return self.runs_root / "cache" / "prepared"
 
     def content_hashes(self) -> ContentHashes:
         return ContentHashes(self.root / "content-hashes.json")

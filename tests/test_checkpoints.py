@@ -62,7 +62,8 @@ def broken_copy(folder: Path, to: Path, weight: str = DELETED_WEIGHT) -> Path:
 
 
 def test_evaluation_only_dpr_cell_gives_the_classes_own_pooler_output(tiny_dpr, demo_assets, tmp_path):
-    from dpr_hpc.data import evaluation_pool, read_records
+    from dpr_hpc.data import iter_records
+    from dpr_hpc.prepared import load_dev
     from dpr_hpc.grid import load_grid
     from dpr_hpc.layout import RunLayout
     from dpr_hpc.modeling.batching import tokenize_questions
@@ -84,9 +85,9 @@ def test_evaluation_only_dpr_cell_gives_the_classes_own_pooler_output(tiny_dpr, 
     output = index(cell, io, 0)
     faiss_index = load_index(io.out.index_file, cell.index)
     indexed = faiss_index.reconstruct_n(0, faiss_index.ntotal)
-    records = read_records(demo_assets / "dev.json")
-    pool = {p.passage_id: p for p in evaluation_pool(records)}
-    ids = np.load(io.out.passage_ids).tolist()
+    records = list(iter_records(demo_assets / "dev.json"))
+    pool = {p.passage_id: p for p in load_dev(demo_assets / "dev.json", tmp_path / "cache").pool}
+    ids = [i.decode() for i in np.load(io.out.passage_ids).tolist()]
     expected = dpr_reference(tiny_dpr["passage"], "DPRContextEncoder", [(pool[i].title, pool[i].text) for i in ids])
     assert indexed.shape == (len(pool), 24)
     np.testing.assert_allclose(indexed, expected, rtol=0, atol=1e-5)

@@ -1,10 +1,14 @@
-"""Reading DPR's biencoder format: the training negative and the deduplicated evaluation pool."""
+"""Reading DPR's biencoder format (through the prepared form the stages read): the training
+negative and the deduplicated evaluation pool."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from dpr_hpc.data import DataFormatError, dev_questions, evaluation_pool, pool_with_duplicates, training_examples
+from dpr_hpc.data import DataFormatError
+from dpr_hpc.prepared import load_dev, load_train
 
 
 def ctx(pid: str) -> dict:
@@ -18,33 +22,44 @@ RECORDS = [
 ]
 
 
-def test_training_uses_first_positive_and_first_hard_negative_else_plain():
-    examples = training_examples(RECORDS)
+@pytest.fixture
+def prepared(tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(RECORDS))
+    train = load_train(data, tmp_path / "cache")
+    return [train.example(i) for i in range(len(train))], load_dev(data, tmp_path / "cache")
+
+
+def test_training_uses_first_positive_and_first_hard_negative_else_plain(prepared):
+    examples, _ = prepared
     assert [(e.question, e.positive.passage_id, e.negative.passage_id) for e in examples] == [("q1", "p1", "h1"), ("q2", "p2", "shared")]
 
 
-def test_training_examples_keep_the_whole_negative_pool_for_shuffling():
-    examples = training_examples(RECORDS)
+def test_training_examples_keep_the_whole_negative_pool_for_shuffling(prepared):
+    examples, _ = prepared
     assert [[n.passage_id for n in e.negatives] for e in examples] == [["h1", "shared"], ["shared", "p1"]]
 
 
-def test_pool_holds_first_positive_and_all_negatives_once_each():
-    pool = [p.passage_id for p in evaluation_pool(RECORDS)]
+def test_pool_holds_first_positive_and_all_negatives_once_each(prepared):
+    pool = [p.passage_id for p in prepared[1].pool]
     assert pool == ["p1", "h1", "shared", "n1", "p2"]  # p1b is not a first positive; q3 has no positive
 
 
-def test_pool_size_before_deduplication_counts_what_the_papers_code_indexed():
+def test_pool_size_before_deduplication_counts_what_the_papers_code_indexed(prepared):
     # q1: p1 + h1, shared + n1 = 4; q2: p2 + shared, p1 = 3; q3 has no positive.
-    assert pool_with_duplicates(RECORDS) == 7
-    assert len(evaluation_pool(RECORDS)) == 5
+    assert prepared[1].pool_with_duplicates == 7
+    assert len(prepared[1].pool) == 5
 
 
-def test_dev_questions_carry_gold_id_and_answers():
-    assert [(q.question, q.gold_id, q.answers) for q in dev_questions(RECORDS)] == [("q1", "p1", ("a",)), ("q2", "p2", ("b",))]
+def test_dev_questions_carry_gold_id_and_answers(prepared):
+    questions = prepared[1].dev_questions()
+    assert [(q.question, q.gold_id, q.answers, q.record_index) for q in questions] == [("q1", "p1", ("a",), 0), ("q2", "p2", ("b",), 1)]
 
 
-def test_psg_id_is_accepted_and_malformed_context_is_named():
-    records = [{"question": "q", "positive_ctxs": [{"title": "", "text": "t", "psg_id": 7}]}]
-    assert evaluation_pool(records)[0].passage_id == "7"
-    with pytest.raises(DataFormatError, match=r"record 0: positive_ctxs\[0\]"):
-        evaluation_pool([{"question": "q", "positive_ctxs": [{"title": "x"}]}])
+def test_psg_id_is_accepted_and_malformed_context_is_named(tmp_path):
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps([{"question": "q", "positive_ctxs": [{"title": "", "text": "t", "psg_id": 7}]}]))
+    assert load_dev(good, tmp_path / "cache").pool[0].passage_id == "7"
+    bad.write_text(json.dumps([{"question": "q", "positive_ctxs": [{"title": "x"}]}]))
+    with pytest.raises(DataFormatError, match=r"bad.json: record 0: positive_ctxs\[0\]"):
+        load_dev(bad, tmp_path / "cache")

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ONE_CELL_GRID, run_cli, submitted_run, write_grid
 from dpr_hpc.cli import EXIT_DEFERRED
-from dpr_hpc.data import DataFormatError, read_records
+from dpr_hpc.data import DataFormatError, iter_records
 from dpr_hpc.grid import load_grid
 
 
@@ -84,12 +84,12 @@ def test_data_files_are_read_as_utf8_and_a_bad_byte_is_named_by_its_offset(tmp_p
     good = tmp_path / "good.json"
     good.write_bytes(json.dumps([{"question": "café"}], ensure_ascii=False).encode())
     monkeypatch.setenv("LC_ALL", "C")
-    assert read_records(good)[0]["question"] == "café"
+    assert next(iter_records(good))["question"] == "café"
     bad = tmp_path / "latin1.json"
     content = json.dumps([{"question": "x" * 3_000_000}]).encode()[:-3] + "é".encode("latin-1") + b'"}]'
     bad.write_bytes(content)
     with pytest.raises(DataFormatError, match=rf"latin1.json: not valid UTF-8 at byte {len(content) - 4}"):
-        read_records(bad)
+        list(iter_records(bad))
 
 
 def test_a_local_model_folder_without_dot_slash_is_taken_from_the_grids_folder(data_files, tmp_path, monkeypatch):

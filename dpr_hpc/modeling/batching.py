@@ -8,9 +8,10 @@ multiple of 8 for the tensor cores; the paper padded everything to 256 tokens.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ class TokenizedTexts:
 
 
 def tokenize_questions(tokenizer, questions: Sequence[str], max_length: int) -> TokenizedTexts:
-    return _tokenize(tokenizer, list(questions), max_length)
+    return _tokenize(tokenizer, questions, max_length, list)
 
 
 def tokenize_passages(tokenizer, passages: Sequence[Passage], max_length: int, embed_title: bool,
@@ -73,27 +74,33 @@ def tokenize_passages(tokenizer, passages: Sequence[Passage], max_length: int, e
     Without titles (`embed_title: false`) both are the text alone.
     """
     if passage_format == "paper":
-        texts = [f"{p.title} {p.text}" if embed_title else p.text for p in passages]
-        return _tokenize(tokenizer, texts, max_length)
+        return _tokenize(tokenizer, passages, max_length, lambda chunk: [f"{p.title} {p.text}" if embed_title else p.text for p in chunk])
     if passage_format == "dpr":
-        inputs = [(p.title, p.text) if embed_title and p.title else p.text for p in passages]
-        return _tokenize(tokenizer, inputs, max_length, zero_segments=True)
+        return _tokenize(tokenizer, passages, max_length,
+                         lambda chunk: [(p.title, p.text) if embed_title and p.title else p.text for p in chunk], zero_segments=True)
     raise ValueError(f"unknown passage format {passage_format!r}")
 
 
-def _tokenize(tokenizer, inputs: list[str | tuple[str, str]], max_length: int, zero_segments: bool = False) -> TokenizedTexts:
-    """Texts (or title/text pairs) to flat token arrays; `zero_segments` sets every token type id to 0."""
+def _tokenize(tokenizer, items: Sequence, max_length: int, inputs_of: Callable[[Sequence], list[str | tuple[str, str]]],
+              zero_segments: bool = False) -> TokenizedTexts:
+    """Texts (or title/text pairs, made of `items` by `inputs_of`) to flat token arrays, a chunk
+    at a time: only one chunk's texts and token lists are Python objects at once (the items
+    may be a prepared pool that reads its texts from a mapped file). `zero_segments` sets every
+    token type id to 0."""
     ids: list[np.ndarray] = []
     types: list[np.ndarray] = []
     lengths: list[int] = []
-    for start in range(0, len(inputs), TOKENIZE_CHUNK):
-        encoded = tokenizer(inputs[start : start + TOKENIZE_CHUNK], truncation=True, max_length=max_length)
-        for i, row in enumerate(encoded["input_ids"]):
-            ids.append(np.asarray(row, dtype=np.int32))
-            lengths.append(len(row))
-            if "token_type_ids" in encoded:
-                row_types = encoded["token_type_ids"][i]
-                types.append(np.zeros(len(row), dtype=np.int8) if zero_segments else np.asarray(row_types, dtype=np.int8))
+    for start in range(0, len(items), TOKENIZE_CHUNK):
+        encoded = tokenizer(inputs_of(items[start : start + TOKENIZE_CHUNK]), truncation=True, max_length=max_length)
+        rows = encoded["input_ids"]
+        chunk_lengths = [len(row) for row in rows]
+        total = sum(chunk_lengths)
+        lengths.extend(chunk_lengths)
+        ids.append(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=total))
+        if "token_type_ids" in encoded:
+            chunk_types = (np.zeros(total, dtype=np.int8) if zero_segments else
+                           np.fromiter(itertools.chain.from_iterable(encoded["token_type_ids"]), dtype=np.int8, count=total))
+            types.append(chunk_types)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)

@@ -32,10 +32,11 @@ class StageOutput:
 @dataclass(frozen=True)
 class StageIO:
     """Where a stage job writes and what it reads, handed over by the runner: the job's own
-    working attempt, the complete outputs of the upstream stages, the shared token cache."""
+    working attempt, the complete outputs of the upstream stages, the shared caches."""
 
     job: StageJob
     out: AttemptPaths
+    prepared_cache: Path  # the data files' prepared forms (dpr_hpc.prepared)
     trained: AttemptPaths | None = None  # the train output (index and infer of a trained cell)
     index: AttemptPaths | None = None  # index repeat 0's output (infer)
     token_cache: Path | None = None
@@ -92,6 +93,12 @@ def tokenized(io: StageIO, cell: CellConfig, what: str, data_file: Path, tokeniz
 
     settings = dataclasses.asdict(cell.text)  # max length, titles, passage format
     return TokenCache(io.token_cache).get(what, data_file, tokenizer, settings, build)
+
+
+def prepared_details(data) -> dict[str, Any]:
+    """What the record says of the data it read (a PreparedTrain or PreparedDev): whether the
+    prepared form was mapped or built by this job, how long that took, and which entry."""
+    return {"hit": data.hit, "load_s": round(data.load_s, 3), "entry": data.folder.name, "parser": data.manifest["parser"]}
 
 
 def progress(message: str) -> None:

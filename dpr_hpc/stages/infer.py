@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 
-from dpr_hpc.data import dev_questions, evaluation_pool, read_records
 from dpr_hpc.fsutil import save_array, write_file_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.metrics import answer_accuracy, distinct, retrieval_metrics
@@ -20,9 +19,9 @@ from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
 from dpr_hpc.modeling.searcher import load_index, search_one_at_a_time
 from dpr_hpc.plan import SEARCHED_INDEX_REPEAT
-from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, progress, tokenized
+from dpr_hpc.prepared import load_dev
+from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, prepared_details, progress, tokenized
 from dpr_hpc.trec import question_id, write_qrels, write_run
-
 
 
 ITA_SD_DDOF = 1  # the sample SD; the paper's code used np.std's default, ddof 0
@@ -32,8 +31,8 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     device = pick_device()
     encoder, tokenizer = load_trained_tower(cell, io, "question", device)
     dev_file = cell.data_path("dev")
-    records = read_records(dev_file)
-    questions = dev_questions(records, source=str(dev_file))
+    dev = load_dev(dev_file, io.prepared_cache)
+    questions = dev.dev_questions()
     if not questions:
         raise ValueError(f"{dev_file}: no question has a positive passage")
 
@@ -46,18 +45,20 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     if io.index is None:
         raise ValueError(f"{io.job.id}: no index handed to this job")
     faiss_index = load_index(io.index.index_file, cell.index)
-    passage_ids = np.load(io.index.passage_ids).tolist()
+    passage_ids = np.load(io.index.passage_ids, mmap_mode="r")
     progress(f"searching top {cell.top_k} of {len(passage_ids)} passages for {len(questions)} questions, one at a time")
     found = search_one_at_a_time(faiss_index, query_vectors, cell.top_k)
     rows, times_ms = found.ids, found.times_ms
 
-    rankings = [[passage_ids[j] for j in row if j >= 0] for row in rows]
+    # Only the retrieved passages' ids and texts become Python strings (top-k per question).
+    retrieved = [[int(j) for j in row if j >= 0] for row in rows]
+    rankings = [[passage_id(passage_ids[j]) for j in ranked] for ranked in retrieved]
     ranking_scores = [[float(s) for j, s in zip(row, scores) if j >= 0] for row, scores in zip(rows, found.scores)]
     metrics: dict = {"num_questions": len(questions)}
     metrics.update(retrieval_metrics(rankings, [q.gold_id for q in questions], cell.top_k))
     if any(q.answers for q in questions):
-        texts = {p.passage_id: p.text for p in evaluation_pool(records, source=str(dev_file))}
-        ranked_texts = [[texts[pid] for pid in distinct(ranking)] for ranking in rankings]
+        # The index's rows are the prepared pool's rows (the same dev content, one id each).
+        ranked_texts = [[dev.pool.texts[j] for j in distinct(ranked)] for ranked in retrieved]
         metrics.update(answer_accuracy(ranked_texts, [q.answers for q in questions], cell.top_k))
 
     write_file_atomic(io.out.rankings, lambda tmp: save_array(tmp, rows))
@@ -76,6 +77,13 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         },
         artifacts=[io.out.rankings.name, io.out.trec_run.name, io.out.trec_qrels.name],
         details={"device": device.type, "searched_index_repeat": SEARCHED_INDEX_REPEAT, "precision": precision,
-                 "precision_requested": cell.precision.encode, "ita_sd_ddof": ITA_SD_DDOF, "tokens_cached": tokens.hit},
+                 "precision_requested": cell.precision.encode, "ita_sd_ddof": ITA_SD_DDOF, "tokens_cached": tokens.hit,
+                 "prepared_data": prepared_details(dev)},
     )
+
+
+def passage_id(stored) -> str:
+    """One entry of an index's passage_ids.npy: fixed-width UTF-8 bytes, or a str in stores
+    written before the ids were saved as bytes."""
+    return stored.decode("utf-8") if isinstance(stored, bytes) else str(stored)
 

@@ -162,7 +162,7 @@ def _stage_io(store: StageStore, records: Records, job: StageJob, upstream: dict
             raise StageInputError(f"{job.id}: its input {up.id} is {check.state}" + (f": {check.reason}" if check.reason else ""))
         read["trained" if up.stage == "train" else "index"] = records.attempt_of(up)
     out = store.job(job).working_attempt(complete_attempt)
-    return StageIO(job=job, out=out, token_cache=store.token_cache, **read)
+    return StageIO(job=job, out=out, prepared_cache=store.prepared_cache, token_cache=store.token_cache, **read)
 
 
 def _input_provenance(cell, stage: str, records: Records) -> dict[str, Any]:

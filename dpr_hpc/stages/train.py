@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpr_hpc.data import TrainingExample, read_records, training_examples
 from dpr_hpc.fsutil import atomic_folder, read_json, write_json_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device, tokenize_passages, tokenize_questions
@@ -30,12 +29,14 @@ from dpr_hpc.modeling.encoding import PAD_MULTIPLE
 from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
 from dpr_hpc.modeling.precision import autocast, grad_scaler, resolve_precision
 from dpr_hpc.modeling.train_step import backward_batch, clip_and_step, linear_schedule
+from dpr_hpc.prepared import PreparedTrain, load_train
 from dpr_hpc.provenance import now_iso
 from dpr_hpc.resume.rng import capture_rng, restore_rng
 from dpr_hpc.resume.segments import FINISHED, Segment, SegmentLog
 from dpr_hpc.resume.signals import NeverStop, Stopper, TrainingInterrupted
 from dpr_hpc.resume.store import CheckpointStore, CheckpointWriteError
-from dpr_hpc.stages.common import StageIO, StageOutput, peak_memory, pick_device, progress, seed_everything, synchronize, tokenized
+from dpr_hpc.stages.common import (StageIO, StageOutput, peak_memory, pick_device, prepared_details, progress, seed_everything,
+                                  synchronize, tokenized)
 
 # What the record lists (a folder stands for every file in it) and index and infer read.
 ARTIFACTS = ["checkpoint", "losses.json"]
@@ -67,8 +68,9 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
     question_tokenizer = load_tokenizer(cell.model_path(cell.question_encoder))
     passage_tokenizer = load_tokenizer(cell.model_path(cell.passage_encoder))
 
-    examples = training_examples(read_records(cell.data_path("train")), source=str(cell.data_path("train")))
-    if not examples:
+    examples = load_train(cell.data_path("train"), io.prepared_cache)
+    progress(f"training data: {len(examples)} examples, {'mapped' if examples.hit else 'prepared'} in {examples.load_s:.2f}s")
+    if not len(examples):
         raise ValueError(f"{cell.data_path('train')}: no question has a positive passage")
     started = time.perf_counter()
     batches = _TokenizedExamples(examples, question_tokenizer, passage_tokenizer, cell, io)
@@ -202,6 +204,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
             "native_size": question_encoder.native_size,
             "device": device.type,
             "examples_without_negative": batches.without_negative,
+            "prepared_data": prepared_details(examples),
             "hard_negative": cfg.hard_negative,
             "precision": precision,
             "precision_requested": cell.precision.train,
@@ -273,21 +276,22 @@ class _TokenizedExamples:
     to its longest sequence rounded up to a multiple of 8. With `hard_negative: first` only each
     example's first negative is tokenized; with `shuffle` its whole pool."""
 
-    def __init__(self, examples: list[TrainingExample], question_tokenizer, passage_tokenizer, cell: CellConfig, io: StageIO) -> None:
+    def __init__(self, examples: PreparedTrain, question_tokenizer, passage_tokenizer, cell: CellConfig, io: StageIO) -> None:
         text = cell.text
         source = cell.data_path("train")
         self.shuffle, self.seed = cell.train.hard_negative == "shuffle", cell.train.seed
-        pools = [e.negatives if self.shuffle else e.negatives[:1] for e in examples]
-        self.pool_sizes = np.array([len(pool) for pool in pools], dtype=np.int64)
+        counts = examples.negative_counts
+        self.pool_sizes = counts.astype(np.int64) if self.shuffle else np.minimum(counts, 1).astype(np.int64)
         self.pool_starts = np.concatenate(([0], np.cumsum(self.pool_sizes)[:-1])).astype(np.int64)
-        flat_pool = [passage for pool in pools for passage in pool]
+        # Every example's whole pool, or each one's first negative; read from the mapped columns.
+        flat_pool = examples.negatives if self.shuffle else examples.negatives.take(examples.negative_offsets[:-1][counts > 0])
 
         def passages(items):
             return lambda: tokenize_passages(passage_tokenizer, items, text.max_length, text.embed_title, text.passage_format)
 
         self.questions = tokenized(io, cell, "train-questions", source, question_tokenizer,
-                                   lambda: tokenize_questions(question_tokenizer, [e.question for e in examples], text.max_length))
-        self.positives = tokenized(io, cell, "train-positives", source, passage_tokenizer, passages([e.positive for e in examples]))
+                                   lambda: tokenize_questions(question_tokenizer, examples.questions, text.max_length))
+        self.positives = tokenized(io, cell, "train-positives", source, passage_tokenizer, passages(examples.positives))
         self.negatives = tokenized(io, cell, "train-negative-pools" if self.shuffle else "train-negatives", source, passage_tokenizer,
                                    passages(flat_pool))
         self.without_negative = int((self.pool_sizes == 0).sum())

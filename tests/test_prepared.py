@@ -1,0 +1,191 @@
+"""Prepared data: a data file is parsed once per content; later jobs, requeues and repeats map it.
+
+Parses are counted by wrapping the streaming reader the prepared module calls; a parse that
+happens in another process is told by the `.hit` flag and the entry's manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dpr_hpc.prepared as prepared
+from dpr_hpc.data import DataFormatError, iter_records
+from dpr_hpc.demo.nq_shape import write_nq_shaped
+from dpr_hpc.prepared import entry_folder, load_dev, load_train
+from dpr_hpc.resume.signals import TrainingInterrupted
+from conftest import REPO, StopAfter, run_folder, train_in_process
+
+
+@pytest.fixture
+def parses(monkeypatch) -> list[str]:
+    """The files the prepared module parsed in this process, in order."""
+    parsed: list[str] = []
+
+    def counting(path):
+        parsed.append(Path(path).name)
+        return iter_records(path)
+
+    monkeypatch.setattr(prepared, "iter_records", counting)
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def nq_small(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("nq")
+    write_nq_shaped(out, fraction=0.002, seed=3)
+    return out
+
+
+def _reference_train(path: Path) -> list[tuple]:
+    """What training reads, computed the plain way from the whole JSON."""
+    examples = []
+    for record in json.loads(path.read_text()):
+        if not record["positive_ctxs"]:
+            continue
+        negatives = record["hard_negative_ctxs"] or record["negative_ctxs"]
+        examples.append((record["question"], record["positive_ctxs"][0]["passage_id"], record["positive_ctxs"][0]["text"],
+                         [(n["passage_id"], n["title"], n["text"]) for n in negatives]))
+    return examples
+
+
+def test_prepared_train_holds_what_training_reads(nq_small, tmp_path, parses):
+    train = load_train(nq_small / "train.json", tmp_path / "cache")
+    examples = [train.example(i) for i in range(len(train))]
+    got = [(e.question, e.positive.passage_id, e.positive.text, [(n.passage_id, n.title, n.text) for n in e.negatives]) for e in examples]
+    assert got == _reference_train(nq_small / "train.json")
+    assert not train.hit and parses == ["train.json"] and train.manifest["parser"] == "yajl2_c"
+    assert train.folder.parent == tmp_path / "cache" and train.folder.name.endswith("-train-v1")
+
+
+def test_prepared_dev_holds_the_questions_and_the_deduplicated_pool(nq_small, tmp_path):
+    dev = load_dev(nq_small / "dev.json", tmp_path / "cache")
+    records = json.loads((nq_small / "dev.json").read_text())
+    first_seen: dict[str, str] = {}
+    entries = 0
+    for record in records:
+        contexts = record["positive_ctxs"][:1] + record["hard_negative_ctxs"] + record["negative_ctxs"]
+        entries += len(contexts)
+        for ctx in contexts:
+            first_seen.setdefault(ctx["passage_id"], ctx["text"])
+    assert dev.pool_with_duplicates == entries > len(dev.pool) == len(first_seen)
+    assert list(dev.pool.ids) == list(first_seen) and list(dev.pool.texts) == list(first_seen.values())
+    assert [x.decode() for x in dev.pool.ids.fixed_width_bytes()] == list(first_seen)
+    questions = dev.dev_questions()
+    assert [(q.question, q.gold_id, q.answers, q.record_index) for q in questions] == [
+        (r["question"], r["positive_ctxs"][0]["passage_id"], tuple(r["answers"]), i) for i, r in enumerate(records)]
+
+
+def test_a_second_load_maps_and_a_changed_file_is_prepared_again(tmp_path, parses):
+    data = tmp_path / "dev.json"
+    record = {"question": "q?", "answers": ["a"], "positive_ctxs": [{"title": "t", "text": "café ☕", "passage_id": "1"}],
+              "hard_negative_ctxs": [{"title": "", "text": "x", "psg_id": 2}]}
+    data.write_text(json.dumps([record], ensure_ascii=False), encoding="utf-8")
+    first = load_dev(data, tmp_path / "cache")
+    second = load_dev(data, tmp_path / "cache")
+    assert (first.hit, second.hit, parses) == (False, True, ["dev.json"])
+    assert second.folder == first.folder and list(second.pool.texts) == ["café ☕", "x"] and second.pool[1].passage_id == "2"
+
+    data.write_text(json.dumps([record, {**record, "question": "another?"}]), encoding="utf-8")
+    changed = load_dev(data, tmp_path / "cache")
+    assert not changed.hit and changed.folder != first.folder and len(changed) == 2
+    assert parses == ["dev.json", "dev.json"]
+    assert first.folder.is_dir()  # the old content's entry stays for runs that still read it
+
+
+def test_a_damaged_entry_is_prepared_again_with_a_warning(nq_small, tmp_path, parses, caplog):
+    built = load_train(nq_small / "train.json", tmp_path / "cache")
+    expected = built.example(0)
+    damaged = built.folder / "negative_text.bin"
+    damaged.unlink()  # a new, shorter file: the mapped one must not shrink under its reader
+    damaged.write_bytes(b"truncated")
+    again = load_train(nq_small / "train.json", tmp_path / "cache")
+    assert not again.hit and parses == ["train.json", "train.json"]
+    assert "damaged" in caplog.text and again.example(0) == expected
+
+
+def test_bad_data_is_named_by_file_and_record(tmp_path):
+    bad_context = tmp_path / "bad.json"
+    bad_context.write_text(json.dumps([{"question": "q", "positive_ctxs": [{"title": "x"}]}]))
+    with pytest.raises(DataFormatError, match=r"bad.json: record 0: positive_ctxs\[0\]: expected 'passage_id' and 'text'"):
+        load_dev(bad_context, tmp_path / "cache")
+    not_a_list = tmp_path / "object.json"
+    not_a_list.write_text('{"question": "q"}')
+    with pytest.raises(DataFormatError, match="object.json: expected a JSON list of question records"):
+        load_train(not_a_list, tmp_path / "cache")
+    cut = tmp_path / "cut.json"
+    cut.write_text('[{"question": "q", "positive_ctxs": [')
+    with pytest.raises(DataFormatError, match="cut.json: not valid JSON"):
+        load_train(cut, tmp_path / "cache")
+    assert not any(p.name.endswith("-v1") for p in (tmp_path / "cache").iterdir())  # nothing half-built is left
+
+
+CONCURRENT_LOAD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import dpr_hpc.prepared as prepared
+
+    reader = prepared.iter_records
+    def slow_reader(path):  # a slow parse, so that both processes want the entry at once
+        time.sleep(1.5)
+        return reader(path)
+    prepared.iter_records = slow_reader
+    go = Path(sys.argv[3])
+    while not go.exists():
+        time.sleep(0.01)
+    data = prepared.load_dev(Path(sys.argv[1]), Path(sys.argv[2]))
+    print(data.hit, data.manifest["built_by"].split(":")[1], len(data.pool))
+""")
+
+
+def test_concurrent_jobs_build_the_entry_once(nq_small, tmp_path):
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    jobs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_LOAD, str(nq_small / "dev.json"), str(tmp_path / "cache"), str(go)],
+                             env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    go.touch()
+    lines = [job.communicate(timeout=120)[0].split() for job in jobs]
+    assert all(job.returncode == 0 for job in jobs)
+    assert sorted(line[0] for line in lines) == ["False", "True"]  # one built, the other waited and mapped
+    builder = next(job for job, line in zip(jobs, lines) if line[0] == "False")
+    assert {line[1] for line in lines} == {str(builder.pid)} and lines[0][2] == lines[1][2]
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [load_dev(nq_small / "dev.json", tmp_path / "cache").folder.name]
+
+
+def test_a_second_train_job_and_a_requeued_one_map_the_prepared_data(demo_assets, tmp_path, parses):
+    layout, cell_id = run_folder(tmp_path, demo_assets, "first")
+    with pytest.raises(TrainingInterrupted):
+        train_in_process(layout, cell_id, StopAfter(3))
+    assert parses == ["train.json"]
+    requeued = train_in_process(layout, cell_id)  # the same job started again, from its checkpoint
+    assert requeued.details["restarts"] == 1 and requeued.details["prepared_data"]["hit"] is True
+
+    # Another training (its own key) under the same runs root.
+    other, other_cell = run_folder(tmp_path, demo_assets, "second", extra="    train: {seed: 99, epochs: 1}\n")
+    second = train_in_process(other, other_cell)
+    assert second.details["prepared_data"]["hit"] is True and parses == ["train.json"]
+    assert second.details["prepared_data"]["entry"] == requeued.details["prepared_data"]["entry"]
+
+
+def test_generated_nq_shape_matches_the_fraction_and_reuses_passages(nq_small):
+    train = json.loads((nq_small / "train.json").read_text())
+    dev = json.loads((nq_small / "dev.json").read_text())
+    assert len(train) == round(58_880 * 0.002) and len(dev) == round(6_515 * 0.002)
+    pool = [c for r in dev for c in r["positive_ctxs"][:1] + r["hard_negative_ctxs"] + r["negative_ctxs"]]
+    assert len(pool) == round(935_159 * 0.002)
+    assert all(len(r["negative_ctxs"]) == 50 and len(r["positive_ctxs"]) >= 1 for r in train + dev)
+    assert np.mean([len(r["hard_negative_ctxs"]) for r in train]) == pytest.approx(28.5, abs=1.5)
+    words = [len(c["text"].split()) for r in train for c in r["hard_negative_ctxs"]]
+    assert np.median(words) == 100 and 90 < np.mean(words) <= 100
+    assert all(len(r["question"].split()) in (9, 10) for r in train + dev)
+    by_id: dict[str, str] = {}
+    for ctx in pool:
+        assert by_id.setdefault(ctx["passage_id"], ctx["text"]) == ctx["text"]  # a recurring id is the same passage
+    assert 0.05 < 1 - len(by_id) / len(pool) < 0.25
