@@ -455,7 +455,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _bench_scale(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from dpr_hpc.bench_scale import FULL_CPU, QUICK, run_scale_benchmark, table
+    from dpr_hpc.bench_scale import FULL_CPU, QUICK, hnsw_summary, run_scale_benchmark, table
 
     size = QUICK if args.quick else FULL_CPU
     for flag, value in (("--train-fraction", args.train_fraction), ("--dev-fraction", args.dev_fraction)):
@@ -465,6 +465,7 @@ def _bench_scale(args: argparse.Namespace) -> int:
     report = run_scale_benchmark(size, args.work, echo=lambda line: print(line, flush=True))
     print()
     print(table(report))
+    print(hnsw_summary(report))
     _print_goals(report["goals"])
     _write_report(report, args.out, "bench-scale")
     return 0

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dpr_hpc.bench_scale import NQ_POOL, PhaseRun, hnsw_scaling
+from dpr_hpc.bench_scale import NQ_POOL, PhaseRun, hnsw_scaling, phase_runs, summarise
 from dpr_hpc.cli import main
 
 
@@ -23,13 +23,24 @@ def test_full_nq_scales_time_disk_and_only_the_memory_grown_during_the_work():
     assert run("search", wall=1.0, peak=300, before=100, scale=None, note="log n").full_nq() is None
 
 
-def test_hnsw_build_time_takes_the_fitted_exponent_when_it_exceeds_linear():
+def test_hnsw_build_time_extrapolates_linearly_and_says_it_is_a_lower_bound_when_builds_grow_faster():
     sizes = [1000, 2000, 4000]
     builds = [run("hnsw-build", wall=(n / 1000) ** 1.5, peak=0, before=0, scale=n / NQ_POOL, vectors=n, index_bytes=n * 7168) for n in sizes]
     scaling = hnsw_scaling(builds)
-    assert scaling["fitted_exponent"] == pytest.approx(1.5)
-    assert scaling["build_s"] == pytest.approx(scaling["build_s_fitted"]) and scaling["build_s_fitted"] > scaling["build_s_linear"]
+    assert scaling["fitted_exponent"] == pytest.approx(1.5) and scaling["linear_is_lower_bound"] is True
+    assert scaling["build_s_linear"] == pytest.approx(8.0 * NQ_POOL / 4000)
     assert scaling["index_bytes"] == pytest.approx(NQ_POOL * 7168, rel=1e-6) and scaling["extrapolated"]
+
+
+def test_a_written_report_gives_back_its_phases_and_their_summary():
+    runs = [run("prepare-train", 1.0, 300, 100, 1.0), run("load-train", 0.01, 120, 100, 1.0), run("tokenise-train", 2.0, 500, 100, 1.0),
+            run("load-dev", 0.01, 120, 100, 1.0), run("tokenise-pool", 3.0, 400, 100, 1.0, token_bytes=50),
+            run("hnsw-build", 1.0, 1100, 100, 0.5, vectors=10, index_bytes=700)]
+    report = {"phases": [r.to_json() for r in runs]}
+    assert phase_runs(report) == runs
+    summary = summarise(phase_runs(report))
+    assert [goal["met"] for goal in summary["goals"]] == [True, True, False]
+    assert summary["index_stage"]["index_bytes"] == 1400 and summary["index_stage"]["hnsw_build_peak_rss_bytes"] == 2100
 
 
 def test_quick_run_reports_every_phase_with_its_own_figures_and_flags_extrapolations(tmp_path, capsys):
