@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dpr_hpc.errors import UsageError
+
 NQ_TRAIN_QUESTIONS = 58_880
 NQ_POOL = 935_159
 PAPER_CARD_BYTES = 24 * 2**30  # the paper's Titan RTX
@@ -111,7 +113,7 @@ def run_gpu_check(smoke: bool = False, budget_s: float = 480.0, echo: Callable[[
 
     device = pick_device()
     if device.type != "cuda" and not smoke:
-        raise RuntimeError("gpu-check needs a CUDA GPU; --smoke runs it on tiny shapes on the CPU")
+        raise UsageError("gpu-check: no CUDA GPU here; it measures a GPU (--smoke runs it on tiny shapes on the CPU, measuring nothing)")
     shapes, size = (SMOKE_SHAPES, SMOKE) if smoke else (SHAPES, GPU)
     budget = Budget(budget_s)
     torch.manual_seed(seed)

@@ -28,14 +28,12 @@ def test_smoke_run_reports_every_measurement_tagged_and_flags_extrapolations(tmp
     assert "extrapolated" in capsys.readouterr().out
 
 
-def test_gpu_check_without_a_gpu_refuses_unless_smoke(monkeypatch, capsys):
+def test_gpu_check_without_a_gpu_is_a_usage_error_unless_smoke(monkeypatch, tmp_path, capsys):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        from dpr_hpc.gpu_check import run_gpu_check
-
-        run_gpu_check(smoke=False)
+    assert main(["gpu-check", "--out", str(tmp_path)]) == 2
+    assert "no CUDA GPU here" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_a_spent_budget_skips_the_measurement_and_says_so():
