@@ -43,6 +43,8 @@ def test_training_examples_keep_the_whole_negative_pool_for_shuffling(prepared):
 def test_pool_holds_first_positive_and_all_negatives_once_each(prepared):
     pool = [p.passage_id for p in prepared[1].pool]
     assert pool == ["p1", "h1", "shared", "n1", "p2"]  # p1b is not a first positive; q3 has no positive
+    # What the index stage saves as passage_ids.npy: ids of different lengths, one row each.
+    assert [i.decode() for i in prepared[1].pool.ids.fixed_width_bytes()] == pool
 
 
 def test_pool_size_before_deduplication_counts_what_the_papers_code_indexed(prepared):

@@ -18,7 +18,9 @@ import torch
 
 from dpr_hpc.data import Passage
 
-TOKENIZE_CHUNK = 8192  # texts per tokenizer call: bounds the Python lists alive at once
+# Texts per tokenizer call: bounds the texts, encodings and token lists alive at once. Measured on
+# 100-word passages: 8,192 a call raised peak RSS by 381 MB, 1,024 by 75 MB, at the same speed.
+TOKENIZE_CHUNK = 1024
 TokenRow = tuple[np.ndarray, "np.ndarray | None"]
 
 

@@ -46,6 +46,9 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         raise ValueError(f"{io.job.id}: no index handed to this job")
     faiss_index = load_index(io.index.index_file, cell.index)
     passage_ids = np.load(io.index.passage_ids, mmap_mode="r")
+    if len(passage_ids) != len(dev.pool):  # its rows are read as the prepared pool's rows below
+        raise ValueError(f"{io.index.passage_ids}: {len(passage_ids)} passage ids, but {dev_file} has a pool of {len(dev.pool)}: "
+                         "the index was built from other dev data")
     progress(f"searching top {cell.top_k} of {len(passage_ids)} passages for {len(questions)} questions, one at a time")
     found = search_one_at_a_time(faiss_index, query_vectors, cell.top_k)
     rows, times_ms = found.ids, found.times_ms
