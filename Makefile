@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch that this project pins; installed first so nothing pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-scale gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,16 @@ test: install
 # Our stage code vs the paper's way of running, on this node (about 10 min on 2 CPU cores).
 bench: install
 	$(BIN)/dpr-hpc bench
+
+# Every stage phase at NQ's size on NQ-shaped data, each in its own process: time, peak RSS,
+# disk (about 30 min and 10 GB of scratch on 2 CPU cores).
+bench-scale: install
+	$(BIN)/dpr-hpc bench --scale
+
+# The paper's GPU figures at real model sizes, the GPU capped at 24 GB; needs a CUDA GPU
+# (about 8 min on an H100). `dpr-hpc gpu-check --smoke` checks the script on the CPU.
+gpu-check: install
+	$(BIN)/dpr-hpc gpu-check
 
 # Build output and the demo only: runs/ holds days of GPU results, which are deleted on purpose,
 # by hand, never by a make target.

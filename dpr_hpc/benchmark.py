@@ -63,7 +63,7 @@ def run_benchmark(quick: bool = False, echo: Callable[[str], None] = print, seed
     echo("matrix-multiply peak: " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in report["matmul_peak_gflops"].items()))
 
     encoder = _bert_encoder(device)
-    passages = _nq_like(rng, size.passages, mean=140, sd=45, low=24, high=256)
+    passages = nq_like_texts(rng, size.passages, mean=140, sd=45, low=24, high=256)
     report["encode"] = _bench_encoding(encoder, passages, device, precision, size.repeats, report["matmul_peak_gflops"], echo)
     report["train"] = _bench_training(device, precision, size, rng, echo)
     report["search"] = _bench_search(size, rng, echo)
@@ -81,7 +81,7 @@ def _bert_encoder(device):
     return DprEncoder(BertModel(config, add_pooling_layer=False), 384).to(device)
 
 
-def _nq_like(rng: np.random.Generator, n: int, mean: float, sd: float, low: int, high: int):
+def nq_like_texts(rng: np.random.Generator, n: int, mean: float, sd: float, low: int, high: int):
     """Random token ids with NQ-like lengths ([CLS] ... [SEP]); token types 0 (question or title) then 1."""
     from dpr_hpc.modeling.batching import TokenizedTexts
 
@@ -185,8 +185,8 @@ def _bench_training(device, precision, size: BenchSize, rng, echo) -> dict[str, 
     from dpr_hpc.modeling.train_step import backward_batch, clip_and_step
 
     steps = size.train_steps
-    questions = _nq_like(rng, TRAIN_BATCH * (steps + 1), mean=12, sd=4, low=6, high=34)
-    passages = _nq_like(rng, 2 * TRAIN_BATCH * (steps + 1), mean=140, sd=45, low=24, high=256)
+    questions = nq_like_texts(rng, TRAIN_BATCH * (steps + 1), mean=12, sd=4, low=6, high=34)
+    passages = nq_like_texts(rng, 2 * TRAIN_BATCH * (steps + 1), mean=140, sd=45, low=24, high=256)
     padding = {"ours": {"multiple": PAD_MULTIPLE}, "paper": {"pad_to": PAPER_PAD}}  # pad_batch's arguments
 
     def step_rows(step: int) -> tuple[list[int], list[int]]:

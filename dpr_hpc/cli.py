@@ -205,7 +205,28 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: wall time of plan, status and a submit with every job already queued, on generated grids of "
         "100 and 2,000 cells (the scheduler's answers simulated); about a minute",
     )
+    bench.add_argument(
+        "--scale", action="store_true",
+        help="instead: every stage phase (parse, prepare, map, tokenise, encode, HNSW M=512 build, search) on NQ-shaped data, "
+        "each in its own process: wall time, peak RSS and disk, extrapolated to full NQ where a fraction ran "
+        "(about 30 min and 7 GB of scratch on 2 CPU cores)",
+    )
+    bench.add_argument("--train-fraction", type=float, help="--scale: the share of NQ's 58,880 train questions generated (default 1.0)")
+    bench.add_argument("--dev-fraction", type=float, help="--scale: the share of NQ's 935,159-passage dev pool generated (default 1.0)")
+    bench.add_argument("--work", type=Path, help="--scale: keep the generated data, caches and indexes in this folder (default: a temporary one)")
     bench.set_defaults(handler=_bench)
+
+    gpu_check = commands.add_parser(
+        "gpu-check", help="the paper's GPU figures at real model sizes (batch size auto, gradient cache, PEI, TTT), memory capped at 24 GB",
+        description="Randomly initialised encoders with the real shapes of bert-base, distilbert-base, electra-small and "
+        "TinyBERT-4L-312 on NQ-like token lengths, the GPU capped at the paper's 24 GB: the batch size `auto` picks at max_length "
+        "256, the gradient cache at batch 128 against the largest plain batch, PEI encoding and TTT extrapolated from a sample. "
+        "Needs no download; --smoke runs tiny shapes on the CPU.",
+    )
+    gpu_check.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps, on the CPU: checks the script, measures nothing")
+    gpu_check.add_argument("--budget-s", type=float, default=480.0, help="skip the measurements that would start after this many seconds (default 480)")
+    gpu_check.add_argument("--out", type=Path, default=Path("results"), help="where the JSON report goes (default: results/)")
+    gpu_check.set_defaults(handler=_gpu_check)
     return parser
 
 
@@ -643,31 +664,74 @@ def _report(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from dpr_hpc.benchmark import goals, run_benchmark
-    from dpr_hpc.fsutil import write_json_atomic
-    from dpr_hpc.provenance import node_label
     from dpr_hpc.stages.runner import fit_threads_to_allocation, quiet_libraries
 
     quiet_libraries()
     fit_threads_to_allocation()
+    if args.scale:
+        return _bench_scale(args)
+    if (args.train_fraction, args.dev_fraction, args.work) != (None, None, None):
+        raise UsageError("--train-fraction, --dev-fraction and --work go with --scale")
     if args.control_path:
         from dpr_hpc.bench_control import run_control_benchmark
 
         report = run_control_benchmark(echo=lambda line: print(line, flush=True))
-        stamp = report["started_at"].replace(":", "").replace("-", "")[:15]
-        out = args.out / f"bench-control-{node_label(report['node'])}-{stamp}.json"
-        write_json_atomic(out, report)
-        print(f"report: {out}")
+        _write_report(report, args.out, "bench-control")
         return 0
     report = run_benchmark(quick=args.quick, echo=lambda line: print(line, flush=True))
     report["goals"] = [{"goal": goal, "met": met, "measured": measured} for goal, met, measured in goals(report)]
+    _print_goals(report["goals"])
+    _write_report(report, args.out, "bench")
+    return 0
+
+
+def _bench_scale(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from dpr_hpc.bench_scale import FULL_CPU, QUICK, hnsw_summary, run_scale_benchmark, table
+
+    size = QUICK if args.quick else FULL_CPU
+    for flag, value in (("--train-fraction", args.train_fraction), ("--dev-fraction", args.dev_fraction)):
+        if value is not None and not 0 < value <= 1:
+            raise UsageError(f"{flag} {value}: expected a fraction in (0, 1]")
+    size = replace(size, train_fraction=args.train_fraction or size.train_fraction, dev_fraction=args.dev_fraction or size.dev_fraction)
+    report = run_scale_benchmark(size, args.work, echo=lambda line: print(line, flush=True))
     print()
-    for row in report["goals"]:
-        print(f"  {'met    ' if row['met'] else 'NOT met'}  {row['goal']:<34} {row['measured']}")
+    print(table(report))
+    print(hnsw_summary(report))
+    _print_goals(report["goals"])
+    _write_report(report, args.out, "bench-scale")
+    return 0
+
+
+def _gpu_check(args: argparse.Namespace) -> int:
+    from dpr_hpc.gpu_check import run_gpu_check
+    from dpr_hpc.stages.runner import quiet_libraries
+
+    quiet_libraries()
+    report = run_gpu_check(smoke=args.smoke, budget_s=args.budget_s, echo=lambda line: print(line, flush=True))
+    _write_report(report, args.out, "gpu-check-smoke" if args.smoke else "gpu-check")
+    return 0
+
+
+def _print_goals(rows: list[dict]) -> None:
+    print()
+    for row in rows:
+        extrapolated = " (extrapolated)" if row.get("extrapolated") else ""
+        print(f"  {'met    ' if row['met'] else 'NOT met'}  {row['goal']:<46} {row['measured']}{extrapolated}")
+
+
+def _write_report(report: dict, out_dir: Path, kind: str) -> Path:
+    """`<kind>-<node>-<UTC time>.json` under out_dir: every benchmark's report, tagged with its node
+    (and, on a GPU, named after the node the GPU sits in; the GPU's name is in the report's tags)."""
+    from dpr_hpc.fsutil import write_json_atomic
+    from dpr_hpc.provenance import node_label
+
     stamp = report["started_at"].replace(":", "").replace("-", "")[:15]
-    out = args.out / f"bench-{node_label(report['node'])}-{stamp}.json"
+    out = out_dir / f"{kind}-{node_label(report['node'])}-{stamp}.json"
     write_json_atomic(out, report)
     print(f"report: {out}")
-    return 0
+    return out
 
 
 def _generate_demo(args: argparse.Namespace) -> int:
