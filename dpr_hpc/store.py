@@ -104,6 +104,11 @@ class AttemptPaths:
         return self.dir / "shards"
 
     @property
+    def embeddings(self) -> Path:
+        """The pool's embeddings in pool order, which the index is built from; discarded after."""
+        return self.dir / "embeddings.npy"
+
+    @property
     def index_file(self) -> Path:
         return self.dir / "index.faiss"
 

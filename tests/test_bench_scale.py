@@ -35,12 +35,19 @@ def test_hnsw_build_time_extrapolates_linearly_and_says_it_is_a_lower_bound_when
 def test_a_written_report_gives_back_its_phases_and_their_summary():
     runs = [run("prepare-train", 1.0, 300, 100, 1.0), run("load-train", 0.01, 120, 100, 1.0), run("tokenise-train", 2.0, 500, 100, 1.0),
             run("load-dev", 0.01, 120, 100, 1.0), run("tokenise-pool", 3.0, 400, 100, 1.0, token_bytes=50),
+            run("encode", 1.0, 400, 150, 0.5, units=10, rss_per_unit_bytes=20),
             run("hnsw-build", 1.0, 1100, 100, 0.5, vectors=10, index_bytes=700)]
     report = {"phases": [r.to_json() for r in runs]}
     assert phase_runs(report) == runs
     summary = summarise(phase_runs(report))
     assert [goal["met"] for goal in summary["goals"]] == [True, True, False]
-    assert summary["index_stage"]["index_bytes"] == 1400 and summary["index_stage"]["hnsw_build_peak_rss_bytes"] == 2100
+    stage = summary["index_stage"]
+    assert stage["index_bytes"] == 1400
+    # Encoding: the encode phase at full size (400 + 20 x 10 more rows) plus bert-base's weights.
+    assert stage["encoding_peak_rss_bytes"] == 600 + stage["encoder_bytes"]
+    # Building: the HNSW phase at full size (100 + 1000 x 2) on the encode phase's baseline (150).
+    assert stage["building_peak_rss_bytes"] == 2150
+    assert stage["peak_rss_bytes"] == max(2150, 600 + stage["encoder_bytes"])
 
 
 def test_quick_run_reports_every_phase_with_its_own_figures_and_flags_extrapolations(tmp_path, capsys):

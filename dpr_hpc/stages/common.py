@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
 import resource
 import sys
@@ -55,6 +56,14 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a wall-clock reading covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Give back what the objects a stage just dropped held (a model, token arrays) before its
+    next memory-hungry step, on the GPU too."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def seed_everything(seed: int) -> None:

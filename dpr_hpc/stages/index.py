@@ -18,9 +18,10 @@ from dpr_hpc.meter import Meter
 from dpr_hpc.modeling.batching import tokenize_passages
 from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
-from dpr_hpc.modeling.searcher import build_index, save_index
+from dpr_hpc.modeling.searcher import ADD_CHUNK_ROWS, build_index_from_file, save_index
 from dpr_hpc.prepared import load_dev
-from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, prepared_details, progress, tokenized
+from dpr_hpc.stages.common import (StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, prepared_details, progress,
+                                   release_memory, tokenized)
 
 
 def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
@@ -47,10 +48,18 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     if encoded.reused_shards:
         progress(f"reused {encoded.reused_shards} shard(s) of embeddings from a stopped job")
 
-    started = time.perf_counter()
-    faiss_index = build_index(cell.index, encoded.embeddings)
-    index_build_s = time.perf_counter() - started
-    progress(f"encoded in {encoded.encode_s:.2f}s, {cell.index.type} index built in {index_build_s:.2f}s")
+    # The embeddings go to disk and out of memory, with the tokens and the encoder, before FAISS
+    # builds: the index then reads them a chunk at a time, and the stage's peak memory is about
+    # the index's own size, not the index plus a second copy of every vector.
+    dim = int(encoded.embeddings.shape[1])
+    save_array(paths.embeddings, encoded.embeddings)
+    encode_s, reused_shards, encode_nodes = encoded.encode_s, encoded.reused_shards, encoded.nodes
+    tokens_hit, tokens_key = texts.hit, texts.key
+    del encoded, texts, encoder
+    release_memory(device)
+    built = build_index_from_file(cell.index, paths.embeddings)
+    faiss_index, index_build_s = built.index, built.add_s
+    progress(f"encoded in {encode_s:.2f}s, {cell.index.type} index built in {index_build_s:.2f}s")
 
     kept = keeps_index_file(cell, repeat)
     if kept:
@@ -63,22 +72,23 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     return StageOutput(
         # The pool before de-duplication is what the paper indexed and reported (935,159 on NQ dev).
         metrics={"num_passages": len(pool), "pool_with_duplicates": dev.pool_with_duplicates,
-                 "dim": int(encoded.embeddings.shape[1])},
+                 "dim": dim},
         timings={
-            "encode_s": encoded.encode_s,
+            "encode_s": encode_s,
             "index_build_s": index_build_s,
-            "pei_s": encoded.encode_s + index_build_s,
+            "pei_s": encode_s + index_build_s,
             "tokenize_s": tokenize_s,
             **peak_memory(device),
         },
         artifacts=[str(p.relative_to(paths.dir)) for p in artifacts],
         details={"device": device.type, "index_type": cell.index.type, "precision": precision, "precision_requested": cell.precision.encode,
                  "passage_format": cell.text.passage_format,
-                 "tokens_cached": texts.hit, "prepared_data": prepared_details(dev), "reused_shards": encoded.reused_shards,
-                 "encode_nodes": list(encoded.nodes), "index_file_kept": kept,
+                 "tokens_cached": tokens_hit, "prepared_data": prepared_details(dev), "reused_shards": reused_shards,
+                 "encode_nodes": list(encode_nodes), "index_file_kept": kept,
+                 "index_add_chunk_rows": ADD_CHUNK_ROWS,
                  # The report's Figure 1 reads the pool's token lengths from this entry.
-                 "token_cache_entry": f"dev-passages-{texts.key}.npz"},
-        discard=[paths.shards],
+                 "token_cache_entry": f"dev-passages-{tokens_key}.npz"},
+        discard=[paths.shards, paths.embeddings],
     )
 
 
