@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -238,3 +239,69 @@ def test_local_time_limit_checkpoints_and_restarts_the_training_until_it_finishe
     assert len(segments) >= 2 and [s["ended_by"] for s in segments] == ["SIGUSR2"] * (len(segments) - 1) + ["finished"]
     assert sum(s["steps"] for s in segments) == record["metrics"]["steps"] == 40 * 24
     assert record["timings"]["ttt_s"] == pytest.approx(sum(s["train_s"] for s in segments), rel=1e-12)
+
+
+class _EndedRun:
+    """A local job that has ended: with a result (the training finished) or without one."""
+
+    def __init__(self, folder, finished: bool) -> None:
+        self.paths = SimpleNamespace(result_pickle=folder.jobs / ("result.pkl" if finished else "no-result.pkl"),
+                                     stderr=folder.jobs / "log.err")
+        if finished:
+            self.paths.result_pickle.parent.mkdir(parents=True, exist_ok=True)
+            self.paths.result_pickle.write_bytes(b"")
+        self.finished = finished
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        if not self.finished:
+            import submitit
+
+            raise submitit.core.utils.UncompletedJobError("Caught signal SIGUSR2 on vm: this job is timed-out.")
+
+
+@pytest.mark.parametrize("ends", [("interrupted", "interrupted", "finished"), ("failed",)])
+def test_a_training_the_local_controller_stops_resumable_is_started_again_and_a_failed_one_is_not(data_files, tmp_path, ends):
+    """submitit's local controller runs a job at most 6 times; a training that still stops at
+    its time limit, its checkpoint written, is started again by the backend (a failure path:
+    the controller is faked, the records and markers are the real ones)."""
+    from conftest import ONE_CELL_GRID
+    from dpr_hpc.backends.local import LocalBackend
+    from dpr_hpc.backends.submit_report import SubmitReport
+    from dpr_hpc.results import Records
+    from dpr_hpc.runstate import mark_failed, mark_interrupted, save_plan
+    from test_status import complete
+
+    grid = write_grid(data_files, ONE_CELL_GRID)
+    plan = make_plan(load_grid(grid))
+    layout = RunLayout(tmp_path / "runs" / "g")
+    save_plan(layout, plan, grid)
+    train = next(plan.jobs())
+    folder = layout.store.job(train)
+    lines: list[str] = []
+    backend = LocalBackend(layout, plan, echo=lines.append)
+    starts = iter(ends)
+
+    def start(executor, job):
+        end = next(starts)
+        attempt = folder.working_attempt(None)
+        attempt.dir.mkdir(parents=True, exist_ok=True)
+        if end == "interrupted":
+            mark_interrupted(attempt, "SIGUSR2")
+        elif end == "failed":
+            mark_failed(attempt, RuntimeError("loss is NaN"))
+        else:
+            complete(layout, plan, job)
+        return _EndedRun(folder, finished=end == "finished")
+
+    backend._start = start
+    report = SubmitReport()
+    backend._run_one(train, "[1/1] train r0", report, Records(layout.store))
+    assert next(starts, None) is None  # every run given was started, and no more
+    restarted = [line for line in lines if "starting it again" in line]
+    if ends[-1] == "finished":
+        assert report.ran == [train] and not report.failed and len(restarted) == 2
+    else:
+        assert report.failed == [train] and not restarted and "FAILED" in lines[-2]

@@ -228,11 +228,11 @@ def test_training_past_its_time_limit_is_requeued_until_it_finishes(slurm_cluste
     record = train_record(tmp_path, "limit")
     segments = record["details"]["segments"]
     assert len(segments) >= 3 and record["details"]["restarts"] == len(segments) - 1
-    # Consecutive requeues of one job. SLURM may send the warning up to 60 s early, i.e. as
-    # the job starts: before the training is running, submitit then requeues at once and that
-    # run leaves no segment, so the first segment may carry a restart count above 0.
+    # Requeues of one job, in order. SLURM may send the warning up to 60 s early, even as a run
+    # starts: before the training is running, submitit then requeues at once and that run
+    # leaves no segment, so the restart counts may skip one (seen first, and in the middle).
     counts = [s["slurm_restart_count"] for s in segments]
-    assert counts == list(range(counts[0], counts[0] + len(segments))), counts
+    assert counts == sorted(set(counts)), counts
     assert segments[0]["first_step"] == 0
     assert {s["job_id"] for s in segments} == {jobs[0]["job_id"]}  # requeued: the same SLURM job
     assert [s["ended_by"] for s in segments] == ["SIGUSR2"] * (len(segments) - 1) + ["finished"]

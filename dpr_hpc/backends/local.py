@@ -8,6 +8,7 @@ left alone: one writer per stage job.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import time
@@ -28,7 +29,7 @@ from dpr_hpc.ledger import Ledger
 from dpr_hpc.meter import MeterBar, bars_wanted
 from dpr_hpc.modeling.hub import job_environment
 from dpr_hpc.results import Records
-from dpr_hpc.runstate import cell_history, save_plan
+from dpr_hpc.runstate import cell_history, resumable, save_plan
 from dpr_hpc.stages.runner import stage_job_entry
 from dpr_hpc.status import headline
 
@@ -37,6 +38,9 @@ DEFAULT_SIGNAL_DELAY_S = 300
 # submitit's local controller restarts a requeued job at most 6 times whatever this says; a
 # resubmit continues from the checkpoint after that.
 DEFAULT_MAX_REQUEUES = 20
+# submitit's local controller runs a job at most 6 times (its controller's max_retry); the
+# backend starts it again while it stops resumable, up to about the requeues allowed.
+CONTROLLER_RUNS = math.ceil(DEFAULT_MAX_REQUEUES / 6)
 
 
 def visible_gpus() -> tuple[int, ...]:
@@ -150,19 +154,26 @@ class LocalBackend:
         executor.update_parameters(**self.executor_parameters())
         self.echo(f"{tag}  running")
         started = time.perf_counter()
-        with _environment(job_environment()):  # the job's process copies this one's environment at its start
-            handle = executor.submit(stage_job_entry, str(self.layout.runs_root), job.stage, job.key, job.repeat)
         bar = MeterBar(folder, tag.split("]")[0] + "]") if bars_wanted() else None
+        handle = None
         try:
-            while not handle.done():
-                if bar:
-                    bar.refresh()
-                time.sleep(0.2)
+            for start in range(CONTROLLER_RUNS):
+                handle = self._start(executor, job)
+                while not handle.done():
+                    if bar:
+                        bar.refresh()
+                    time.sleep(0.2)
+                if handle.paths.result_pickle.exists() or not resumable(folder) or start == CONTROLLER_RUNS - 1:
+                    break
+                # submitit's local controller starts a job at most 6 times, whatever its
+                # max_num_timeout; a training that needs more time-limited runs goes on here.
+                self.echo(f"{tag}  stopped at its time limit after the local controller's last restart; starting it again")
             if bar:
                 bar.close()
             handle.result()
         except KeyboardInterrupt:
-            handle.cancel(check=False)
+            if handle is not None:
+                handle.cancel(check=False)
             raise
         except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
             report.failed.append(job)
@@ -178,6 +189,10 @@ class LocalBackend:
             return
         report.ran.append(job)
         self.echo(f"{tag}  done in {time.perf_counter() - started:.1f}s  {headline(check.record)}")
+
+    def _start(self, executor: submitit.LocalExecutor, job: StageJob) -> submitit.Job:
+        with _environment(job_environment()):  # the job's process copies this one's environment at its start
+            return executor.submit(stage_job_entry, str(self.layout.runs_root), job.stage, job.key, job.repeat)
 
 
 @contextmanager

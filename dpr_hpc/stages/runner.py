@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -55,7 +56,12 @@ class StageJobEntry:
     """
 
     def __call__(self, runs_root: str, stage: str, key: str, repeat: int) -> dict[str, Any]:
-        return run_stage_job(runs_root, stage, key, repeat)
+        headline = run_stage_job(runs_root, stage, key, repeat)
+        # The record is written. A time-limit warning that lands from here on (SLURM may send it
+        # early, and one that reaches the interpreter while it exits kills it by default) would
+        # turn a finished job into a FAILED one, and SLURM cancels the jobs that depend on it.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        return headline
 
     def checkpoint(self, runs_root: str, stage: str, key: str, repeat: int):
         from submitit.helpers import DelayedSubmission
