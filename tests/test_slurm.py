@@ -211,9 +211,12 @@ def train_record(work: Path, name: str) -> dict:
 
 
 def test_training_past_its_time_limit_is_requeued_until_it_finishes(slurm_cluster, demo_assets, tmp_path):
-    """A 1-minute limit with the warning 40 s before it: each job trains ~15 s, checkpoints,
-    and submitit requeues it; the training (~60 s of steps here) needs several jobs."""
-    grid = one_training_grid(tmp_path, demo_assets, "limit", epochs=80, slurm_train='{time: "1", signal_delay_s: 40}')
+    """A 2-minute limit with the warning 30 s before it: each run trains until the warning,
+    checkpoints, and submitit requeues it; the training (~100 s of steps here) needs several runs.
+    SLURM may send the warning up to 60 s early: with a 1-minute limit it came as a run started,
+    before any handler was installed, and killed it (exit 12, FAILED); here it comes 30 s in at
+    the earliest."""
+    grid = one_training_grid(tmp_path, demo_assets, "limit", epochs=150, slurm_train='{time: "2", signal_delay_s: 30}')
     cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
     seen_progress = set()
     deadline = time.monotonic() + 900
@@ -227,7 +230,7 @@ def test_training_past_its_time_limit_is_requeued_until_it_finishes(slurm_cluste
     assert [j["state"] for j in jobs] == ["COMPLETED"] * 3
     record = train_record(tmp_path, "limit")
     segments = record["details"]["segments"]
-    assert len(segments) >= 3 and record["details"]["restarts"] == len(segments) - 1
+    assert len(segments) >= 2 and record["details"]["restarts"] == len(segments) - 1
     # Requeues of one job, in order. SLURM may send the warning up to 60 s early, even as a run
     # starts: before the training is running, submitit then requeues at once and that run
     # leaves no segment, so the restart counts may skip one (seen first, and in the middle).
@@ -241,7 +244,7 @@ def test_training_past_its_time_limit_is_requeued_until_it_finishes(slurm_cluste
     assert record["timings"]["ttt_s"] == pytest.approx(sum(s["train_s"] for s in segments), rel=1e-12)
     assert any("1 restart" in p or "restarts" in p for p in seen_progress), seen_progress
     history = subprocess.run(["sacct", "-n", "-X", "--duplicates", "-j", jobs[0]["job_id"], "-o", "State"], capture_output=True, text=True).stdout.split()
-    assert history.count("REQUEUED") >= 2 and history[-1] == "COMPLETED", history
+    assert history.count("REQUEUED") >= len(segments) - 1 and history[-1] == "COMPLETED", history
 
 
 def test_scontrol_requeue_of_a_running_training_resumes_from_its_checkpoint(slurm_cluster, demo_assets, tmp_path):
