@@ -139,6 +139,8 @@ def test_index_repeats_after_the_first_keep_no_index_file_and_records_name_their
     attempt = {r: work / "runs" / "store" / "index" / records[r]["key"] / r / "attempts" / f"a{records[r]['attempt']}" for r in records}
     assert (attempt["r0"] / "index.faiss").is_file()
     assert not (attempt["r1"] / "index.faiss").exists()
+    for folder in attempt.values():  # the scratch the index was built from is gone with the record written
+        assert not (folder / "embeddings.npy").exists() and not (folder / "shards").exists()
     assert sorted(r0["artifacts"]) == ["index.faiss", "passage_ids.npy"] and list(r1["artifacts"]) == ["passage_ids.npy"]
     assert r1["timings"]["index_build_s"] > 0 and not r1["details"]["index_file_kept"]
     assert r0["details"]["encode_nodes"] == [r0["node"].get("slurm_node") or r0["node"]["hostname"]]

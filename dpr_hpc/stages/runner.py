@@ -138,8 +138,17 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[
     )
     write_record(store.job(job), paths, record)
     for leftover in output.discard:
-        shutil.rmtree(leftover, ignore_errors=True)
+        _discard(leftover)
     return _headline(record)
+
+
+def _discard(path: Path) -> None:
+    """A stage's scratch output, gone once its record is written: a folder (the index's shards,
+    the training's resume state) or a file (the index's embeddings, GBs at NQ's size)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def note_scheduler_job(paths: "AttemptPaths") -> None:
