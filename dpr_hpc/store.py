@@ -15,7 +15,7 @@
                 meter.json                  live count of its work (steps, passages) for a progress bar
                 failed.json, interrupted.json
                 train:  checkpoint/{question,passage}_encoder/, resume/, progress.json, losses.json, batch_size.json
-                index:  shards/, index.faiss, passage_ids.npy
+                index:  shards/ and embeddings.npy (scratch, removed with the record written), index.faiss, passage_ids.npy
                 infer:  rankings.npy, run.trec (the ranking as a TREC run), qrels.trec (the dev gold)
     <runs root>/cache/tokens/               tokenized data, shared by every grid
     <runs root>/cache/prepared/             data files parsed once into mapped columns (prepared.py)
