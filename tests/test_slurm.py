@@ -212,11 +212,13 @@ def train_record(work: Path, name: str) -> dict:
 
 def test_training_past_its_time_limit_is_requeued_until_it_finishes(slurm_cluster, demo_assets, tmp_path):
     """A 2-minute limit with the warning 30 s before it: each run trains until the warning,
-    checkpoints, and submitit requeues it; the training (~100 s of steps here) needs several runs.
+    checkpoints, and submitit requeues it. The warning comes 30-90 s into a run, so the training
+    (~170 s of steps here on an idle machine; 150 epochs once finished inside one run) needs
+    several runs.
     SLURM may send the warning up to 60 s early: with a 1-minute limit it came as a run started,
     before any handler was installed, and killed it (exit 12, FAILED); here it comes 30 s in at
     the earliest."""
-    grid = one_training_grid(tmp_path, demo_assets, "limit", epochs=150, slurm_train='{time: "2", signal_delay_s: 30}')
+    grid = one_training_grid(tmp_path, demo_assets, "limit", epochs=300, slurm_train='{time: "2", signal_delay_s: 30}')
     cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
     seen_progress = set()
     deadline = time.monotonic() + 900
