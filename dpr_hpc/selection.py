@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from dpr_hpc.errors import UsageError
+from dpr_hpc.grid.config import STAGES
 
 if TYPE_CHECKING:  # the command line builds its parser from this module without loading the grid code
     from dpr_hpc.plan import Plan, StageJob
 
-STAGES = ("train", "index", "infer")
 # How many cell ids an error lists before "and N more".
 LISTED_IDS = 5
 
