@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from dpr_hpc.errors import UsageError
 from dpr_hpc.grid.config import STAGES
 
-if TYPE_CHECKING:  # the command line builds its parser from this module without loading the grid code
+if TYPE_CHECKING:  # the command line builds its parser from this module without loading the plan
     from dpr_hpc.plan import Plan, StageJob
 
 # How many cell ids an error lists before "and N more".
