@@ -113,11 +113,10 @@ def write_grid(folder: Path, text: str, name: str = "grid.yaml") -> Path:
 ONE_CELL_GRID = "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n"
 
 
-def submitted_run(data_files: Path, tmp_path: Path, train_job_id: str):
-    """A one-cell run folder whose train job the ledger says was submitted as `train_job_id`."""
+def planned_run(data_files: Path, tmp_path: Path):
+    """A one-cell run folder with its plan saved and nothing submitted (so no backend asks SLURM)."""
     from dpr_hpc.grid import load_grid
     from dpr_hpc.layout import RunLayout
-    from dpr_hpc.ledger import Ledger
     from dpr_hpc.plan import make_plan
     from dpr_hpc.runstate import save_plan
 
@@ -125,7 +124,14 @@ def submitted_run(data_files: Path, tmp_path: Path, train_job_id: str):
     plan = make_plan(load_grid(grid))
     layout = RunLayout(tmp_path / "runs" / "g")
     save_plan(layout, plan, grid)
-    train = next(plan.jobs())
+    return layout, plan, next(plan.jobs())
+
+
+def submitted_run(data_files: Path, tmp_path: Path, train_job_id: str):
+    """A one-cell run folder whose train job the ledger says was submitted as `train_job_id`."""
+    from dpr_hpc.ledger import Ledger
+
+    layout, plan, train = planned_run(data_files, tmp_path)
     with Ledger.locked(layout.store) as ledger:
         ledger.record(train, train_job_id)
     return layout, plan, train
