@@ -27,7 +27,7 @@ from dpr_hpc.runstate import cell_history, latest_log, read_marker, resumable, s
 from dpr_hpc.selection import Selection
 from dpr_hpc.store import JobFolder
 
-STATES = ("COMPLETED", "STALE", "RUNNING", "PENDING", "REQUEUED", "FAILED", "TIMEOUT", "CANCELLED",
+STATES = ("COMPLETED", "STALE", "RUNNING", "PENDING", "REQUEUED", "HELD", "FAILED", "TIMEOUT", "CANCELLED",
           "INTERRUPTED", "BLOCKED", "UNREADABLE", "UNKNOWN")
 _DEAD_ENDS = ("FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "BLOCKED", "UNREADABLE")
 

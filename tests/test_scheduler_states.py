@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli, submitted_run
 from dpr_hpc.backends import scheduler
 from dpr_hpc.ledger import Ledger
-from dpr_hpc.status import stage_states
+from dpr_hpc.status import stage_states, summary_line
 
 # The JOB STATE CODES of SLURM's sacct and squeue documentation, and what each must read as.
 DOCUMENTED = {
@@ -71,8 +71,9 @@ def run(data_files, tmp_path):
 def test_status_shows_held_jobs_as_held_and_their_dependants_waiting(fake_slurm, run, state):
     layout, plan = run
     (fake_slurm / "sacct.out").write_text(f"5|{state}|0:0|node3|01:00:00|None\n")
-    states = [s.state for s in stage_states(layout, plan).states]
-    assert states == ["HELD", "PENDING", "PENDING"]
+    states = stage_states(layout, plan).states
+    assert [s.state for s in states] == ["HELD", "PENDING", "PENDING"]
+    assert summary_line(states) == "3 stage jobs: 2 PENDING, 1 HELD"
 
 
 def test_sacct_and_squeue_ask_for_the_ledgers_users_from_its_first_submission(fake_slurm, run):
