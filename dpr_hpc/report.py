@@ -35,6 +35,9 @@ from dpr_hpc.selection import Selection
 FAMILIES = (("tinybert", "TinyBERT"), ("distilbert", "DistilBERT"), ("electra", "ELECTRA"), ("roberta", "RoBERTa"), ("bert", "BERT"))
 TIMINGS = {"ttt_s": ("train", "TTT (s)"), "pei_s": ("index", "PEI (s)"), "ita_mean_ms": ("infer", "ITA (ms)")}
 RETRIEVAL = {"acc@1": "Acc@1", "acc@20": "Acc@20", "acc@100": "Acc@100", "mrr@100": "MRR@100"}
+# The stage whose record gives each figure: a report of some stages (--stage) leaves out the
+# columns of the others rather than showing them `missing`, which would read as "not run".
+COLUMN_STAGES = {column: stage for column, (stage, _) in TIMINGS.items()} | {"ita_sd_ms": "infer"} | {c: "infer" for c in RETRIEVAL}
 MISSING = "missing"
 
 
@@ -77,10 +80,11 @@ def write_report(layout: RunLayout, plan: Plan, out_dir: Path, options: ReportOp
     if found.left_out:
         sections.append("Left out (not complete): " + "; ".join(found.left_out))
     pngs: list[Path] = []
-    sections += [efficiency_table(shown, table, baseline), retrieval_table(shown, table, baseline),
-                 evaluation_only_table(shown, table, baseline), batch_size_table(shown, table)]
-    pngs += _token_length_figure(layout, shown, found, out_dir, sections)
-    pngs += _metric_figures(shown, table, baseline, out_dir, sections)
+    picked = selection.picks_stage
+    sections += [efficiency_table(shown, table, baseline, picked), retrieval_table(shown, table, baseline, picked),
+                 evaluation_only_table(shown, table, baseline, picked), batch_size_table(shown, table, picked)]
+    pngs += _token_length_figure(layout, shown, found, out_dir, sections) if picked("index") else _not_selected(sections, TOKEN_LENGTH_TITLE, "index")
+    pngs += _metric_figures(shown, table, baseline, out_dir, sections, picked)
     variance = variance_rows(found.repeats, options.variance_factor)
     sections.append(variance_section(variance, options.variance_factor))
     if not variance.empty:
@@ -143,6 +147,23 @@ def _figure(values: list[float], base: list[float] | None) -> tuple[str, str]:
     return text, f"{median / float(np.median(base)):.3g}x"
 
 
+StagePicked = Callable[[str], bool]
+
+
+def _every_stage(stage: str) -> bool:
+    return True
+
+
+def _picked_columns(columns: dict[str, str], picked: StagePicked) -> dict[str, str]:
+    return {column: title for column, title in columns.items() if picked(COLUMN_STAGES[column])}
+
+
+def _not_selected(sections: list[str], title: str, *stages: str) -> list[Path]:
+    """The section of figures no selected stage gives, said as such (no figure written)."""
+    sections.append(f"## {title}\n\nNot in this report: it needs the {' and '.join(stages)} stage, which --stage leaves out.")
+    return []
+
+
 def _rows(plan: Plan, table: pd.DataFrame, baseline: Baseline, columns: dict[str, str], cells: Sequence[CellConfig],
           skip: Callable[[CellConfig, str], bool] = lambda cell, column: False) -> pd.DataFrame:
     rows = []
@@ -165,20 +186,28 @@ def _sorted_cells(plan: Plan, trained: bool = True) -> list[CellConfig]:
     return sorted(cells, key=lambda c: (family_of(c), c.embedding_size, c.batch_size or 0))
 
 
-def efficiency_table(plan: Plan, table: pd.DataFrame, baseline: Baseline) -> str:
-    columns = {c: title for c, (_, title) in TIMINGS.items()} | {"ita_sd_ms": "ITA SD (ms)"}
+def efficiency_table(plan: Plan, table: pd.DataFrame, baseline: Baseline, picked: StagePicked = _every_stage) -> str:
+    columns = _picked_columns({c: title for c, (_, title) in TIMINGS.items()} | {"ita_sd_ms": "ITA SD (ms)"}, picked)
     rows = _rows(plan, table, baseline, columns, _sorted_cells(plan), lambda cell, column: column == "ttt_s" and cell.evaluate_only)
     return "## Table 2: efficiency\n\nMedian over repeats (n, max - min spread); relative: the ratio to the baseline's median.\n\n" + markdown(rows)
 
 
-def retrieval_table(plan: Plan, table: pd.DataFrame, baseline: Baseline) -> str:
+def _not_selected_table(title: str, stages: str) -> str:
+    return f"{title}\n\nNot in this report: its figures come from the {stages} stage, which --stage leaves out."
+
+
+def retrieval_table(plan: Plan, table: pd.DataFrame, baseline: Baseline, picked: StagePicked = _every_stage) -> str:
+    if not picked("infer"):
+        return _not_selected_table("## Table 3: retrieval", "infer")
     rows = _rows(plan, table, baseline, RETRIEVAL, _sorted_cells(plan))
     return "## Table 3: retrieval\n\n" + markdown(rows)
 
 
-def evaluation_only_table(plan: Plan, table: pd.DataFrame, baseline: Baseline) -> str:
+def evaluation_only_table(plan: Plan, table: pd.DataFrame, baseline: Baseline, picked: StagePicked = _every_stage) -> str:
     """The paper's Table 4 (Original DPR against our BERT): every evaluation-only cell with the
     trained cells of the same embedding size."""
+    if not picked("infer"):
+        return _not_selected_table("## Table 4: evaluation-only models", "infer")
     evaluated = _sorted_cells(plan, trained=False)
     if not evaluated:
         return "## Table 4: evaluation-only models\n\nThe grid has no evaluation-only cell."
@@ -189,7 +218,7 @@ def evaluation_only_table(plan: Plan, table: pd.DataFrame, baseline: Baseline) -
     return "## Table 4: evaluation-only models against trained cells of the same size\n\n" + markdown(rows)
 
 
-def batch_size_table(plan: Plan, table: pd.DataFrame) -> str:
+def batch_size_table(plan: Plan, table: pd.DataFrame, picked: StagePicked = _every_stage) -> str:
     """The paper's Table 5: encoders x sizes trained at more than one batch size."""
     by_shape: dict[tuple[str, int], list[CellConfig]] = {}
     for cell in _sorted_cells(plan):
@@ -198,17 +227,21 @@ def batch_size_table(plan: Plan, table: pd.DataFrame) -> str:
     if not cells:
         return "## Table 5: batch size\n\nNo encoder and embedding size is trained at more than one batch size in this grid."
     no_baseline = Baseline("", 0, None)
-    rows = _rows(plan, table, no_baseline, {c: t for c, (_, t) in TIMINGS.items()} | RETRIEVAL, cells)
+    rows = _rows(plan, table, no_baseline, _picked_columns({c: t for c, (_, t) in TIMINGS.items()} | RETRIEVAL, picked), cells)
     return "## Table 5: batch size\n\n" + markdown(rows)
 
 
 # --- Figures 1-5 ---------------------------------------------------------------------------
 
-def _metric_figures(plan: Plan, table: pd.DataFrame, baseline: Baseline, out_dir: Path, sections: list[str]) -> list[Path]:
+def _metric_figures(plan: Plan, table: pd.DataFrame, baseline: Baseline, out_dir: Path, sections: list[str],
+                    picked: StagePicked = _every_stage) -> list[Path]:
     written = []
     specs = [("ttt_s", "Figure 2: total training time", "TTT"), ("pei_s", "Figure 3: passage encoding + indexing time", "PEI"),
              ("ita_mean_ms", "Figure 4: inference time average", "ITA"), ("mrr@100", "Figure 5: MRR@100", "MRR@100")]
     for column, title, short in specs:
+        if not picked(COLUMN_STAGES[column]):
+            _not_selected(sections, title, COLUMN_STAGES[column])
+            continue
         base = _values(table, baseline.cell_id, column) if baseline.cell_id else []
         scale = float(np.median(base)) if base else None
         series = metric_series(plan, table, column, scale)
@@ -241,6 +274,9 @@ def metric_series(plan: Plan, table: pd.DataFrame, column: str, scale: float | N
     return [figures.Series(label, sorted(points), [points[s] for s in sorted(points)]) for label, points in lines.items()]
 
 
+TOKEN_LENGTH_TITLE = "Figure 1: passage token lengths of the dev pool"
+
+
 def _token_length_figure(layout: RunLayout, plan: Plan, found: CompleteRecords, out_dir: Path, sections: list[str]) -> list[Path]:
     """Figure 1 from the token cache entries the index stages recorded: no tokenizing. The
     cache keeps sequences cut at max_length, so a passage at the cut-off may or may not have
@@ -253,7 +289,7 @@ def _token_length_figure(layout: RunLayout, plan: Plan, found: CompleteRecords, 
             cell = plan.cell(repeat.cell_id)
             entries.setdefault(family_of(cell), layout.store.token_cache / entry)
             max_lengths.add(cell.text.max_length)
-    title = "Figure 1: passage token lengths of the dev pool"
+    title = TOKEN_LENGTH_TITLE
     if not entries:
         sections.append(f"## {title}\n\n{MISSING}: no complete index record names its token cache entry (records from before this report existed).")
         return []

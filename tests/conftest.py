@@ -113,7 +113,7 @@ def write_grid(folder: Path, text: str, name: str = "grid.yaml") -> Path:
 ONE_CELL_GRID = "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n"
 
 
-def planned_run(data_files: Path, tmp_path: Path):
+def one_cell_run(data_files: Path, tmp_path: Path):
     """A one-cell run folder with its plan saved and nothing submitted (so no backend asks SLURM)."""
     from dpr_hpc.grid import load_grid
     from dpr_hpc.layout import RunLayout
@@ -131,7 +131,7 @@ def submitted_run(data_files: Path, tmp_path: Path, train_job_id: str):
     """A one-cell run folder whose train job the ledger says was submitted as `train_job_id`."""
     from dpr_hpc.ledger import Ledger
 
-    layout, plan, train = planned_run(data_files, tmp_path)
+    layout, plan, train = one_cell_run(data_files, tmp_path)
     with Ledger.locked(layout.store) as ledger:
         ledger.record(train, train_job_id)
     return layout, plan, train

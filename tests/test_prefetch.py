@@ -131,11 +131,11 @@ def test_a_job_loads_the_commit_its_spec_names_even_when_the_cache_has_moved_on(
 def test_local_jobs_start_with_the_hub_offline_and_the_submitter_keeps_its_environment(data_files, tmp_path, monkeypatch):
     import submitit
 
-    from conftest import planned_run
+    from conftest import one_cell_run
     from dpr_hpc.backends.local import LocalBackend
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    layout, plan, _ = planned_run(data_files, tmp_path)
+    layout, plan, _ = one_cell_run(data_files, tmp_path)
     seen: dict[str, str] = {}
 
     class Started(Exception):

@@ -157,6 +157,23 @@ def test_collect_with_stage_keeps_the_figures_of_that_stage_only(run, capsys, tm
     assert table["pei_s"].notna().all() and table["ttt_s"].isna().all() and table["ita_mean_ms"].isna().all()
 
 
+def test_report_with_stage_leaves_out_the_other_stages_figures_instead_of_calling_them_missing(run, capsys, tmp_path):
+    layout, plan, _ = run
+    cell = cell_of(plan, "bert-base-uncased-es32")
+    complete_cell(layout, plan, cell)
+    code, _, err = run_cli(capsys, "report", "--runs-root", layout.runs_root, "--cell", cell, "--stage", "index",
+                           "--out", tmp_path, "--baseline", "BERT-32")
+    assert code == 0, err
+    report = (tmp_path / "sel" / "report.md").read_text()
+    efficiency = report.split("## Table 2")[1].split("## Table 3")[0]
+    assert "PEI (s)" in efficiency and "TTT (s)" not in efficiency and "ITA" not in efficiency
+    assert "missing" not in efficiency
+    assert "## Table 3: retrieval\n\nNot in this report" in report
+    assert "## Figure 2: total training time\n\nNot in this report: it needs the train stage" in report
+    assert not {"figure-ttt.png", "figure-ita.png", "figure-mrr100.png"} & {p.name for p in (tmp_path / "sel").glob("*.png")}
+    assert (tmp_path / "sel" / "figure-pei.png").is_file()
+
+
 def write_log(layout, job: StageJob, job_id: str, text: str, attempt: int | None) -> None:
     folder = layout.store.job(job)
     folder.jobs.mkdir(parents=True, exist_ok=True)
