@@ -137,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", parents=[runs_root], help="cancel the queued and running SLURM jobs of a grid")
     cancel.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
     add_selection_flags(cancel, "An exact cell id matches itself.")
+    cancel.add_argument("--include-shared", action="store_true",
+                        help="also cancel jobs that another grid under --runs-root plans too (by default they are kept "
+                             "and named: one stage job serves every grid that plans it)")
     cancel.set_defaults(handler=_cancel)
 
     status = commands.add_parser("status", parents=[runs_root], help="show every cell x stage x repeat with its state")
@@ -479,15 +482,25 @@ def _cancel(args: argparse.Namespace) -> int:
     from dpr_hpc.backends import scheduler
     from dpr_hpc.ledger import Ledger
 
+    from dpr_hpc.runstate import grids_sharing
+
     runs = _runs(args.target, args.runs_root)
     selected = Selection.from_args(args).apply([plan for _, plan in runs])
+    shared, unreadable = ({}, []) if args.include_shared else grids_sharing(runs)
+    for problem in unreadable:
+        print(f"warning: {problem}; jobs that run shares with this one are not known, so they may be cancelled", file=sys.stderr)
     for (layout, plan), jobs in zip(runs, selected):
         ledger = Ledger.read(layout.store)
-        ids = {job.id: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
+        ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
         view = scheduler.query(sorted(set(ids.values())), ledger.first_submission(), ledger.users())
-        active = [job_id for job_id in ids.values() if job_id in view.jobs and view.jobs[job_id].active]
-        scheduler.cancel(active)
-        print(f"grid {plan.grid_name}: cancelled {len(active)} SLURM jobs")
+        active = {job: job_id for job, job_id in ids.items() if job_id in view.jobs and view.jobs[job_id].active}
+        kept = {job: job_id for job, job_id in active.items() if job in shared}
+        cancelled = sorted(set(active.values()) - set(kept.values()))
+        scheduler.cancel(cancelled)
+        print(f"grid {plan.grid_name}: cancelled {len(cancelled)} SLURM jobs")
+        for job, job_id in kept.items():
+            print(f"  kept {job.stage} {job.key[:8]} r{job.repeat} (SLURM job {job_id}): grid(s) "
+                  f"{', '.join(sorted(set(shared[job])))} plan it too; --include-shared cancels it as well")
     return 0
 
 

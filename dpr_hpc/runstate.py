@@ -77,6 +77,27 @@ def load_plan(layout: RunLayout) -> Plan:
         raise UsageError(f"{layout.plan_file}: damaged ({type(exc).__name__}: {exc}); 'dpr-hpc submit GRID' writes it again") from None
 
 
+def grids_sharing(runs: list[tuple[RunLayout, Plan]]) -> tuple[dict[StageJob, list[str]], list[str]]:
+    """The stage jobs of `runs` that other runs under the same runs roots plan too, with those
+    grids' names, and the run folders whose plan could not be read. One stage job in the shared
+    store serves every grid that plans it, so cancelling it for one grid takes it from them all."""
+    acting = {layout.root.resolve() for layout, _ in runs}
+    users: dict[StageJob, list[str]] = {}
+    unreadable: list[str] = []
+    for runs_root in sorted({layout.runs_root for layout, _ in runs}):
+        for plan_file in sorted(runs_root.glob("*/plan.json")):
+            if plan_file.parent.resolve() in acting:
+                continue
+            try:
+                other = load_plan(RunLayout(plan_file.parent.resolve()))
+            except UsageError as exc:
+                unreadable.append(str(exc))
+                continue
+            for job in other.jobs():
+                users.setdefault(job, []).append(other.grid_name)
+    return users, unreadable
+
+
 def cell_history(layout: RunLayout) -> dict[str, Any]:
     try:
         return dict(read_json(layout.cells_history))

@@ -171,7 +171,28 @@ def test_concurrent_submits_submit_each_stage_once_and_cancel_clears_them(slurm_
     local = cli("submit", grid, "--backend", "local", cwd=tmp_path, check=True)  # one writer: SLURM has them
     assert local.stdout.count("left alone: queued or running on SLURM as job") == 7 and "0 ran" in local.stdout
 
-    cli("cancel", grid, cwd=tmp_path, check=True)
+    # A second grid under the same runs root that shares the trained cell's jobs (5 of 7) and
+    # has one more index and infer repeat: cancelling either grid keeps what the other plans.
+    other = write_grid(tmp_path, f"""
+        name: other
+        data: {{train: {demo_assets}/train.json, dev: {demo_assets}/dev.json}}
+        defaults:
+          train: {{epochs: 3, learning_rate: 1.0e-3, dropout: 0.0, warmup_steps: 5, batch_size: 16}}
+          text: {{max_length: 64}}
+          encode_batch_size: 128
+        blocks:
+          - {{name: trained, encoder: {demo_assets}/models/tiny-bert, embedding_sizes: [64], repeats: {{index: 3, infer: 3}}}}
+    """, "other.yaml")
+    second = cli("submit", other, "--backend", "slurm", "--profile", PROFILE, "--hold", cwd=tmp_path, check=True)
+    assert "2 submitted" in second.stdout, second.stdout
+    first_cancel = cli("cancel", grid, cwd=tmp_path, check=True).stdout
+    assert "grid slurm: cancelled 2 SLURM jobs" in first_cancel and first_cancel.count("grid(s) other plan it too") == 5
+    other_cancel = cli("cancel", other, cwd=tmp_path, check=True).stdout
+    assert "grid other: cancelled 2 SLURM jobs" in other_cancel and other_cancel.count("grid(s) slurm plan it too") == 5
+    ids = [history[-1]["job_id"] for history in Ledger.read(StageStore.at(tmp_path / "runs")).entries.values()]
+    pending = subprocess.run(["squeue", "-h", "-t", "PD", "-j", ",".join(ids), "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert len(ids) == 9 and len(pending) == 5  # scancel is synchronous: the 4 cancelled ones are no longer pending
+    cli("cancel", cwd=tmp_path, check=True)  # every grid under the runs root: nothing is kept
     deadline = time.monotonic() + 30
     while subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True, text=True).stdout.strip():
         assert time.monotonic() < deadline, "cancelled jobs still queued"
