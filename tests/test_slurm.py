@@ -59,7 +59,11 @@ def wait_until_settled(work: Path, grid: Path, timeout_s: float = 600) -> list[d
         time.sleep(3)
 
 
-def small_grid(folder: Path, demo: Path, train_file: Path | None = None, name: str = "slurm") -> Path:
+def small_grid(folder: Path, demo: Path, train_file: Path | None = None, name: str = "slurm", repeats: int = 2,
+               untrained: bool = True) -> Path:
+    """A trained tiny BERT with `repeats` index and infer repeats and, with `untrained`, the same
+    weights evaluated as given."""
+    evaluated = f"- {{name: untrained, encoder: {demo}/models/tiny-bert, evaluate_only: true, embedding_sizes: [64]}}" if untrained else ""
     return write_grid(folder, f"""
         name: {name}
         data: {{train: {train_file or demo / 'train.json'}, dev: {demo}/dev.json}}
@@ -68,8 +72,8 @@ def small_grid(folder: Path, demo: Path, train_file: Path | None = None, name: s
           text: {{max_length: 64}}
           encode_batch_size: 128
         blocks:
-          - {{name: trained, encoder: {demo}/models/tiny-bert, embedding_sizes: [64], repeats: {{index: 2, infer: 2}}}}
-          - {{name: untrained, encoder: {demo}/models/tiny-bert, evaluate_only: true, embedding_sizes: [64]}}
+          - {{name: trained, encoder: {demo}/models/tiny-bert, embedding_sizes: [64], repeats: {{index: {repeats}, infer: {repeats}}}}}
+          {evaluated}
     """, f"{name}.yaml")
 
 
@@ -173,16 +177,7 @@ def test_concurrent_submits_submit_each_stage_once_and_cancel_clears_them(slurm_
 
     # A second grid under the same runs root that shares the trained cell's jobs (5 of 7) and
     # has one more index and infer repeat: cancelling either grid keeps what the other plans.
-    other = write_grid(tmp_path, f"""
-        name: other
-        data: {{train: {demo_assets}/train.json, dev: {demo_assets}/dev.json}}
-        defaults:
-          train: {{epochs: 3, learning_rate: 1.0e-3, dropout: 0.0, warmup_steps: 5, batch_size: 16}}
-          text: {{max_length: 64}}
-          encode_batch_size: 128
-        blocks:
-          - {{name: trained, encoder: {demo_assets}/models/tiny-bert, embedding_sizes: [64], repeats: {{index: 3, infer: 3}}}}
-    """, "other.yaml")
+    other = small_grid(tmp_path, demo_assets, name="other", repeats=3, untrained=False)
     second = cli("submit", other, "--backend", "slurm", "--profile", PROFILE, "--hold", cwd=tmp_path, check=True)
     assert "2 submitted" in second.stdout, second.stdout
     first_cancel = cli("cancel", grid, cwd=tmp_path, check=True).stdout
