@@ -122,11 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     prefetch = commands.add_parser(
         "prefetch", parents=[runs_root], help="download every hub model a grid names into the Hugging Face cache, for offline nodes",
         description="Download every hub model and tokenizer the grid's encoders name (local folders are left alone) into "
-        "the Hugging Face cache ($HF_HOME/hub, or $HF_HUB_CACHE), resolve each to the commit of the hub's main, and record "
-        "name -> commit in the run folder's models.json. Run it on the login node: stage jobs run with HF_HUB_OFFLINE=1 and "
-        "load exactly that commit from the same cache.",
+        "the Hugging Face cache ($HF_HOME/hub, or $HF_HUB_CACHE) and pin each to a commit for every grid under --runs-root "
+        "(store/hub-pins.json): the hub's main at the model's first use, or the commit pinned before. Each model's commit "
+        "is recorded in the run folder's models.json. Run it on the login node: stage jobs run with HF_HUB_OFFLINE=1 and "
+        "load exactly that commit from the same cache. A stage key names a hub model by its commit, so a pin moves only "
+        "with --update.",
     )
     prefetch.add_argument("grid", type=Path, help="grid file (YAML)")
+    prefetch.add_argument("--update", action="store_true",
+                          help="fetch the hub's main now and move each pin to it; the stage jobs of a model whose commit "
+                               "changed get new keys and run again at their next submit (earlier results stay in the store)")
     prefetch.set_defaults(handler=_prefetch)
 
     completion = commands.add_parser("completion", help="print a shell completion script for dpr-hpc's commands and flags",
@@ -351,28 +356,44 @@ def _check_hub_models(grid) -> None:
               f"'dpr-hpc prefetch {grid.path}' downloads it (submit does too, where the hub is reachable)", file=sys.stderr)
 
 
-def _fetch_hub_models(grid, layout: RunLayout, refetch: bool) -> dict[str, str | None]:
-    """Every hub model the grid names in the local cache, fetched where it is missing (all of
-    them with `refetch`, as prefetch does), and recorded in the run folder's models.json: the
-    stage jobs run offline. A model neither cached nor reachable is a grid error naming it."""
-    from dpr_hpc.modeling.hub import HubUnreachableError, fetch, hub_cache_dir, is_cached
+def _fetch_hub_models(grid, layout: RunLayout, update: bool) -> dict[str, str | None]:
+    """Every hub model the grid names in the local cache at the commit its runs root pins,
+    fetched where the cache lacks it, and pinned at its first use (with `update`, as
+    `prefetch --update` does, at the hub's main now, moving the pin); recorded in the run
+    folder's models.json. The stage jobs run offline. A model neither cached nor reachable is a
+    grid error naming it."""
+    from dpr_hpc.modeling.hub import HubPins, HubUnreachableError, fetch, has_snapshot, hub_cache_dir, revision_for
     from dpr_hpc.runstate import record_hub_models
 
+    pins_file = HubPins(layout.store.hub_pins_file)
+    pins = pins_file.read()
     models = list(dict.fromkeys(model for cell in grid.cells for model in cell.hub_models))
+    new_pins: dict[str, str] = {}
     for model in models:
-        if is_cached(model) and not refetch:
+        pinned = pins.get(model)
+        current = revision_for(model, pins)  # the commit this runs root uses (unpinned: the cache's main)
+        present = current is not None and has_snapshot(model, current)
+        if present and not update:
+            new_pins.update({} if pinned else {model: current})
             continue
         try:
-            revision = fetch(model)
+            revision = fetch(model, revision=pinned if pinned and not update else "main")
         except HubUnreachableError as error:
-            if is_cached(model):  # prefetch with the hub offline: the cached commit stands
-                print(f"{model}: kept the cached commit; {error.reason}", flush=True)
+            if present:  # prefetch --update with the hub out of reach: the commit in use stands
+                print(f"{model}: kept commit {current}; {error.reason}", flush=True)
+                new_pins.update({} if pinned else {model: current})
                 continue
             group = next(cell.group for cell in grid.cells if model in cell.hub_models)
-            raise GridError(str(grid.path), f"block {group}: encoder", f"hub model {model} is neither in the local Hugging Face cache "
+            at = f" at its pinned commit {pinned} ({pins_file.path})" if pinned else ""
+            raise GridError(str(grid.path), f"block {group}: encoder", f"hub model {model}{at} is neither in the local Hugging Face cache "
                             f"({hub_cache_dir()}) nor reachable: {error.reason}; run 'dpr-hpc prefetch' where the hub is reachable, "
                             "or set HF_HOME to a cache that has it") from None
         print(f"{model}: fetched commit {revision} into {hub_cache_dir()}", flush=True)
+        if pinned and revision != pinned:
+            print(f"{model}: pin moved from {pinned} to {revision}: the stage jobs of every cell using it (in every grid under "
+                  f"{layout.runs_root}) get new keys and run again at their next submit; the earlier results stay in the store", flush=True)
+        new_pins[model] = revision
+    pins_file.update(new_pins)
     return record_hub_models(layout, models)
 
 
@@ -401,7 +422,7 @@ def _submit(args: argparse.Namespace) -> int:
     layout = RunLayout.for_grid(grid.name, args.runs_root)
     echo = lambda line: print(line, flush=True)  # noqa: E731
     if args.dry_run:  # a dry run writes nothing, not even the content-hash memo
-        plan = make_plan(grid)
+        plan = make_plan(grid, layout.store.content_hashes(remember=False))
         targets = _submit_targets(plan, layout, selection, args, dry_run=True)
         slurm = SlurmBackend(layout, plan, resources, echo, only=targets.jobs if targets else None)
         for job, script in slurm.dry_run(frozenset(targets.forced) if targets else frozenset()):
@@ -418,7 +439,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     check_binding(layout, args.grid)
     was_missing = uncached(model for cell in grid.cells for model in cell.hub_models)
-    _fetch_hub_models(grid, layout, refetch=False)  # before the plan: a stage key names each model's commit
+    _fetch_hub_models(grid, layout, update=False)  # before the plan: a stage key names each model's pinned commit
     if was_missing:
         _check_checkpoints(grid)  # the models just downloaded have their weights checked too
     bind_grid(layout, args.grid)
@@ -447,9 +468,9 @@ def _prefetch(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid, require_data=False)
     layout = RunLayout.for_grid(grid.name, args.runs_root)
     check_binding(layout, args.grid)
-    revisions = _fetch_hub_models(grid, layout, refetch=True)
+    revisions = _fetch_hub_models(grid, layout, update=args.update)
     bind_grid(layout, args.grid)
-    print(f"grid {grid.name}: {len(revisions)} hub model(s) recorded in {layout.hub_models}")
+    print(f"grid {grid.name}: {len(revisions)} hub model(s) pinned in {layout.store.hub_pins_file} and recorded in {layout.hub_models}")
     for model, revision in revisions.items():
         print(f"  {model}  {revision}")
     return 0

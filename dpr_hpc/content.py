@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from dpr_hpc.fsutil import read_json, write_json_atomic
 
@@ -20,8 +20,9 @@ HASH_CHUNK = 1 << 22
 class ContentHashes:
     """SHA-256 of files and folders, memoised in `memo_file` (None: nothing remembered)."""
 
-    def __init__(self, memo_file: Path | None) -> None:
+    def __init__(self, memo_file: Path | None, hub_pins: Mapping[str, str] | None = None) -> None:
         self.memo_file = memo_file
+        self.hub_pins = dict(hub_pins or {})  # hub model -> the commit its runs root pinned
         self._memo: dict[str, str] | None = None
         self._dirty = False
         self._asked: dict[Any, Any] = {}  # answers given to this command: one stat per file
@@ -75,14 +76,14 @@ class ContentHashes:
 
 
 def model_identity(name: str, local_path: str | None, hashes: ContentHashes) -> dict[str, Any]:
-    """A local folder by its content; a hub model by name and the revision the local Hugging
-    Face cache resolves it to (None when it is not cached here: the job will resolve it)."""
+    """A local folder by its content; a hub model by name and its pinned commit, else the one
+    the local Hugging Face cache resolves it to (None when it is not cached here)."""
     if local_path is not None:
         folder = Path(local_path)
         return hashes.once(("folder", local_path), lambda: {"folder_sha256": hashes.folder(folder) if folder.is_dir() else f"missing:{folder}"})
-    from dpr_hpc.modeling.hub import cached_revision
+    from dpr_hpc.modeling.hub import revision_for
 
-    return hashes.once(("hub", name), lambda: {"hub": name, "revision": cached_revision(name)})
+    return hashes.once(("hub", name), lambda: {"hub": name, "revision": revision_for(name, hashes.hub_pins)})
 
 
 def sha256_file(path: Path) -> str:

@@ -39,15 +39,16 @@ def bind_grid(layout: RunLayout, grid_file: Path) -> None:
 def save_plan(layout: RunLayout, plan: Plan, grid_file: Path) -> None:
     """Record the plan, add its cells to the run's history, and write each job's spec into
     the store, where the job reads the settings it runs with."""
-    from dpr_hpc.modeling.hub import cached_revision
+    from dpr_hpc.modeling.hub import revision_for
 
     bind_grid(layout, grid_file)
     store = layout.store
+    pins = store.hub_pins()
     as_json = {cell.cell_id: cell.to_json() for cell in plan.cells}
     for job in plan.jobs():
         if job.repeat == 0:
             cell = plan.spec_cell(job)
-            revisions = {model: revision for model in cell.hub_models if (revision := cached_revision(model))}
+            revisions = {model: revision for model in cell.hub_models if (revision := revision_for(model, pins))}
             store.write_spec(StageSpec(job.stage, job.key, as_json[cell.cell_id], plan.upstream_keys(job), revisions))
     history = cell_history(layout)
     stamp = now_iso()
@@ -59,11 +60,12 @@ def save_plan(layout: RunLayout, plan: Plan, grid_file: Path) -> None:
 
 
 def record_hub_models(layout: RunLayout, models: Iterable[str]) -> dict[str, str | None]:
-    """Write models.json: each hub model with the commit the cache holds for it (what the
-    grid's jobs load), and the cache it is in."""
-    from dpr_hpc.modeling.hub import cached_revision, hub_cache_dir
+    """Write models.json: each hub model with the commit the grid's jobs load (its pin), and
+    the cache it is in."""
+    from dpr_hpc.modeling.hub import hub_cache_dir, revision_for
 
-    revisions = {model: cached_revision(model) for model in sorted(set(models))}
+    pins = layout.store.hub_pins()
+    revisions = {model: revision_for(model, pins) for model in sorted(set(models))}
     write_json_atomic(layout.hub_models, {"hub_cache": str(hub_cache_dir().resolve()), "models": revisions, "recorded_at": now_iso()})
     return revisions
 

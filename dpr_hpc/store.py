@@ -235,8 +235,20 @@ class StageStore:
     def prepared_cache(self) -> Path:
         return self.runs_root / "cache" / "prepared"
 
-    def content_hashes(self) -> ContentHashes:
-        return ContentHashes(self.root / "content-hashes.json")
+    @property
+    def hub_pins_file(self) -> Path:
+        return self.root / "hub-pins.json"
+
+    def hub_pins(self) -> dict[str, str]:
+        """The commit each hub model is pinned to for every grid here (modeling/hub.py's HubPins)."""
+        from dpr_hpc.modeling.hub import HubPins
+
+        return HubPins(self.hub_pins_file).read()
+
+    def content_hashes(self, remember: bool = True) -> ContentHashes:
+        """The hashes a plan names inputs by, with this store's hub pins; `remember=False` (a
+        dry run) writes no memo."""
+        return ContentHashes(self.root / "content-hashes.json" if remember else None, self.hub_pins())
 
     def spec_file(self, stage: str, key: str) -> Path:
         return self.root / stage / key / "spec.json"

@@ -46,7 +46,10 @@ def test_with_the_model_cached_prefetch_records_its_commit_and_the_grid_runs_off
     grid, runs = hub_grid(tmp_path, demo_assets), tmp_path / "runs"
 
     code, out, _ = run_cli(capsys, "prefetch", grid, "--runs-root", runs)
-    assert code == 0 and "bert-base-uncased: kept the cached commit" in out and FAKE_COMMIT in out
+    assert code == 0 and f"bert-base-uncased  {FAKE_COMMIT}" in out and "fetched" not in out  # cached: nothing to fetch
+    assert json.loads((runs / "store" / "hub-pins.json").read_text())["models"] == {"bert-base-uncased": FAKE_COMMIT}
+    code, out, _ = run_cli(capsys, "prefetch", grid, "--update", "--runs-root", runs)
+    assert code == 0 and f"bert-base-uncased: kept commit {FAKE_COMMIT}; not fetched from the hub" in out
     recorded = json.loads(RunLayout.for_grid("hubgrid", runs).hub_models.read_text())
     assert recorded["models"] == {"bert-base-uncased": FAKE_COMMIT} and recorded["hub_cache"] == str(hub_cache.resolve())
 
@@ -76,32 +79,95 @@ def test_declared_offline_the_reason_says_so(hub_cache, demo_assets, tmp_path, m
     assert code == 2 and "nor reachable: the hub is offline here (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)" in err
 
 
-def test_prefetch_downloads_one_weight_format_and_records_the_commit_main_resolved_to(hub_cache, demo_assets, tmp_path, monkeypatch, capsys):
+LISTING = ["config.json", "vocab.txt", "tokenizer_config.json", "model.safetensors", "pytorch_model.bin",
+           "tf_model.h5", "flax_model.msgpack", "onnx/model.onnx", "onnx/config.json", "README.md"]
+
+
+@pytest.fixture
+def fake_hub(hub_cache, demo_assets, monkeypatch):
     """The hub client stood in for: the listing it returns, and a download that leaves the
-    cache as huggingface_hub does (refs/main naming the commit, the files under snapshots/)."""
+    cache as huggingface_hub does (refs/main naming the commit main resolved to, a pinned
+    commit's files under snapshots/ with refs untouched). Its `main` is the hub's main now."""
+    import shutil
+
     import huggingface_hub
 
     for name in hub.OFFLINE_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    listing = ["config.json", "vocab.txt", "tokenizer_config.json", "model.safetensors", "pytorch_model.bin",
-               "tf_model.h5", "flax_model.msgpack", "onnx/model.onnx", "onnx/config.json", "README.md"]
-    fetched: dict = {}
+    state = SimpleNamespace(main=OTHER_COMMIT, fetched=[])
 
     def download(model, revision, cache_dir, allow_patterns, **_):
-        fetched.update(model=model, revision=revision, files=allow_patterns)
-        repo = cache_hub_model(Path(cache_dir), model, demo_assets / "models" / "tiny-bert", OTHER_COMMIT)
-        return str(repo / "snapshots" / OTHER_COMMIT)
+        state.fetched.append({"model": model, "revision": revision, "files": allow_patterns})
+        repo = Path(cache_dir) / f"models--{model.replace('/', '--')}"
+        commit = state.main if revision == "main" else revision
+        if revision == "main":
+            (repo / "refs").mkdir(parents=True, exist_ok=True)
+            (repo / "refs" / "main").write_text(commit)
+        if not (repo / "snapshots" / commit).is_dir():
+            shutil.copytree(demo_assets / "models" / "tiny-bert", repo / "snapshots" / commit)
+        return str(repo / "snapshots" / commit)
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, model, timeout: SimpleNamespace(siblings=[SimpleNamespace(rfilename=f) for f in listing]))
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info",
+                        lambda self, model, revision, timeout: SimpleNamespace(siblings=[SimpleNamespace(rfilename=f) for f in LISTING]))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    return state
+
+
+def test_prefetch_downloads_one_weight_format_and_records_the_commit_main_resolved_to(fake_hub, demo_assets, tmp_path, capsys):
     grid, runs = hub_grid(tmp_path, demo_assets), tmp_path / "runs"
     code, out, _ = run_cli(capsys, "prefetch", grid, "--runs-root", runs)
     assert code == 0 and f"bert-base-uncased: fetched commit {OTHER_COMMIT}" in out
-    assert fetched == {"model": "bert-base-uncased", "revision": "main",
-                       "files": ["config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt"]}
+    assert fake_hub.fetched == [{"model": "bert-base-uncased", "revision": "main",
+                                 "files": ["config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt"]}]
     assert json.loads(RunLayout.for_grid("hubgrid", runs).hub_models.read_text())["models"] == {"bert-base-uncased": OTHER_COMMIT}
     assert hub.files_to_fetch(["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json", "tf_model.h5"]) == [
         "config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"]
+
+
+def plan_keys(capsys, grid: Path, runs: Path) -> dict:
+    code, out, err = run_cli(capsys, "plan", grid, "--runs-root", runs, "--json")
+    assert code == 0, err
+    return {cell["cell_id"]: cell["keys"] for cell in json.loads(out)["cells"]}
+
+
+def test_a_pin_holds_when_another_download_moves_the_caches_main_and_moves_only_with_update(hub_cache, fake_hub, demo_assets, tmp_path, capsys):
+    """The Hugging Face cache is shared by every grid: a download for another grid (another
+    runs root here) moves its refs/main. This runs root's keys, and the commit its jobs load,
+    stay on the pin until `prefetch --update` moves it, saying so."""
+    cache_hub_model(hub_cache, "bert-base-uncased", demo_assets / "models" / "tiny-bert")
+    grid, runs = hub_grid(tmp_path, demo_assets), tmp_path / "runs"
+    assert run_cli(capsys, "prefetch", grid, "--runs-root", runs)[0] == 0
+    before = plan_keys(capsys, grid, runs)
+
+    code, out, _ = run_cli(capsys, "prefetch", grid, "--update", "--runs-root", tmp_path / "other-runs")
+    assert code == 0 and f"fetched commit {OTHER_COMMIT}" in out and hub.cached_revision("bert-base-uncased") == OTHER_COMMIT
+    assert plan_keys(capsys, grid, runs) == before
+    assert json.loads((runs / "store" / "hub-pins.json").read_text())["models"] == {"bert-base-uncased": FAKE_COMMIT}
+    code, out, _ = run_cli(capsys, "submit", grid, "--dry-run", "--runs-root", runs)
+    assert code == 0 and not [f for f in fake_hub.fetched if f["revision"] != "main"]
+
+    code, out, _ = run_cli(capsys, "prefetch", grid, "--update", "--runs-root", runs)
+    assert code == 0 and f"bert-base-uncased: pin moved from {FAKE_COMMIT} to {OTHER_COMMIT}" in out and "run again" in out
+    assert plan_keys(capsys, grid, runs) != before
+    assert json.loads(RunLayout.for_grid("hubgrid", runs).hub_models.read_text())["models"] == {"bert-base-uncased": OTHER_COMMIT}
+
+
+def test_a_pinned_commit_gone_from_the_cache_is_fetched_again_at_that_commit_or_named_when_out_of_reach(
+        hub_cache, fake_hub, demo_assets, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    cache_hub_model(hub_cache, "bert-base-uncased", demo_assets / "models" / "tiny-bert")
+    grid, runs = hub_grid(tmp_path, demo_assets), tmp_path / "runs"
+    assert run_cli(capsys, "prefetch", grid, "--runs-root", runs)[0] == 0
+    shutil.rmtree(hub_cache)  # a cleaned cache, or another HF_HOME
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", runs)
+    assert code == 2 and f"hub model bert-base-uncased at its pinned commit {FAKE_COMMIT} ({runs / 'store' / 'hub-pins.json'})" in err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    code, out, _ = run_cli(capsys, "prefetch", grid, "--runs-root", runs)
+    assert code == 0 and fake_hub.fetched[-1]["revision"] == FAKE_COMMIT and f"fetched commit {FAKE_COMMIT}" in out
+    assert hub.has_snapshot("bert-base-uncased", FAKE_COMMIT) and "pin moved" not in out
 
 
 def test_a_job_loads_the_commit_its_spec_names_even_when_the_cache_has_moved_on(hub_cache, demo_assets, tmp_path, monkeypatch):

@@ -1,10 +1,16 @@
 """The one owner of the Hugging Face cache: hub models checked before anything is queued,
-fetched into the cache on the login node, and pinned to the commit the cache holds.
+fetched into the cache on the login node, and pinned to one commit per runs root.
 
 Compute nodes often cannot reach the hub, and a model the first job would download fails
 hours after submit. So `prefetch` (or `submit`, for a model the cache lacks) downloads every
 hub model on the machine that submits, and every stage job runs offline (job_environment)
 against the same cache, loading the exact commit its stage key was made with.
+
+A stage key names a hub model by its commit, and the Hugging Face cache is shared by every
+grid of the user: a download for one grid moves the cache's refs/main for all of them. So the
+commit a runs root uses is pinned in its store (HubPins), the first time a model is used there,
+and only `prefetch --update` moves a pin; otherwise a new commit on the hub would silently give
+every stage of that model a new key and rerun days of training.
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
-from huggingface_hub import try_to_load_from_cache
+from dpr_hpc.errors import UsageError
+from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.locks import LockFile
+from dpr_hpc.provenance import now_iso
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 # How long `submit` waits for the hub before calling a model unreachable.
@@ -47,6 +56,8 @@ def hub_cache_dir() -> Path:
 
 def is_cached(model: str) -> bool:
     """Whether the model's config.json is in the local cache (any valid checkout has one)."""
+    from huggingface_hub import try_to_load_from_cache
+
     try:
         found = try_to_load_from_cache(model, "config.json", cache_dir=hub_cache_dir())
     except ValueError:  # not a valid repository id, so never in the cache
@@ -64,14 +75,57 @@ def checkpoint_here(name_or_path: str) -> bool:
     return Path(name_or_path).is_dir() or is_cached(name_or_path)
 
 
+def _repository(model: str) -> Path:
+    return hub_cache_dir() / f"models--{model.replace('/', '--')}"
+
+
 def cached_revision(model: str, revision: str = "main") -> str | None:
-    """The commit the local cache holds for `model` (its refs/<revision> file): what a stage
-    key names the model by, and what its jobs load."""
-    ref = hub_cache_dir() / f"models--{model.replace('/', '--')}" / "refs" / revision
+    """The commit the local cache's refs/<revision> names for `model` (None: not cached)."""
     try:
-        return ref.read_text().strip() or None
+        return (_repository(model) / "refs" / revision).read_text().strip() or None
     except OSError:
         return None
+
+
+def has_snapshot(model: str, commit: str) -> bool:
+    """Whether the cache holds `model` at `commit` (its config.json, as every checkout has)."""
+    return (_repository(model) / "snapshots" / commit / "config.json").is_file()
+
+
+def revision_for(model: str, pins: Mapping[str, str]) -> str | None:
+    """The commit a stage key names `model` by and its jobs load: the runs root's pin, else
+    (before the first submit pins it) the cache's main."""
+    return pins.get(model) or cached_revision(model)
+
+
+class HubPins:
+    """The commit of each hub model for every grid under one runs root (store/hub-pins.json):
+    written by submit (a model's first use) and prefetch, read by every plan."""
+
+    LOCK_TIMEOUT_S = 60.0
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def read(self) -> dict[str, str]:
+        if not self.path.is_file():
+            return {}
+        try:
+            models = read_json(self.path)["models"]
+            if not isinstance(models, dict) or not all(isinstance(c, str) for c in models.values()):
+                raise ValueError("'models' is not a mapping of model to commit")
+            return dict(models)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{self.path}: damaged ({type(exc).__name__}: {exc}); delete it to pin each hub model "
+                             "at the commit the cache holds now (stage keys may change)") from None
+
+    def update(self, pins: Mapping[str, str]) -> None:
+        """Merge `pins` in, under a lock: two grids may submit at once."""
+        if not pins:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with LockFile(self.path.with_suffix(".lock"), purpose="hub pins", timeout_s=self.LOCK_TIMEOUT_S):
+            write_json_atomic(self.path, {"models": {**self.read(), **pins}, "updated_at": now_iso()})
 
 
 def hub_endpoint() -> str | None:
@@ -79,17 +133,17 @@ def hub_endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
 
 
-def fetch(model: str, timeout_s: float = REACH_TIMEOUT_S) -> str:
-    """Download `model`'s configs, tokenizer files and PyTorch weights at the hub's current
-    main into the cache (refs/main then names that commit); returns the commit. Raises
+def fetch(model: str, revision: str = "main", timeout_s: float = REACH_TIMEOUT_S) -> str:
+    """Download `model`'s configs, tokenizer files and PyTorch weights at `revision` (the hub's
+    current main, or a pinned commit) into the cache; returns the commit. Raises
     HubUnreachableError when the hub is offline, cannot be reached or does not have it."""
     if hub_offline():
         raise HubUnreachableError(model, "the hub is offline here (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
     from huggingface_hub import HfApi, snapshot_download
 
     try:
-        listed = [s.rfilename for s in HfApi(endpoint=hub_endpoint()).model_info(model, timeout=timeout_s).siblings or []]
-        snapshot = snapshot_download(model, revision="main", cache_dir=hub_cache_dir(), allow_patterns=files_to_fetch(listed),
+        listed = [s.rfilename for s in HfApi(endpoint=hub_endpoint()).model_info(model, revision=revision, timeout=timeout_s).siblings or []]
+        snapshot = snapshot_download(model, revision=revision, cache_dir=hub_cache_dir(), allow_patterns=files_to_fetch(listed),
                                      etag_timeout=timeout_s, endpoint=hub_endpoint())
     except Exception as error:  # noqa: BLE001 (the hub client raises its HTTP library's errors and its own; each is the reason given)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
