@@ -24,7 +24,7 @@ from dpr_hpc.errors import UsageError
 from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.plan import Plan, StageJob
-from dpr_hpc.provenance import node_label
+from dpr_hpc.provenance import code_label, node_label
 from dpr_hpc.results import Records
 from dpr_hpc.runstate import cell_history, superseded
 from dpr_hpc.selection import Selection
@@ -42,6 +42,10 @@ RAN_ON_COLUMNS = ["precision", "gpu"]
 # Which attempt of each stage's job a row's figures come from, "train/index/infer" ("-": no
 # record): after a forced rerun (submit --force) the table says it shows the new attempt.
 ATTEMPT_COLUMN = "attempt"
+# The code each stage's record was made with, "train/index/infer" (provenance.code_label: a
+# commit, `+edits` where the checkout had local changes, or a source digest): a median over
+# repeats whose index or infer ran different code is flagged like one over different GPUs.
+CODE_COLUMN = "code"
 SPREAD_OF = {"pei_s": "pei_spread_s", "ita_mean_ms": "ita_mean_spread_ms"}
 
 
@@ -96,7 +100,7 @@ def collect_table(layout: RunLayout, plan: Plan, median: bool = False, found: Co
                   selection: Selection | None = None) -> pd.DataFrame:
     found = found or complete_records(layout, plan, selection)
     rows = [_row(plan, r) for r in found.repeats]
-    table = pd.DataFrame(rows, columns=CELL_COLUMNS + ["repeat"] + FIGURE_COLUMNS + NODE_COLUMNS + RAN_ON_COLUMNS + [ATTEMPT_COLUMN])
+    table = pd.DataFrame(rows, columns=CELL_COLUMNS + ["repeat"] + FIGURE_COLUMNS + NODE_COLUMNS + RAN_ON_COLUMNS + [ATTEMPT_COLUMN, CODE_COLUMN])
     table = _median_per_cell(table) if median else table
     table.attrs["left_out"] = list(found.left_out)
     table.attrs["left_cells"] = found.left_cells
@@ -141,6 +145,7 @@ def _row(plan: Plan, found: RepeatRecords) -> dict[str, Any]:
     row["precision"] = _ran_on(index, infer, lambda r: r.get("details", {}).get("precision"))
     row["gpu"] = _ran_on(index, infer, lambda r: r.get("node", {}).get("gpu_name") or "cpu")
     row[ATTEMPT_COLUMN] = "/".join(str(r["attempt"]) if r else "-" for r in (train, index, infer))
+    row[CODE_COLUMN] = "/".join((code_label(r["node"]) or "?") if r else "-" for r in (train, index, infer))
     return row
 
 
@@ -167,18 +172,22 @@ def _median_per_cell(table: pd.DataFrame) -> pd.DataFrame:
             row[column.replace("_node", "_nodes")] = ",".join(sorted({str(v) for v in group[column].dropna()})) or None
         row["mixed"] = _mixed_repeats(group)
         row["attempts"] = ",".join(dict.fromkeys(str(v) for v in group[ATTEMPT_COLUMN].dropna())) or None
+        row["codes"] = ",".join(dict.fromkeys(str(v) for v in group[CODE_COLUMN].dropna())) or None
         out.append(row)
     return pd.DataFrame(out)
 
 
 def _mixed_repeats(group: pd.DataFrame) -> str | None:
     """A flag for a median over repeats whose index (or infer) stages ran in different
-    precisions or on different GPU models, so that their figures are not pooled silently."""
+    precisions, on different GPU models or with different code, so that their figures are not
+    pooled silently. (The code column also names the training, which every repeat shares.)"""
     flags = []
-    for column in RAN_ON_COLUMNS:
-        pairs = [str(v).split("/") for v in group[column].dropna()]
-        for position, stage in enumerate(("index", "infer")):
-            values = sorted({pair[position] for pair in pairs if pair[position] != "-"})
+    for column, stages in [(c, ("index", "infer")) for c in RAN_ON_COLUMNS] + [(CODE_COLUMN, ("train", "index", "infer"))]:
+        parts = [str(v).split("/") for v in group[column].dropna()]
+        for position, stage in enumerate(stages):
+            if stage == "train":
+                continue
+            values = sorted({part[position] for part in parts if part[position] != "-"})
             if len(values) > 1:
                 flags.append(f"{stage} {column}: {', '.join(values)}")
     return "; ".join(flags) or None

@@ -246,6 +246,48 @@ def test_collect_flags_a_median_over_repeats_that_ran_in_different_precisions_or
     assert "infer" not in mixed
 
 
+def test_collect_names_the_code_of_each_stage_and_flags_repeats_that_ran_different_code(run):
+    from dpr_hpc.collect import collect_table
+    from dpr_hpc.provenance import code_label, code_tags
+
+    layout, plan, cell = run
+    here = code_label({"code": code_tags()})
+    complete(layout, plan, job_of(plan, "train"))
+    complete(layout, plan, job_of(plan, "index", 0))
+    complete(layout, plan, job_of(plan, "index", 1))
+    complete(layout, plan, job_of(plan, "infer"))
+    assert list(collect_table(layout, plan)["code"]) == [f"{here}/{here}/{here}", f"{here}/{here}/-"]
+    assert collect_table(layout, plan, median=True)["mixed"].isna().all()
+
+    other = {**node_tags(), "code": {"source_sha256": "ab" * 32}}  # an installed copy of other code: no checkout
+    complete(layout, plan, job_of(plan, "index", 1), node=other)
+    median = collect_table(layout, plan, median=True).iloc[0]
+    assert median["mixed"] == f"index code: {', '.join(sorted([here, 'src:abababab']))}"
+    assert median["codes"] == f"{here}/{here}/{here},{here}/src:abababab/-"
+
+
+def test_the_code_tags_name_a_tracked_checkouts_commit_and_edits_and_nothing_for_an_untracked_copy(tmp_path):
+    import subprocess
+
+    from dpr_hpc.provenance import _git_state, source_digest
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t", *args], check=True, capture_output=True)
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("x = 1\n")
+    git("init", "-q")
+    assert _git_state(package) == {}  # inside a repository, but not tracked there: not its code
+    git("add", "pkg/__init__.py")
+    git("commit", "-qm", "one")
+    commit = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    before = source_digest(package)
+    assert _git_state(package) == {"git_commit": commit, "git_dirty": False}
+    (package / "__init__.py").write_text("x = 2\n")
+    assert _git_state(package) == {"git_commit": commit, "git_dirty": True} and source_digest(package) != before
+
+
 def test_a_local_model_folder_named_by_absolute_path_is_keyed_by_its_content(data_files):
     """An absolute path resolves to itself, so it must not be mistaken for a hub name: its files'
     content enters the train key, and a changed file changes the key."""
