@@ -502,14 +502,13 @@ def _submit_targets(plan: "Plan", layout: RunLayout, selection: Selection, args:
 def _cancel(args: argparse.Namespace) -> int:
     from dpr_hpc.backends import scheduler
     from dpr_hpc.ledger import Ledger
-
     from dpr_hpc.runstate import grids_sharing
 
     runs = _runs(args.target, args.runs_root)
     selected = Selection.from_args(args).apply([plan for _, plan in runs])
     shared, unreadable = ({}, []) if args.include_shared else grids_sharing(runs)
     for problem in unreadable:
-        print(f"warning: {problem}; jobs that run shares with this one are not known, so they may be cancelled", file=sys.stderr)
+        print(f"warning: {problem}; the jobs that run shares with this grid are not known, so none of them is kept", file=sys.stderr)
     for (layout, plan), jobs in zip(runs, selected):
         ledger = Ledger.read(layout.store)
         ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
