@@ -362,38 +362,19 @@ def _fetch_hub_models(grid, layout: RunLayout, update: bool) -> dict[str, str | 
     `prefetch --update` does, at the hub's main now, moving the pin); recorded in the run
     folder's models.json. The stage jobs run offline. A model neither cached nor reachable is a
     grid error naming it."""
-    from dpr_hpc.modeling.hub import HubPins, HubUnreachableError, fetch, has_snapshot, hub_cache_dir, revision_for
+    from dpr_hpc.modeling.hub import HubPins, HubUnreachableError, hub_cache_dir, sync_pins
     from dpr_hpc.runstate import record_hub_models
 
-    pins_file = HubPins(layout.store.hub_pins_file)
-    pins = pins_file.read()
     models = list(dict.fromkeys(model for cell in grid.cells for model in cell.hub_models))
-    new_pins: dict[str, str] = {}
-    for model in models:
-        pinned = pins.get(model)
-        current = revision_for(model, pins)  # the commit this runs root uses (unpinned: the cache's main)
-        present = current is not None and has_snapshot(model, current)
-        if present and not update:
-            new_pins.update({} if pinned else {model: current})
-            continue
-        try:
-            revision = fetch(model, revision=pinned if pinned and not update else "main")
-        except HubUnreachableError as error:
-            if present:  # prefetch --update with the hub out of reach: the commit in use stands
-                print(f"{model}: kept commit {current}; {error.reason}", flush=True)
-                new_pins.update({} if pinned else {model: current})
-                continue
-            group = next(cell.group for cell in grid.cells if model in cell.hub_models)
-            at = f" at its pinned commit {pinned} ({pins_file.path})" if pinned else ""
-            raise GridError(str(grid.path), f"block {group}: encoder", f"hub model {model}{at} is neither in the local Hugging Face cache "
-                            f"({hub_cache_dir()}) nor reachable: {error.reason}; run 'dpr-hpc prefetch' where the hub is reachable, "
-                            "or set HF_HOME to a cache that has it") from None
-        print(f"{model}: fetched commit {revision} into {hub_cache_dir()}", flush=True)
-        if pinned and revision != pinned:
-            print(f"{model}: pin moved from {pinned} to {revision}: the stage jobs of every cell using it (in every grid under "
-                  f"{layout.runs_root}) get new keys and run again at their next submit; the earlier results stay in the store", flush=True)
-        new_pins[model] = revision
-    pins_file.update(new_pins)
+    pins_file = HubPins(layout.store.hub_pins_file)
+    try:
+        sync_pins(models, pins_file, update, echo=lambda line: print(line, flush=True))
+    except HubUnreachableError as error:
+        group = next(cell.group for cell in grid.cells if error.model in cell.hub_models)
+        at = f" at its pinned commit {error.pinned} ({pins_file.path})" if error.pinned else ""
+        raise GridError(str(grid.path), f"block {group}: encoder", f"hub model {error.model}{at} is neither in the local Hugging Face cache "
+                        f"({hub_cache_dir()}) nor reachable: {error.reason}; run 'dpr-hpc prefetch' where the hub is reachable, "
+                        "or set HF_HOME to a cache that has it") from None
     return record_hub_models(layout, models)
 
 

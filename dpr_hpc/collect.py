@@ -184,12 +184,10 @@ def _mixed_repeats(group: pd.DataFrame) -> str | None:
     flags = []
     for column, stages in [(c, ("index", "infer")) for c in RAN_ON_COLUMNS] + [(CODE_COLUMN, ("train", "index", "infer"))]:
         parts = [str(v).split("/") for v in group[column].dropna()]
-        for position, stage in enumerate(stages):
-            if stage == "train":
-                continue
+        for position in (stages.index("index"), stages.index("infer")):
             values = sorted({part[position] for part in parts if part[position] != "-"})
             if len(values) > 1:
-                flags.append(f"{stage} {column}: {', '.join(values)}")
+                flags.append(f"{stages[position]} {column}: {', '.join(values)}")
     return "; ".join(flags) or None
 
 

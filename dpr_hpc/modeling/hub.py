@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 from dpr_hpc.errors import UsageError
 from dpr_hpc.fsutil import read_json, write_json_atomic
@@ -36,9 +36,10 @@ TEXT_SUFFIXES = (".json", ".txt", ".model")
 class HubUnreachableError(Exception):
     """A hub model that cannot be fetched from here; the message says why."""
 
-    def __init__(self, model: str, reason: str) -> None:
+    def __init__(self, model: str, reason: str, pinned: str | None = None) -> None:
         self.model = model
         self.reason = reason
+        self.pinned = pinned  # the commit the runs root pins it to, when that was what failed
         super().__init__(f"{model}: {reason}")
 
 
@@ -126,6 +127,36 @@ class HubPins:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with LockFile(self.path.with_suffix(".lock"), purpose="hub pins", timeout_s=self.LOCK_TIMEOUT_S):
             write_json_atomic(self.path, {"models": {**self.read(), **pins}, "updated_at": now_iso()})
+
+
+def sync_pins(models: Sequence[str], pins_file: HubPins, update: bool, echo: Callable[[str], None]) -> None:
+    """Each of `models` in the cache at the commit `pins_file` pins, fetched where the cache
+    lacks it, and pinned at its first use; with `update` (prefetch --update), fetched at the
+    hub's main now and its pin moved. Raises HubUnreachableError, naming the pin, for a model
+    neither cached nor reachable; the pins are then left as they were."""
+    pins = pins_file.read()
+    new_pins: dict[str, str] = {}
+    for model in models:
+        pinned = pins.get(model)
+        current = revision_for(model, pins)  # the commit this runs root uses (unpinned: the cache's main)
+        present = current is not None and has_snapshot(model, current)
+        if present and not update:
+            new_pins.update({} if pinned else {model: current})
+            continue
+        try:
+            revision = fetch(model, revision=pinned if pinned and not update else "main")
+        except HubUnreachableError as error:
+            if not present:
+                raise HubUnreachableError(model, error.reason, pinned) from None
+            echo(f"{model}: kept commit {current}; {error.reason}")  # --update with the hub out of reach
+            new_pins.update({} if pinned else {model: current})
+            continue
+        echo(f"{model}: fetched commit {revision} into {hub_cache_dir()}")
+        if pinned and revision != pinned:
+            echo(f"{model}: pin moved from {pinned} to {revision}: the stage jobs of every cell using it (in every grid that "
+                 f"{pins_file.path} pins) get new keys and run again at their next submit; the earlier results stay in the store")
+        new_pins[model] = revision
+    pins_file.update(new_pins)
 
 
 def hub_endpoint() -> str | None:
