@@ -34,7 +34,7 @@ from dpr_hpc.prepared import PreparedTrain, load_train
 from dpr_hpc.provenance import now_iso
 from dpr_hpc.resume.rng import capture_rng, restore_rng
 from dpr_hpc.resume.segments import FINISHED, Segment, SegmentLog
-from dpr_hpc.resume.signals import NeverStop, Stopper, TrainingInterrupted
+from dpr_hpc.resume.signals import NeverStop, Stopper, TrainingInterrupted, wait_while_held
 from dpr_hpc.resume.store import CheckpointStore, CheckpointWriteError
 from dpr_hpc.stages.common import (StageIO, StageOutput, peak_memory, pick_device, prepared_details, progress, seed_everything,
                                   synchronize, tokenized)
@@ -165,6 +165,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
                 progress(f"epoch {position.epoch}/{cfg.epochs}  loss {position.epoch_losses[-1]:.4f}  {segments.train_s:.1f}s")
                 if position.epoch == cfg.epochs:
                     break
+            wait_while_held(stop)
             if stop.requested():
                 bank_time()
                 try:
