@@ -490,11 +490,12 @@ def _cancel(args: argparse.Namespace) -> int:
     shared, unreadable = ({}, []) if args.include_shared else grids_sharing(runs)
     for problem in unreadable:
         print(f"warning: {problem}; the jobs that run shares with this grid are not known, so none of them is kept", file=sys.stderr)
+    code = 0
     for (layout, plan), jobs in zip(runs, selected):
         ledger = Ledger.read(layout.store)
-        ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
-        view = scheduler.query(sorted(set(ids.values())), ledger.first_submission(), ledger.users())
-        active = {job: job_id for job, job_id in ids.items() if job_id in view.jobs and view.jobs[job_id].active}
+        standings = scheduler.ask_about(ledger, jobs).standings
+        active = {job: s.job_id for job, s in standings.items() if s.info is not None and s.info.active}
+        unknown = sorted({s.job_id for s in standings.values() if s.unknown})
         kept = {job: job_id for job, job_id in active.items() if job in shared}
         cancelled = sorted(set(active.values()) - set(kept.values()))
         scheduler.cancel(cancelled)
@@ -502,7 +503,11 @@ def _cancel(args: argparse.Namespace) -> int:
         for job, job_id in kept.items():
             print(f"  kept {job.stage} {job.key[:8]} r{job.repeat} (SLURM job {job_id}): grid(s) "
                   f"{', '.join(sorted(set(shared[job])))} plan it too; --include-shared cancels it as well")
-    return 0
+        if unknown:
+            print(f"warning: SLURM job(s) {', '.join(unknown)} not cancelled: sacct has not listed them and squeue did not "
+                  "answer, so whether they still run is unknown; run cancel again", file=sys.stderr)
+            code = 1
+    return code
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -637,8 +642,7 @@ def _job_active(layout: RunLayout, job) -> bool:
     entry = ledger.latest(job)
     if not entry or entry.get("backend") != "slurm" or not scheduler.slurm_available():
         return False
-    info = scheduler.query([entry["job_id"]], ledger.first_submission(), ledger.users()).jobs.get(entry["job_id"])
-    return info.active if info else ledger.recently_submitted(job)
+    return scheduler.ask_about(ledger, [job]).standings[job].may_still_run
 
 
 def _collect(args: argparse.Namespace) -> int:

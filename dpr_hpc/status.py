@@ -82,11 +82,12 @@ def stage_states(layout: RunLayout, plan: Plan, records: Records | None = None) 
     ledger = Ledger.read(store)
     jobs = list(plan.jobs())
     ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
-    view, source = None, "store"
+    standings: dict[StageJob, scheduler.Standing] = {}
+    source = "store"
     if ids and scheduler.slurm_available():
         try:
-            view = scheduler.query(sorted(set(ids.values())), ledger.first_submission(), ledger.users())
-            source = f"store and {view.source}"
+            view = scheduler.ask_about(ledger, jobs)
+            standings, source = view.standings, f"store and {view.source}"
         except scheduler.SchedulerUnreachableError as unreachable:
             source = f"store only: {unreachable}"
             return _report(layout, plan, records, {job: _unknown(job, records, ids.get(job), str(unreachable)) for job in jobs}, source)
@@ -98,7 +99,7 @@ def stage_states(layout: RunLayout, plan: Plan, records: Records | None = None) 
         check = records.check(job)
         if check.state == "missing" and (why := superseded(history, plan, job, records)):
             check = RecordCheck("stale", why)
-        states[job] = _state_of(store.job(job), plan, job, check, states, ids.get(job), view, ledger.recently_submitted(job))
+        states[job] = _state_of(store.job(job), plan, job, check, states, ids.get(job), standings.get(job))
     return _report(layout, plan, records, states, source)
 
 
@@ -172,7 +173,7 @@ def _completed(job: StageJob, check: RecordCheck, job_id: str | None) -> StageSt
 
 def _state_of(
     folder: JobFolder, plan: Plan, job: StageJob, check: RecordCheck, known: dict[StageJob, StageState],
-    job_id: str | None = None, view: scheduler.SchedulerView | None = None, recent: bool = False,
+    job_id: str | None = None, standing: scheduler.Standing | None = None,
 ) -> StageState:
     if check.complete:
         return _completed(job, check, job_id)
@@ -186,10 +187,9 @@ def _state_of(
     stale = check.state in ("stale", "invalid")
     dead = [dep for dep in plan.dependencies(job) if known[dep].state in _DEAD_ENDS]
     blocked = StageState(job, "BLOCKED", detail=f"{dead[0].stage} r{dead[0].repeat} {known[dead[0]].state.lower()}", job_id=job_id or "") if dead else None
-    if job_id and view is not None:
-        info = view.jobs.get(job_id)
-        if (info is not None and info.active) or (info is None and recent) or not stale:
-            state = _scheduler_state(job, job_id, info, log, check.reason, recent)
+    if standing is not None:
+        if standing.may_still_run or not stale:
+            state = _scheduler_state(job, standing, log, check.reason)
             if state.state in _DEAD_ENDS and resumable(folder):
                 state = StageState(job, "INTERRUPTED", state.node, f"{state.detail}; stopped after a checkpoint: submit again to resume", log, job_id)
             elif blocked and state.state in ("PENDING", "CANCELLED", "BLOCKED"):
@@ -266,10 +266,13 @@ def training_progress(folder: JobFolder) -> str:
             f"{restarts} restart{'s' if restarts != 1 else ''}")
 
 
-def _scheduler_state(job: StageJob, job_id: str, info: scheduler.JobInfo | None, log: str, invalid: str, recent: bool) -> StageState:
+def _scheduler_state(job: StageJob, standing: scheduler.Standing, log: str, invalid: str) -> StageState:
     """A stage the scheduler knows, with no valid record: what SLURM says, never COMPLETED."""
+    job_id, info = standing.job_id, standing.info
     if info is None:
-        if recent:
+        if standing.unknown:
+            return StageState(job, "UNKNOWN", detail="not in sacct yet, and squeue did not answer; left alone", log=log, job_id=job_id)
+        if standing.recent:
             return StageState(job, "PENDING", detail="submitted; not yet listed by the scheduler", job_id=job_id)
         return StageState(job, "FAILED", detail="no longer listed by the scheduler, and no result", log=log, job_id=job_id)
     if info.status == "PENDING":

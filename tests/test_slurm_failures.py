@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import getpass
 import json
-import stat
 
 import pytest
 
 from datetime import datetime, timedelta, timezone
 
 from conftest import run_cli, submitted_run, write_grid
+from fake_slurm import install
 from dpr_hpc.backends import scheduler, slurm
 from dpr_hpc.grid import load_grid
 from dpr_hpc.layout import RunLayout
@@ -30,9 +30,7 @@ FAKES = {
               '  echo "$((100+n))|PENDING||0:00|Priority|$tag" >> "$FAKE_SLURM/queue"; echo "Submitted batch job $((100+n))"; exit 0; fi\n'
               'echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; exit 1',
     "sacct": 'echo "sacct: error: Slurm accounting storage is disabled" >&2; exit 1',
-    # This user's queue: job|state|node|elapsed|reason, or job|comment for -o "%i|%k".
-    "squeue": 'echo "$@" >> "$FAKE_SLURM/squeue.args"; touch "$FAKE_SLURM/queue"; if [[ "$*" == *"%k"* ]]; then cut -d"|" -f1,6 "$FAKE_SLURM/queue"; '
-              'else cut -d"|" -f1-5 "$FAKE_SLURM/queue"; fi',
+    # squeue is fake_slurm's: it prints $FAKE_SLURM/queue in the format it is asked for.
     "sacctmgr": "exit 1",
     "scontrol": "exit 1",
     "scancel": "exit 0",
@@ -45,14 +43,7 @@ def plan_cell_id(grid) -> str:
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "fake-slurm"
-    bin_dir.mkdir()
-    for name, body in FAKES.items():
-        path = bin_dir / name
-        path.write_text(f"#!/bin/bash\n{body}\n")
-        path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
-    monkeypatch.setenv("FAKE_SLURM", str(bin_dir))
+    bin_dir = install(tmp_path / "fake-slurm", monkeypatch, FAKES)
     monkeypatch.setattr(slurm, "BACKOFF_S", 0.0)
     return bin_dir
 

@@ -106,7 +106,7 @@ class LocalBackend:
                 continue
             if job in on_slurm:
                 report.active.append(job)
-                self.echo(f"{tag}  left alone: queued or running on SLURM as job {on_slurm[job]}")
+                self.echo(f"{tag}  left alone: {on_slurm[job].describe()}")
                 continue
             holder = live_claim(self.layout.store.job(job))
             if holder:
@@ -129,17 +129,18 @@ class LocalBackend:
         self.echo(f"local: {report.summary()}")
         return report
 
-    def _queued_on_slurm(self, jobs: list[StageJob], checks: dict) -> dict[StageJob, str]:
-        """Jobs not complete whose latest SLURM job the scheduler lists as queued or running."""
+    def _queued_on_slurm(self, jobs: list[StageJob], checks: dict) -> dict[StageJob, scheduler.Standing]:
+        """Jobs not complete whose latest SLURM job may still run (scheduler.Standing): queued,
+        running, just submitted, or of a state the scheduler could not tell."""
         ledger = Ledger.read(self.layout.store)
-        ids = {job: entry["job_id"] for job in jobs if not checks[job].complete and (entry := ledger.latest(job)) and entry.get("backend") == "slurm"}
-        if not ids:
+        on_slurm = [job for job in jobs if not checks[job].complete and (entry := ledger.latest(job)) and entry.get("backend") == "slurm"]
+        if not on_slurm:
             return {}
         if not scheduler.slurm_available():
-            raise UsageError(f"{len(ids)} stage job(s) of this grid were submitted to SLURM, but no SLURM commands are here to "
+            raise UsageError(f"{len(on_slurm)} stage job(s) of this grid were submitted to SLURM, but no SLURM commands are here to "
                              "tell whether they still run; submit from the cluster, or cancel them there first")
-        view = scheduler.query(sorted(set(ids.values())), ledger.first_submission(), ledger.users())
-        return {job: job_id for job, job_id in ids.items() if (info := view.jobs.get(job_id)) is not None and info.active}
+        view = scheduler.ask_about(ledger, on_slurm)
+        return {job: standing for job, standing in view.standings.items() if standing.may_still_run}
 
     def executor_parameters(self) -> dict:
         """One GPU per job where there is one, as each job has on the paper's cluster."""

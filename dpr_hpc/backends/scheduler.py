@@ -3,7 +3,8 @@
 sacct needs accounting (slurmdbd); it also lags a just-submitted job. Where it fails, squeue
 (which knows only pending and running jobs) stands in and the caller is told so; where neither
 answers, the caller gets SchedulerUnreachableError, never an empty view (which would read as
-every job gone). Both are asked about the ledger's users only, and sacct only from the ledger's
+every job gone). Where sacct answers but leaves jobs out and squeue then fails, those jobs are
+unknown, never gone: a lagging sacct must not turn a pending job into a failed one. Both are asked about the ledger's users only, and sacct only from the ledger's
 first submission on, so that a recycled job id cannot show someone else's or an older job.
 """
 
@@ -15,9 +16,13 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from dpr_hpc.errors import DprHpcError
+
+if TYPE_CHECKING:
+    from dpr_hpc.ledger import Ledger
+    from dpr_hpc.plan import StageJob
 
 # The tag in a job's --comment that names the stage job it runs (Ledger.nonce).
 TAG_PREFIX = "dpr-hpc:"
@@ -98,6 +103,55 @@ class JobInfo:
 class SchedulerView:
     jobs: dict[str, JobInfo]
     source: str  # "sacct", "squeue (accounting unavailable: …)"
+    unknown: frozenset[str] = frozenset()  # ids sacct did not list, squeue not asked successfully
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What the scheduler says of a stage job's latest submission: the one reading of a view
+    that status, submit (either backend), cancel and logs -f share."""
+
+    job_id: str
+    info: JobInfo | None  # its line in sacct or squeue; None when neither listed it
+    unknown: bool = False  # sacct did not list it and squeue did not answer: neither queued nor gone
+    recent: bool = False  # submitted less than the ledger's grace period ago: sacct may not list it yet
+
+    @property
+    def may_still_run(self) -> bool:
+        """Queued or running as far as anyone can tell: listed as active, or not listed but just
+        submitted, or not knowable now. Such a job is never submitted again, nor run elsewhere."""
+        return self.info.active if self.info is not None else self.recent or self.unknown
+
+    @property
+    def gone(self) -> bool:
+        """Neither listed nor just submitted, and the scheduler answered in full."""
+        return self.info is None and not self.recent and not self.unknown
+
+    def describe(self) -> str:
+        if self.info is not None:
+            return f"{self.info.state.lower()} on SLURM as job {self.job_id}"
+        if self.unknown:
+            return f"SLURM job {self.job_id}'s state is unknown (sacct has not listed it and squeue did not answer)"
+        if self.recent:
+            return f"submitted to SLURM as job {self.job_id}; not yet listed by the scheduler"
+        return f"SLURM job {self.job_id} is no longer listed by the scheduler"
+
+
+@dataclass(frozen=True)
+class StageJobsView:
+    standings: dict["StageJob", Standing]  # the stage jobs the ledger has a submission of
+    source: str
+
+
+def ask_about(ledger: "Ledger", jobs: Iterable["StageJob"]) -> StageJobsView:
+    """What the scheduler says of these stage jobs' latest submissions in the ledger, one query
+    for all. Raises SchedulerUnreachableError when neither sacct nor squeue answers."""
+    latest = {job: entry for job in jobs if (entry := ledger.latest(job))}
+    view = query(sorted({entry["job_id"] for entry in latest.values()}), ledger.first_submission(), ledger.users())
+    return StageJobsView({
+        job: Standing(entry["job_id"], view.jobs.get(entry["job_id"]), entry["job_id"] in view.unknown, ledger.recently_submitted(job))
+        for job, entry in latest.items()
+    }, view.source)
 
 
 def slurm_available() -> bool:
@@ -123,7 +177,7 @@ def query(job_ids: list[str], since: datetime | None = None, users: Sequence[str
         except SchedulerError as exc:
             if sacct_error is not None:
                 raise SchedulerUnreachableError(f"sacct: {sacct_error}; squeue: {exc}") from None
-            queued = {}
+            return SchedulerView(jobs, f"sacct, {len(missing)} job(s) unknown (not in sacct yet; squeue: {exc})", frozenset(missing))
         jobs.update({j: queued[j] for j in missing if j in queued})
     return SchedulerView(jobs, source)
 

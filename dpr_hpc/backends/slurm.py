@@ -80,8 +80,7 @@ class SlurmBackend:
         with Ledger.locked(store) as ledger:
             jobs = [job for job in self._jobs() if not self._complete(job)]
             self._adopt_tagged(jobs, ledger, scheduler.queued_by_tag())
-            ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
-            view = scheduler.query(sorted(set(ids.values())), ledger.first_submission(), ledger.users())
+            view = scheduler.ask_about(ledger, jobs)
             save_plan(self.layout, self.plan, grid_file)
             self.capacity = scheduler.submit_capacity()
             queued: dict[StageJob, str] = {}
@@ -90,20 +89,23 @@ class SlurmBackend:
         self.echo(f"slurm: {report.summary('submitted')}")
         return report
 
-    def _place(self, job: StageJob, ledger: Ledger, view: scheduler.SchedulerView, queued: dict[StageJob, str], report: SubmitReport) -> None:
+    def _place(self, job: StageJob, ledger: Ledger, view: scheduler.StageJobsView, queued: dict[StageJob, str], report: SubmitReport) -> None:
         if self._complete(job):
             report.skipped.append(job)
             return
         latest = ledger.latest(job)
         if latest:
-            info = view.jobs.get(latest["job_id"])
+            standing = view.standings[job]
+            info = standing.info
             orphaned = info is not None and info.state == "PENDING" and (
                 info.waits_on_a_dead_dependency or any(dep in report.ran for dep in self.plan.dependencies(job))
             )
             if orphaned:  # waits on a job that ended without a result (now resubmitted): it can never run
                 scheduler.cancel([latest["job_id"]])
                 self.echo(f"{job.id}: job {latest['job_id']} waited on an upstream job that ended; submitting it again")
-            elif (info.active if info else ledger.recently_submitted(job)):
+            elif standing.may_still_run:
+                if standing.unknown:
+                    self.echo(f"{job.id}: left alone: {standing.describe()}")
                 queued[job] = latest["job_id"]
                 report.active.append(job)
                 return
