@@ -9,6 +9,7 @@ writable) by the group. `tempfile` alone would create them 0600 and 0700 whateve
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -143,16 +144,40 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def append_line(path: Path, line: str) -> None:
-    """One line appended to a log and synced before returning: a crash loses at most a line in
-    flight, which readers of the log ignore. The file gets the umask's mode."""
+    """One line appended to a log and synced before returning, written whole or not at all.
+
+    `os.write` may write part of the line (a full disk, a quota reached mid-write) and report
+    it only by its return value, or raise after part of it landed: the rest is written in a
+    loop, and on an error the file is cut back to its size before, so no half line stays for
+    the next append to join onto. A line left cut by a crash (no newline at the end) gets one
+    first, so the new line stays readable. The file gets the umask's mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
     try:
-        os.write(fd, (line.rstrip("\n") + "\n").encode("utf-8"))
-        os.fsync(fd)
+        before = os.fstat(fd).st_size
+        if before and os.pread(fd, 1, before - 1) != b"\n":
+            data = b"\n" + data
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, before)
+            except OSError:
+                pass  # the cut line stays: readers skip it, and the next append starts a new line
+            raise
     finally:
         os.close(fd)
 
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:  # a regular file writes at least a byte or raises; never loop on 0
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[written:]
 
 
 def save_array(path: Path, array: Any) -> None:

@@ -11,19 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import getpass
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from dpr_hpc.errors import UsageError
+from dpr_hpc.errors import DprHpcError, UsageError
 from dpr_hpc.fsutil import append_line
 from dpr_hpc.store import StageStore
 from dpr_hpc.locks import HEARTBEAT_S, LockFile
 from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import now_iso
 
+log = logging.getLogger(__name__)
 LOCK_TIMEOUT_S = 600
 NONCE_LENGTH = 16
 # How long a submitted job may go unlisted by sacct and squeue before it counts as gone: sacct
@@ -39,8 +41,12 @@ class Ledger:
     @classmethod
     def read(cls, store: StageStore) -> "Ledger":
         """The ledger is an append-only log, one JSON line per submission, so recording a job
-        costs one short append however many jobs came before. A last line cut short by a crash
-        is ignored; anything else unreadable is a one-line error (exit 2)."""
+        costs one short append however many jobs came before. A line that is not an entry (cut
+        short by a crash, or by a full disk before appends were checked) is skipped with a
+        warning naming it: one damaged line must not lock every command out. What it recorded
+        is not lost for good: a job it named that is still queued carries the same tag as the
+        job's next submission (nonce), so the next submit adopts it instead of queueing twice.
+        A ledger that cannot be read at all is a one-line error (exit 2)."""
         path = store.ledger_file
         entries: dict[str, list[dict[str, Any]]] = {}
         try:
@@ -49,16 +55,21 @@ class Ledger:
             return cls(path, entries)
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{path}: not readable as a ledger ({exc}); move it aside to start a new one") from None
+        damaged = []
         for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
             try:
-                entry = json.loads(line)
+                entry, parsed = json.loads(line), True
             except ValueError:
-                if number == len(lines):
-                    break  # an append cut short by a crash: that submission was never confirmed
-                raise UsageError(f"{path}: line {number} is not a ledger entry; move the file aside to start a new one") from None
+                entry, parsed = None, False
             if not _is_entry(entry):
-                raise UsageError(f"{path}: line {number} is not a ledger entry (expected job, job_id and submitted_at)")
+                if parsed or number < len(lines):
+                    damaged.append(number)  # a last append cut short by a crash was never confirmed: no warning
+                continue
             entries.setdefault(entry.pop("job"), []).append(entry)
+        if damaged:
+            _warn_damaged(path, damaged)
         return cls(path, entries)
 
     @classmethod
@@ -101,10 +112,35 @@ class Ledger:
         return {job_id: history[-1]["job_id"] for job_id, history in self.entries.items() if history}
 
     def record(self, job: StageJob, job_id: str, backend: str = "slurm", **extra: Any) -> None:
-        """Append and sync at once, so a submit that dies half-way keeps what it submitted."""
+        """Append and sync at once, so a submit that dies half-way keeps what it submitted. A
+        line that cannot be written whole (a full disk, a quota) leaves nothing behind and
+        stops the submit with one line saying what is queued but unrecorded."""
         entry = {"job_id": job_id, "submitted_at": now_iso(), "backend": backend, "user": getpass.getuser(), **extra}
+        try:
+            append_line(self.path, json.dumps({"job": job.id, **entry}, sort_keys=True))
+        except OSError as exc:
+            raise LedgerWriteError(
+                f"{self.path}: could not record {backend} job {job_id} of {job.id} ({exc.strerror or exc}); nothing half-written "
+                "was left, and the next submit finds the queued job by its tag and records it") from None
         self.entries.setdefault(job.id, []).append(entry)
-        append_line(self.path, json.dumps({"job": job.id, **entry}, sort_keys=True))
+
+
+class LedgerWriteError(DprHpcError):
+    """A submission could not be recorded (ENOSPC, EDQUOT, EIO): the submit stops (exit 1)."""
+
+
+# (ledger file, line) already warned about by this process: status --watch reads it every redraw.
+_WARNED: set[tuple[str, int]] = set()
+
+
+def _warn_damaged(path: Path, numbers: list[int]) -> None:
+    new = [n for n in numbers if (str(path), n) not in _WARNED]
+    if not new:
+        return
+    _WARNED.update((str(path), n) for n in new)
+    shown = ", ".join(str(n) for n in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+    log.warning("warning: %s: line%s %s %s not a ledger entry; skipped (the rest of the ledger is read)",
+                path, "s" if len(new) > 1 else "", shown, "are" if len(new) > 1 else "is")
 
 
 def _is_entry(entry: Any) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dpr_hpc.fsutil import atomic_folder, file_digest, write_bytes_atomic, write_file_atomic, write_json_atomic
+from dpr_hpc.fsutil import append_line, atomic_folder, file_digest, write_bytes_atomic, write_file_atomic, write_json_atomic
 from dpr_hpc.ledger import Ledger
 from dpr_hpc.plan import StageJob
 from dpr_hpc.store import StageStore
@@ -89,3 +89,15 @@ def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
         (folder / "sub" / "config.json").write_text("v3")
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["sub", "sub/config.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["passage_encoder"]
+
+
+def test_an_append_that_os_write_takes_in_pieces_lands_whole(tmp_path, monkeypatch):
+    """os.write may write less than it was given (a signal, a nearly full disk) and say so only
+    by its return value: the rest is written, not dropped."""
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:5])))
+    log = tmp_path / "log.jsonl"
+    append_line(log, '{"job": "train/abc/r0", "job_id": "101"}')
+    append_line(log, '{"job": "index/def/r0", "job_id": "102"}')
+    monkeypatch.setattr(os, "write", real_write)
+    assert log.read_text() == '{"job": "train/abc/r0", "job_id": "101"}\n{"job": "index/def/r0", "job_id": "102"}\n'

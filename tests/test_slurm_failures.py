@@ -3,8 +3,10 @@ an sbatch that keeps failing, and accounting that is unavailable."""
 
 from __future__ import annotations
 
+import errno
 import getpass
 import json
+import os
 
 import pytest
 
@@ -129,3 +131,80 @@ def test_an_unreachable_scheduler_stops_submit_and_status_says_so(fake_slurm, ca
     code, out, err = run_cli(capsys, "status", grid, "--runs-root", tmp_path / "runs")
     assert code == 0 and "scheduler unreachable" in out
     assert "FAILED" not in out and "UNKNOWN" in out
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT], ids=["disk full", "quota exceeded"])
+def test_a_ledger_write_cut_short_by_a_full_disk_stops_submit_leaves_no_cut_line_and_the_job_is_adopted_later(
+        fake_slurm, cached_x_y, data_files, tmp_path, capsys, monkeypatch, error):
+    """os.write writes half the line, then the disk is full: the submit stops with one line
+    naming the ledger and the error, the half line is gone, and the next submit adopts the
+    job sbatch queued (by its tag) instead of queueing it again."""
+    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
+    real_write = os.write
+    calls: list[int] = []
+
+    def half_then_full(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "slurm", "--runs-root", tmp_path / "runs")
+    monkeypatch.setattr(os, "write", real_write)
+    ledger = tmp_path / "runs" / "store" / "ledger.jsonl"
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(ledger) in err and os.strerror(error) in err and "101" in err
+    assert ledger.read_bytes() == b""  # the half line was cut back
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "slurm", "--runs-root", tmp_path / "runs")
+    assert "adopting SLURM job 101" in out, out + err
+    entries = Ledger.read(StageStore.at(tmp_path / "runs")).entries
+    train = next(h for key, h in entries.items() if key.startswith("train/"))
+    assert [e["job_id"] for e in train] == ["101"]  # queued once, recorded once
+
+
+def test_a_damaged_line_in_the_middle_of_the_ledger_locks_no_command_out(fake_slurm, cached_x_y, data_files, tmp_path):
+    """status, submit and cancel, each run as a user runs it: the damaged line is named on
+    stderr and skipped, and the entries after it still count (nothing is queued twice)."""
+    import subprocess
+    import sys
+
+    grid = write_grid(data_files, "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{name: b, encoder: x/y, embedding_sizes: [8]}]\n")
+    plan = make_plan(load_grid(grid))
+    layout = RunLayout(tmp_path / "runs" / "g")
+    save_plan(layout, plan, grid)
+    train, index, _ = plan.jobs()
+    ledger_file = layout.store.ledger_file
+    with Ledger.locked(layout.store) as ledger:
+        ledger.record(train, "201")
+    with ledger_file.open("a") as log:
+        log.write('{"job": "train/' + train.key[:6] + "\n")  # an append cut short, then a newline
+    with Ledger.locked(layout.store) as ledger:
+        ledger.record(index, "202")
+    (fake_slurm / "queue").write_text("201|RUNNING|n1|0:10|None|\n202|PENDING||0:00|Dependency|\n")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dpr_hpc", *args, "--runs-root", str(tmp_path / "runs")],
+                              capture_output=True, text=True)
+
+    warning = f"{ledger_file}: line 2 is not a ledger entry; skipped"
+    status = cli("status", str(grid))
+    assert status.returncode == 0 and warning in status.stderr, status.stdout + status.stderr
+    assert "RUNNING" in status.stdout and "FAILED" not in status.stdout
+    submit = cli("submit", str(grid), "--backend", "slurm")
+    assert submit.returncode == 0 and warning in submit.stderr, submit.stdout + submit.stderr
+    assert "submitted as job 101 after 202" in submit.stdout and int((fake_slurm / "count").read_text()) == 1
+    cancel = cli("cancel", str(grid))
+    assert cancel.returncode == 0 and warning in cancel.stderr, cancel.stdout + cancel.stderr
+    assert (fake_slurm / "scancel.args").read_text().split() == ["101", "201", "202"]
+
+
+def test_a_record_after_a_cut_last_line_starts_a_line_of_its_own(data_files, tmp_path):
+    layout, plan, train = submitted_run(data_files, tmp_path, "101")
+    with layout.store.ledger_file.open("a") as log:
+        log.write('{"job": "train/')  # a crash mid-append: no newline
+    index = list(plan.jobs())[1]
+    with Ledger.locked(layout.store) as ledger:
+        ledger.record(index, "102")
+    read = Ledger.read(layout.store)
+    assert read.latest(train)["job_id"] == "101" and read.latest(index)["job_id"] == "102"

@@ -28,10 +28,24 @@ def test_a_time_limit_that_is_not_a_positive_finite_number_is_refused(data_files
 
 
 @pytest.mark.parametrize("damage", ["{not json", '{"c/train/r0": "101"}', "[1, 2]"])
-def test_a_corrupt_ledger_is_one_line_naming_it(data_files, tmp_path, capsys, damage):
-    layout, _, _ = submitted_run(data_files, tmp_path, "101")
+def test_a_damaged_ledger_line_is_skipped_with_a_warning_naming_it(data_files, tmp_path, capsys, caplog, damage):
+    """One damaged line (a cut append, a stray edit) must not lock every command out: it is
+    named, once, and the entries around it are read."""
+    layout, _, train = submitted_run(data_files, tmp_path, "101")
     ledger = layout.store.ledger_file
     ledger.write_text(damage + "\n" + ledger.read_text())  # damaged, not a last append cut short
+    code, out, err = run_cli(capsys, "status", layout.root)
+    assert code == 0 and "Traceback" not in err
+    assert f"{ledger}: line 1 is not a ledger entry; skipped" in caplog.text and caplog.text.count("line 1") == 1
+    from dpr_hpc.ledger import Ledger
+
+    assert Ledger.read(layout.store).latest(train)["job_id"] == "101"
+
+
+def test_a_ledger_that_cannot_be_read_at_all_is_one_line_naming_it(data_files, tmp_path, capsys):
+    layout, _, _ = submitted_run(data_files, tmp_path, "101")
+    ledger = layout.store.ledger_file
+    ledger.write_bytes(b"\xff\xfe not text")
     code, _, err = run_cli(capsys, "status", layout.root)
     assert code == 2 and _one_line(err) and str(ledger) in err
 
