@@ -2,19 +2,29 @@
 
 A stage's key and its record's provenance name inputs by content, never by path, so an edited
 dev file (or a retrained local model folder) is noticed even though its path is the same. A
-hash is remembered by (path, size, modification time) in one memo file under the runs root,
-so a multi-GB training file is read for hashing once, and hashed again only when it changes.
+hash is remembered by (path, size, modification time, inode, change time) in one memo file
+under the runs root, so a multi-GB training file is read for hashing once, and hashed again
+only when it changes. Size and mtime alone are not enough: where mtimes have a resolution of
+a second (ext3, some NFS servers), a same-size rewrite within that second keeps both, and
+`cp -p`, `rsync -a` or `mv` of another file set mtime to anything. The inode and ctime change
+with any of those; and a file changed in the last RECENT_NS is hashed but never remembered,
+since a second write within the same timestamp tick would go unseen.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 from dpr_hpc.fsutil import read_json, write_json_atomic
 
 HASH_CHUNK = 1 << 22
+# A file changed (mtime or ctime) less than this long ago is not remembered: a coarse timestamp
+# (a second, on some file systems) could hide a second write within the same tick.
+RECENT_NS = 2_000_000_000
 
 
 class ContentHashes:
@@ -37,14 +47,24 @@ class ContentHashes:
         return self.once(("file", str(path)), lambda: self._file(path))
 
     def _file(self, path: Path) -> str:
-        stat = path.stat()
-        stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        return self._remembered(path, path.stat(), lambda: sha256_file(path))
+
+    def opened(self, path: Path, handle: BinaryIO) -> str:
+        """The hash of the file open as `handle` (read from it, then rewound), remembered by
+        its own inode's stat: a file moved over `path` meanwhile is not the one hashed or parsed."""
+        return self._remembered(path, os.fstat(handle.fileno()), lambda: sha256_handle(handle))
+
+    def _remembered(self, path: Path, stat: os.stat_result, digest: Callable[[], str]) -> str:
+        stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
         memo = self._load()
-        if stamp not in memo:
-            memo[stamp] = sha256_file(path)
+        if stamp in memo:
+            return memo[stamp]
+        value = digest()
+        if settled(stat):
+            memo[stamp] = value
             self._dirty = True
             self.save()
-        return memo[stamp]
+        return value
 
     def folder(self, path: Path) -> str:
         """One hash over every file's relative name and content: a model folder's identity."""
@@ -86,11 +106,23 @@ def model_identity(name: str, local_path: str | None, hashes: ContentHashes) -> 
     return hashes.once(("hub", name), lambda: {"hub": name, "revision": revision_for(name, hashes.hub_pins)})
 
 
+def settled(stat: os.stat_result) -> bool:
+    """Unchanged for RECENT_NS (a time in the future, from another host's clock, is not)."""
+    return time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) >= RECENT_NS
+
+
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
+        return sha256_handle(handle)
+
+
+def sha256_handle(handle: BinaryIO) -> str:
+    """The hash of everything in an open file, read from its start; left rewound to it."""
+    digest = hashlib.sha256()
+    handle.seek(0)
+    while chunk := handle.read(HASH_CHUNK):
+        digest.update(chunk)
+    handle.seek(0)
     return digest.hexdigest()
 
 
