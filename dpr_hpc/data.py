@@ -9,6 +9,7 @@ dpr_hpc.prepared, which does that once per file content.
 from __future__ import annotations
 
 import codecs
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -52,11 +53,14 @@ class DataFormatError(ValueError):
     """The file is not in DPR's biencoder format; the message names the record and key."""
 
 
-def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+def iter_records(path: Path, handle: BinaryIO | None = None) -> Iterator[dict[str, Any]]:
     """The file's records one at a time, read as UTF-8 (a byte-order mark allowed) with a
-    streaming parser: a multi-GB training file never sits in memory as one Python list."""
+    streaming parser: a multi-GB training file never sits in memory as one Python list.
+    `handle`: the file already open (read from its start, left open), so that a caller parses
+    the very file it hashed even if another is moved over `path` meanwhile."""
     path = Path(path)
-    with path.open("rb") as handle:
+    with (path.open("rb") if handle is None else nullcontext(handle)) as handle:
+        handle.seek(0)
         start = handle.read(len(codecs.BOM_UTF8))
         if start != codecs.BOM_UTF8:
             handle.seek(0)

@@ -34,7 +34,7 @@ from abc import abstractmethod
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, BinaryIO, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -247,32 +247,37 @@ def entry_folder(cache_dir: Path, sha256: str, kind: str) -> Path:
     return cache_dir / f"{sha256[:16]}-{kind}-v{PREPARED_FORMAT}"
 
 
-def data_file_sha256(path: Path, cache_dir: Path) -> str:
-    """The file's content hash through the content-hash memo (dpr_hpc.content), kept in the
-    cache: a multi-GB file is hashed once, and again only when its size or mtime change."""
+def data_file_sha256(path: Path, cache_dir: Path, handle: BinaryIO) -> str:
+    """The content hash of the file open as `handle` (the one that will be parsed) through the
+    content-hash memo (dpr_hpc.content), kept in the cache: a multi-GB file is hashed once,
+    and again only when it may have changed."""
     hashes = ContentHashes(cache_dir / "content-hashes.json")
-    digest = hashes.file(path)
+    digest = hashes.opened(path, handle)
     hashes.save()
     return digest
 
 
-def _load(path: Path, cache_dir: Path, kind: str, build: Callable[[Path, Path], dict[str, Any]],
+def _load(path: Path, cache_dir: Path, kind: str, build: Callable[[Path, BinaryIO, Path], dict[str, Any]],
           open_entry: Callable[[Path, bool, dict[str, Any]], Prepared]) -> Prepared:
+    """The file is opened once, and that one open file is hashed and, if its entry must be
+    built, parsed: a file moved over `path` in between (a `mv` of new data into place) can
+    then not be filed under the old content's hash."""
     started = time.perf_counter()
-    sha256 = data_file_sha256(path, cache_dir)
-    folder = entry_folder(cache_dir, sha256, kind)
-    try:
-        prepared = _open(folder, kind, sha256, True, open_entry)
-    except DAMAGED_ENTRY:
-        prepared = None  # absent or damaged: decided again under the lock
-    if prepared is None:
-        with LockFile(folder.with_name(folder.name + ".lock"), purpose=f"preparing {path.name} ({kind})",
-                      heartbeat_s=HEARTBEAT_S, timeout_s=math.inf):
-            prepared = _open_or_build(path, folder, kind, sha256, build, open_entry)
+    with path.open("rb") as handle:
+        sha256 = data_file_sha256(path, cache_dir, handle)
+        folder = entry_folder(cache_dir, sha256, kind)
+        try:
+            prepared = _open(folder, kind, sha256, True, open_entry)
+        except DAMAGED_ENTRY:
+            prepared = None  # absent or damaged: decided again under the lock
+        if prepared is None:
+            with LockFile(folder.with_name(folder.name + ".lock"), purpose=f"preparing {path.name} ({kind})",
+                          heartbeat_s=HEARTBEAT_S, timeout_s=math.inf):
+                prepared = _open_or_build(path, handle, folder, kind, sha256, build, open_entry)
     return dataclasses.replace(prepared, load_s=time.perf_counter() - started)
 
 
-def _open_or_build(path: Path, folder: Path, kind: str, sha256: str, build, open_entry) -> Prepared:
+def _open_or_build(path: Path, handle: BinaryIO, folder: Path, kind: str, sha256: str, build, open_entry) -> Prepared:
     """Under the lock: another job may have built it while this one waited."""
     if folder.exists():
         try:
@@ -285,8 +290,12 @@ def _open_or_build(path: Path, folder: Path, kind: str, sha256: str, build, open
         log.warning("prepared data: ijson's C backend %s is not installed here; parsing %s with %s, more than 10 times slower",
                     FAST_JSON_PARSER, path, parser)
     began = time.perf_counter()
+    hashed = os.fstat(handle.fileno())
     with atomic_folder(folder) as tmp:
-        counts = build(path, tmp)
+        counts = build(path, handle, tmp)
+        if _changed(hashed, os.fstat(handle.fileno())):
+            raise DataChangedError(f"{path}: written to while it was being prepared (its hash no longer names what was read); "
+                                   "run the job again once the file is complete")
         manifest = {"format": PREPARED_FORMAT, "kind": kind, "source": str(path.resolve()), "sha256": sha256,
                     "parser": parser, "built_at": now_iso(), "built_by": f"{socket.gethostname()}:{os.getpid()}",
                     "build_s": round(time.perf_counter() - began, 3), **counts}
@@ -303,12 +312,20 @@ def _open(folder: Path, kind: str, sha256: str, hit: bool, open_entry) -> Prepar
     return open_entry(folder, hit, manifest)
 
 
-def _build_train(path: Path, folder: Path) -> dict[str, Any]:
+class DataChangedError(ValueError):
+    """The data file was rewritten in place while it was parsed: nothing is filed."""
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+
+
+def _build_train(path: Path, handle: BinaryIO, folder: Path) -> dict[str, Any]:
     questions = _StringWriter(folder, "questions")
     positives, negatives = _PassageWriter(folder, "positive"), _PassageWriter(folder, "negative")
     negative_counts = array("q")
     records = 0
-    for index, record in enumerate(iter_records(path)):
+    for index, record in enumerate(iter_records(path, handle)):
         records += 1
         example = training_example(record, str(path), index)
         if example is None:
@@ -324,13 +341,13 @@ def _build_train(path: Path, folder: Path) -> dict[str, Any]:
     return {"records": records, "examples": len(negative_counts), "negatives": int(sum(negative_counts))}
 
 
-def _build_dev(path: Path, folder: Path) -> dict[str, Any]:
+def _build_dev(path: Path, handle: BinaryIO, folder: Path) -> dict[str, Any]:
     questions, gold_ids, answers = (_StringWriter(folder, name) for name in ("questions", "gold_ids", "answers"))
     pool = _PassageWriter(folder, "pool")
     record_index, answer_counts = array("q"), array("q")
     seen: set[str] = set()  # the pool's ids: the one per-passage Python object the build keeps
     records = with_duplicates = 0
-    for index, record in enumerate(iter_records(path)):
+    for index, record in enumerate(iter_records(path, handle)):
         records += 1
         entry = dev_entry(record, str(path), index)
         if entry is None:

@@ -6,6 +6,7 @@ happens in another process is told by the `.hit` flag and the entry's manifest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -29,9 +30,9 @@ def parses(monkeypatch) -> list[str]:
     """The files the prepared module parsed in this process, in order."""
     parsed: list[str] = []
 
-    def counting(path):
+    def counting(path, *args):
         parsed.append(Path(path).name)
-        return iter_records(path)
+        return iter_records(path, *args)
 
     monkeypatch.setattr(prepared, "iter_records", counting)
     return parsed
@@ -100,6 +101,49 @@ def test_a_second_load_maps_and_a_changed_file_is_prepared_again(tmp_path, parse
     assert first.folder.is_dir()  # the old content's entry stays for runs that still read it
 
 
+def _dev_records(question: str) -> bytes:
+    record = {"question": question, "answers": ["a"], "positive_ctxs": [{"title": "t", "text": "x", "passage_id": "1"}]}
+    return json.dumps([record]).encode()
+
+
+def test_data_moved_into_place_between_hashing_and_parsing_is_filed_under_its_own_hash(tmp_path, monkeypatch):
+    """`mv new.json dev.json` while a job prepares dev.json: the entry holds what was parsed,
+    under that content's hash, never the new file's rows under the old file's hash."""
+    data, incoming, cache = tmp_path / "dev.json", tmp_path / "incoming.json", tmp_path / "cache"
+    data.write_bytes(_dev_records("first?"))
+    incoming.write_bytes(_dev_records("second?"))
+    hash_only = prepared.data_file_sha256
+
+    def hash_then_swap(*args):
+        digest = hash_only(*args)
+        os.replace(incoming, data)
+        return digest
+
+    monkeypatch.setattr(prepared, "data_file_sha256", hash_then_swap)
+    during = load_dev(data, cache)
+    assert during.manifest["sha256"] == hashlib.sha256(_dev_records("first?")).hexdigest()
+    assert [q.question for q in during.dev_questions()] == ["first?"]
+    monkeypatch.setattr(prepared, "data_file_sha256", hash_only)
+    after = load_dev(data, cache)
+    assert not after.hit and after.manifest["sha256"] == hashlib.sha256(_dev_records("second?")).hexdigest()
+    assert [q.question for q in after.dev_questions()] == ["second?"]
+
+
+def test_data_rewritten_in_place_while_it_is_parsed_is_not_filed(tmp_path, monkeypatch):
+    data, cache = tmp_path / "dev.json", tmp_path / "cache"
+    data.write_bytes(_dev_records("first?"))
+
+    def rewritten_while_read(path, *args):
+        yield from iter_records(path, *args)
+        with data.open("r+b") as handle:  # the same inode, longer now
+            handle.write(_dev_records("a longer question?"))
+
+    monkeypatch.setattr(prepared, "iter_records", rewritten_while_read)
+    with pytest.raises(ValueError, match="written to while it was being prepared"):
+        load_dev(data, cache)
+    assert not [p for p in cache.iterdir() if p.name.endswith("-dev-v1")]
+
+
 def test_a_damaged_entry_is_prepared_again_with_a_warning(nq_small, tmp_path, parses, caplog):
     built = load_train(nq_small / "train.json", tmp_path / "cache")
     expected = built.example(0)
@@ -141,9 +185,9 @@ CONCURRENT_LOAD = textwrap.dedent("""
     import dpr_hpc.prepared as prepared
 
     reader = prepared.iter_records
-    def slow_reader(path):  # a slow parse, so that both processes want the entry at once
+    def slow_reader(path, *args):  # a slow parse, so that both processes want the entry at once
         time.sleep(1.5)
-        return reader(path)
+        return reader(path, *args)
     prepared.iter_records = slow_reader
     go = Path(sys.argv[3])
     while not go.exists():
