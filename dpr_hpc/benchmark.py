@@ -287,19 +287,19 @@ def _bench_token_cache(rng, echo) -> dict[str, Any]:
     from dpr_hpc.data import Passage
     from dpr_hpc.demo.generate import build_tokenizer
     from dpr_hpc.modeling.batching import tokenize_passages
+    from dpr_hpc.content import sha256_bytes
     from dpr_hpc.modeling.token_cache import TokenCache
 
     words = [f"w{i}" for i in range(5000)]
     passages = [Passage(str(i), " ".join(rng.choice(words, 3)), " ".join(rng.choice(words, 100))) for i in range(20000)]
     tokenizer = build_tokenizer(sorted(set(words)))
     with tempfile.TemporaryDirectory() as folder:
-        data = Path(folder) / "dev.json"
-        data.write_text(json.dumps([{"passage_id": p.passage_id} for p in passages[:10]]))
+        data_sha256 = sha256_bytes(json.dumps([{"passage_id": p.passage_id} for p in passages[:10]]).encode())
         cache = TokenCache(Path(folder) / "cache")
         seconds = []
         for _cell in ("first cell", "second cell"):
             start = time.perf_counter()
-            cache.get("dev-passages", data, tokenizer, {"max_length": 256}, lambda: tokenize_passages(tokenizer, passages, 256, True))
+            cache.get("dev-passages", data_sha256, tokenizer, {"max_length": 256}, lambda: tokenize_passages(tokenizer, passages, 256, True))
             seconds.append(time.perf_counter() - start)
     result = {"passages": len(passages), "first_cell_s": seconds[0], "second_cell_s": seconds[1]}
     echo(f"tokenizing {len(passages)} passages: first cell {seconds[0]:.2f}s, second cell with the same tokenizer {seconds[1]:.3f}s (cache)")

@@ -1,8 +1,10 @@
-"""The token cache: one tokenization per tokenizer, data file and settings, built once even
-when jobs ask for it at the same moment, and rebuilt when the data file changes."""
+"""The token cache: one tokenization per tokenizer, data content and settings, built once even
+when jobs ask for it at the same moment, rebuilt when the data changes, and filed under the
+content the tokens were made from."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dpr_hpc.content import sha256_bytes
 from dpr_hpc.modeling.batching import TokenizedTexts, tokenize_questions
 from dpr_hpc.modeling.encoder import load_tokenizer
 from dpr_hpc.modeling.token_cache import TokenCache, tokenizer_fingerprint
@@ -21,8 +24,7 @@ def _texts(n: int) -> TokenizedTexts:
 
 def test_second_request_reads_the_cache_and_a_changed_file_is_tokenized_again(demo_assets, tmp_path):
     tokenizer = load_tokenizer(str(demo_assets / "models" / "tiny-bert"))
-    data = tmp_path / "dev.json"
-    data.write_text('["one"]')
+    data = sha256_bytes(b'["one"]')
     cache = TokenCache(tmp_path / "cache")
     builds = []
 
@@ -35,7 +37,7 @@ def test_second_request_reads_the_cache_and_a_changed_file_is_tokenized_again(de
     assert (first.hit, second.hit, len(builds)) == (False, True, 1)
     assert np.array_equal(first.texts.ids, second.texts.ids) and np.array_equal(first.texts.types, second.texts.types)
     assert not cache.get("dev-questions", data, tokenizer, {"max_length": 16}, build).hit  # other settings
-    data.write_text('["two"]')
+    data = sha256_bytes(b'["two"]')
     assert not cache.get("dev-questions", data, tokenizer, {"max_length": 32}, build).hit  # changed content
     assert len(builds) == 3
 
@@ -64,15 +66,14 @@ def _slow_request(args: tuple[str, str, str]) -> bool:
         time.sleep(1.0)
         return _texts(5)
 
-    return TokenCache(Path(folder)).get("train-questions", Path(data), Fake(), {}, build).hit
+    return TokenCache(Path(folder)).get("train-questions", data, Fake(), {}, build).hit
 
 
 def test_concurrent_jobs_build_a_missing_entry_once(tmp_path):
-    data = tmp_path / "train.json"
-    data.write_text("[]")
+    data = sha256_bytes(b"[]")
     log = tmp_path / "builds.log"
     with multiprocessing.get_context("spawn").Pool(3) as pool:
-        hits = pool.map(_slow_request, [(str(tmp_path / "cache"), str(data), str(log))] * 3)
+        hits = pool.map(_slow_request, [(str(tmp_path / "cache"), data, str(log))] * 3)
     assert log.read_text().count("built") == 1
     assert sorted(hits) == [False, True, True]
 
@@ -99,8 +100,7 @@ def _missing_array(entry: Path) -> None:
 
 @pytest.mark.parametrize("damage", [_truncate, _empty, _not_a_zip, _offsets_past_the_ids, _missing_array])
 def test_a_damaged_entry_is_built_again_with_a_warning(tmp_path, caplog, damage):
-    data = tmp_path / "train.json"
-    data.write_text("[]")
+    data = sha256_bytes(b"[]")
     cache = TokenCache(tmp_path / "cache")
     fake = type("Fake", (), {"backend_tokenizer": None, "get_vocab": lambda self: {"a": 0}})()
     assert not cache.get("train-questions", data, fake, {}, lambda: _texts(5)).hit
@@ -112,3 +112,33 @@ def test_a_damaged_entry_is_built_again_with_a_warning(tmp_path, caplog, damage)
     assert "is damaged" in caplog.text and "tokenizing again" in caplog.text
     assert cache.get("train-questions", data, fake, {}, lambda: _texts(9)).hit  # the rebuilt entry is whole
     assert not list((tmp_path / "cache").glob("*.lock"))
+
+
+def test_tokens_are_filed_under_the_content_they_were_made_from(demo_assets, tmp_path):
+    """New data moved over dev.json after a job prepared it: the tokens the job makes from the
+    prepared questions are keyed by the content those came from, not by what the path holds
+    now (which another job would then read as already tokenized)."""
+    import dataclasses
+    import os
+    from types import SimpleNamespace
+
+    from dpr_hpc.grid.config import TextConfig
+    from dpr_hpc.plan import StageJob
+    from dpr_hpc.prepared import load_dev
+    from dpr_hpc.stages.common import StageIO, tokenized
+
+    def dev_file(question: str) -> bytes:
+        return json.dumps([{"question": question, "answers": ["a"], "positive_ctxs": [{"title": "", "text": "x", "passage_id": "1"}]}]).encode()
+
+    data, incoming = tmp_path / "dev.json", tmp_path / "incoming.json"
+    data.write_bytes(dev_file("what was asked first?"))
+    incoming.write_bytes(dev_file("what is asked now?"))
+    dev = load_dev(data, tmp_path / "prepared")
+    os.replace(incoming, data)
+    tokenizer = load_tokenizer(str(demo_assets / "models" / "tiny-bert"))
+    cell = SimpleNamespace(text=TextConfig())
+    io = StageIO(job=StageJob("infer", "k", 0), out=None, prepared_cache=tmp_path / "prepared", token_cache=tmp_path / "tokens")
+    questions = [q.question for q in dev.dev_questions()]
+    made = tokenized(io, cell, "dev-questions", dev, tokenizer, lambda: tokenize_questions(tokenizer, questions, 32))
+    first = TokenCache(None).key("dev-questions", sha256_bytes(dev_file("what was asked first?")), tokenizer, dataclasses.asdict(cell.text))
+    assert questions == ["what was asked first?"] and made.key == first

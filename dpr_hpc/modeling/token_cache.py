@@ -2,11 +2,14 @@
 
 The paper's 28 cells use 4 tokenizers, so the data is tokenized 4 times, not 28 (and the
 index and infer stages of a trained cell reuse what its training tokenized for the dev set).
-An entry is keyed by what was tokenized (which texts of which data file, by content hash), the
-tokenizer (a hash of its full definition) and the settings (maximum length, titles). Jobs that
-need the same entry at once build it once: the first holds a lock file (dpr_hpc.locks, which
-holds on shared filesystems), the rest wait and read. An entry that does not load, whatever
-the damage (a truncated zip, arrays that do not fit together), is built again with a warning.
+An entry is keyed by what was tokenized (which texts of which data, by the content hash of the
+prepared data the texts come from: dpr_hpc.prepared hashed and parsed the same open file, so
+the key names the bytes the tokens were made from, whatever lies at the file's path by now),
+the tokenizer (a hash of its full definition) and the settings (maximum length, titles). Jobs
+that need the same entry at once build it once: the first holds a lock file (dpr_hpc.locks,
+which holds on shared filesystems), the rest wait and read. An entry that does not load,
+whatever the damage (a truncated zip, arrays that do not fit together), is built again with a
+warning.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dpr_hpc.fsutil import file_digest, read_json, write_file_atomic, write_json_atomic
+from dpr_hpc.fsutil import write_file_atomic
 from dpr_hpc.locks import HEARTBEAT_S, LockFile
 from dpr_hpc.modeling.batching import TokenizedTexts
 
@@ -41,8 +44,9 @@ class TokenCache:
         """`folder=None` disables caching (every call tokenizes)."""
         self.folder = folder
 
-    def get(self, what: str, data_file: Path, tokenizer, settings: dict, build: Callable[[], TokenizedTexts]) -> Lookup:
-        key = self.key(what, data_file, tokenizer, settings)
+    def get(self, what: str, data_sha256: str, tokenizer, settings: dict, build: Callable[[], TokenizedTexts]) -> Lookup:
+        """`build()`'s tokens, which it makes from the data whose content hash is `data_sha256`."""
+        key = self.key(what, data_sha256, tokenizer, settings)
         if self.folder is None:
             return Lookup(build(), False, key)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -60,36 +64,9 @@ class TokenCache:
             write_file_atomic(entry, texts.save)
             return Lookup(texts, False, key)
 
-    def key(self, what: str, data_file: Path, tokenizer, settings: dict) -> str:
-        identity = {"what": what, "data": self.file_sha256(data_file), "tokenizer": tokenizer_fingerprint(tokenizer), **settings}
+    def key(self, what: str, data_sha256: str, tokenizer, settings: dict) -> str:
+        identity = {"what": what, "data": data_sha256, "tokenizer": tokenizer_fingerprint(tokenizer), **settings}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-    def file_sha256(self, path: Path) -> str:
-        """A data file's content hash, remembered by (path, size, mtime) so that a multi-GB
-        training file is read for hashing once, and a changed file is hashed again."""
-        stat = path.stat()
-        stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-        memo_file = self.folder / "file-hashes.json" if self.folder else None
-        if memo_file is not None:
-            with _lock(memo_file, "data file hashes"):
-                memo = _read_memo(memo_file)
-                if stamp not in memo:
-                    memo[stamp] = file_digest(path).sha256
-                    write_json_atomic(memo_file, memo)
-                return memo[stamp]
-        return file_digest(path).sha256
-
-
-def _read_memo(memo_file: Path) -> dict[str, str]:
-    """The remembered data-file hashes; a damaged memo is only a cache, so it starts over."""
-    try:
-        memo = read_json(memo_file)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("token cache: %s is damaged (%s); hashing the data files again", memo_file, exc)
-        return {}
-    return memo if isinstance(memo, dict) else {}
 
 
 def _lock(path: Path, purpose: str) -> LockFile:

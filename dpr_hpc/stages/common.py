@@ -101,13 +101,15 @@ def load_trained_tower(cell: CellConfig, io: StageIO, tower: str, device: torch.
     return DprEncoder.from_pretrained(source, cell.embedding_size, revision=revision).to(device), load_tokenizer(source, revision)
 
 
-def tokenized(io: StageIO, cell: CellConfig, what: str, data_file: Path, tokenizer, build):
-    """`build()`'s tokens through the runs root's token cache: tokenized once per tokenizer,
-    file and settings, whichever grid, cell or stage asks first."""
+def tokenized(io: StageIO, cell: CellConfig, what: str, data, tokenizer, build):
+    """`build()`'s tokens of the prepared `data` (a PreparedTrain or PreparedDev) through the
+    runs root's token cache: tokenized once per tokenizer, data content and settings, whichever
+    grid, cell or stage asks first. Keyed by the content the prepared data was parsed from,
+    not by hashing its file again, which may hold other bytes by now."""
     from dpr_hpc.modeling.token_cache import TokenCache
 
     settings = dataclasses.asdict(cell.text)  # max length, titles, passage format
-    return TokenCache(io.token_cache).get(what, data_file, tokenizer, settings, build)
+    return TokenCache(io.token_cache).get(what, data.manifest["sha256"], tokenizer, settings, build)
 
 
 def prepared_details(data) -> dict[str, Any]:

@@ -36,7 +36,7 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         raise ValueError(f"{dev_file}: the evaluation pool is empty (no question has a positive passage)")
 
     started = time.perf_counter()
-    texts = tokenized(io, cell, "dev-passages", dev_file, tokenizer,
+    texts = tokenized(io, cell, "dev-passages", dev, tokenizer,
                       lambda: tokenize_passages(tokenizer, pool, cell.text.max_length, cell.text.embed_title, cell.text.passage_format))
     tokenize_s = time.perf_counter() - started
     progress(f"encoding {len(pool)} passages ({precision}, {'cached' if texts.hit else 'fresh'} tokens)")

@@ -37,7 +37,7 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         raise ValueError(f"{dev_file}: no question has a positive passage")
 
     precision = resolve_precision(cell.precision.encode, device)
-    tokens = tokenized(io, cell, "dev-questions", dev_file, tokenizer,
+    tokens = tokenized(io, cell, "dev-questions", dev, tokenizer,
                       lambda: tokenize_questions(tokenizer, [q.question for q in questions], cell.text.max_length))
     encoded = encode(encoder, tokens.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision)
     query_vectors, question_encode_s = encoded.embeddings, encoded.encode_s

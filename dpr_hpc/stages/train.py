@@ -283,7 +283,6 @@ class _TokenizedExamples:
 
     def __init__(self, examples: PreparedTrain, question_tokenizer, passage_tokenizer, cell: CellConfig, io: StageIO) -> None:
         text = cell.text
-        source = cell.data_path("train")
         self.shuffle, self.seed = cell.train.hard_negative == "shuffle", cell.train.seed
         counts = examples.negative_counts
         self.pool_sizes = counts.astype(np.int64) if self.shuffle else np.minimum(counts, 1).astype(np.int64)
@@ -294,10 +293,10 @@ class _TokenizedExamples:
         def passages(items):
             return lambda: tokenize_passages(passage_tokenizer, items, text.max_length, text.embed_title, text.passage_format)
 
-        self.questions = tokenized(io, cell, "train-questions", source, question_tokenizer,
+        self.questions = tokenized(io, cell, "train-questions", examples, question_tokenizer,
                                    lambda: tokenize_questions(question_tokenizer, examples.questions, text.max_length))
-        self.positives = tokenized(io, cell, "train-positives", source, passage_tokenizer, passages(examples.positives))
-        self.negatives = tokenized(io, cell, "train-negative-pools" if self.shuffle else "train-negatives", source, passage_tokenizer,
+        self.positives = tokenized(io, cell, "train-positives", examples, passage_tokenizer, passages(examples.positives))
+        self.negatives = tokenized(io, cell, "train-negative-pools" if self.shuffle else "train-negatives", examples, passage_tokenizer,
                                    passages(flat_pool))
         self.without_negative = int((self.pool_sizes == 0).sum())
         self.cache_hits = sum(t.hit for t in (self.questions, self.positives, self.negatives))
