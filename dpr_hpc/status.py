@@ -6,7 +6,9 @@ its inputs' content unchanged, its upstream records the ones it was made from. A
 fails those checks is STALE, with the reason, and `submit` reruns it. A record that cannot be
 read at all is UNREADABLE: nothing is rerun on a guess. A live claim is RUNNING; a claim whose
 heartbeat stopped, INTERRUPTED. Markers and the scheduler tell FAILED and PENDING apart, and a
-job whose inputs can no longer come is BLOCKED.
+job whose inputs can no longer come is BLOCKED. A submitted job the scheduler cannot speak for
+now (it does not answer, or sacct has not listed the job and squeue fails) is UNKNOWN: never
+read as gone, so never FAILED and never submitted again on that answer.
 """
 
 from __future__ import annotations

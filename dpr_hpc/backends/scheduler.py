@@ -122,11 +122,6 @@ class Standing:
         submitted, or not knowable now. Such a job is never submitted again, nor run elsewhere."""
         return self.info.active if self.info is not None else self.recent or self.unknown
 
-    @property
-    def gone(self) -> bool:
-        """Neither listed nor just submitted, and the scheduler answered in full."""
-        return self.info is None and not self.recent and not self.unknown
-
     def describe(self) -> str:
         if self.info is not None:
             return f"{self.info.state.lower()} on SLURM as job {self.job_id}"
