@@ -248,7 +248,7 @@ def _plan(args: argparse.Namespace) -> int:
     store = RunLayout.for_grid(grid.name, args.runs_root).store
     hashes = store.content_hashes() if store.root.is_dir() else None
     plan = make_plan(grid, hashes)
-    records = Records(store, hashes)
+    records = Records(store, hashes, plan)
     existing = {job for job in plan.jobs() if store.root.is_dir() and records.check(job).complete}
     if args.json:
         jobs = [{**job, "exists": StageJob(job["stage"], job["key"], job["repeat"]) in existing} for job in plan.to_json()["jobs"]]
@@ -471,7 +471,7 @@ def _submit_targets(plan: "Plan", layout: RunLayout, selection: Selection, args:
     if selection.everything and not args.force_all:
         return None
     [selected] = selection.apply([plan])
-    records = Records(layout.store)
+    records = Records(layout.store, plan=plan)
     targets = submit_targets(plan, selected, records, force=args.force or args.force_all, dry_run=dry_run)
     for job in targets.forced:
         print(f"{job.id}: forced rerun (--force); its complete attempt {records.check(job).attempt} stays on disk", flush=True)
