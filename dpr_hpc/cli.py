@@ -56,6 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into `head` and the like: stop quietly, as other command-line tools do.
         sys.stderr.close()
         return 0
+    except OSError as error:
+        # The file system refused (a full disk, a quota, a permission, an NFS hiccup): the file
+        # and the reason are what the user acts on; a traceback would bury them.
+        print(f"dpr-hpc: error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line: the path (both, for a rename) and the system's reason, e.g.
+    "runs/g/plan.json: No space left on device"."""
+    reason = error.strerror or str(error) or type(error).__name__
+    paths = [str(name) for name in (error.filename, error.filename2) if name is not None]
+    text = f"{' -> '.join(paths)}: {reason}" if paths else f"{type(error).__name__}: {reason}"
+    return " ".join(text.split())
 
 
 def _parser() -> argparse.ArgumentParser:
