@@ -391,6 +391,8 @@ def test_an_unreadable_artifact_stops_submit_naming_it_and_nothing_runs(run_of_a
     # Every record, artifact and spec as it was (the content-hash memo may learn the train file's hash).
     before = {p: p.read_bytes() for p in layout.store.root.rglob("*") if p not in (artifact, layout.store.root / "content-hashes.json") and p.is_file()}
     grid = json.loads(layout.plan_file.read_text())["grid_file"]
+    code, out, _ = run_cli(capsys, "status", grid, "--runs-root", layout.runs_root)
+    assert code == 0 and "UNREADABLE" in out and f"{artifact}: Input/output error" in out
     code, out, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", layout.runs_root)
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert f"{artifact}: Input/output error" in err and "nothing was submitted" in err

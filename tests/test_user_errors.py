@@ -161,3 +161,22 @@ def test_a_claim_lock_of_another_group_member_that_cannot_be_read_is_one_line_na
     code, _, err = run_cli(capsys, "status", layout.root)
     assert code == 1 and _one_line(err), err
     assert f"{claim}: Permission denied" in err
+
+
+def test_a_data_file_that_cannot_be_read_stops_submit_in_one_line_naming_it(data_files, cached_x_y, tmp_path, monkeypatch, capsys):
+    """EIO is not "missing": the submit stops, naming the file and the error, and runs nothing."""
+    import errno
+
+    grid = write_grid(data_files, ONE_CELL_GRID)
+    train = data_files / "train.json"
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if os.fspath(path) == str(train):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(train))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", tmp_path / "runs")
+    assert code == 1 and _one_line(err), err
+    assert f"{train}: Input/output error" in err and "running" not in out
