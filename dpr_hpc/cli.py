@@ -56,6 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into `head` and the like: stop quietly, as other command-line tools do.
         sys.stderr.close()
         return 0
+    except OSError as error:
+        # The file system refused (a full disk, a quota, a permission, an NFS hiccup): the file
+        # and the reason are what the user acts on; a traceback would bury them.
+        print(f"dpr-hpc: error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line: the path (both, for a rename) and the system's reason, e.g.
+    "runs/g/plan.json: No space left on device"."""
+    reason = error.strerror or str(error) or type(error).__name__
+    paths = [str(name) for name in (error.filename, error.filename2) if name is not None]
+    text = f"{' -> '.join(paths)}: {reason}" if paths else f"{type(error).__name__}: {reason}"
+    return " ".join(text.split())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -248,7 +262,7 @@ def _plan(args: argparse.Namespace) -> int:
     store = RunLayout.for_grid(grid.name, args.runs_root).store
     hashes = store.content_hashes() if store.root.is_dir() else None
     plan = make_plan(grid, hashes)
-    records = Records(store, hashes)
+    records = Records(store, hashes, plan)
     existing = {job for job in plan.jobs() if store.root.is_dir() and records.check(job).complete}
     if args.json:
         jobs = [{**job, "exists": StageJob(job["stage"], job["key"], job["repeat"]) in existing} for job in plan.to_json()["jobs"]]
@@ -471,7 +485,7 @@ def _submit_targets(plan: "Plan", layout: RunLayout, selection: Selection, args:
     if selection.everything and not args.force_all:
         return None
     [selected] = selection.apply([plan])
-    records = Records(layout.store)
+    records = Records(layout.store, plan=plan)
     targets = submit_targets(plan, selected, records, force=args.force or args.force_all, dry_run=dry_run)
     for job in targets.forced:
         print(f"{job.id}: forced rerun (--force); its complete attempt {records.check(job).attempt} stays on disk", flush=True)

@@ -77,7 +77,7 @@ def complete_records(layout: RunLayout, plan: Plan, selection: Selection | None 
     """The one place that decides which records give figures: complete ones only, of the
     selected cells, with the figures of the selected stages (every one by default)."""
     selection = selection or Selection()
-    records = Records(layout.store)
+    records = Records(layout.store, plan=plan)
     left_out: list[str] = []
     history = cell_history(layout)
 

@@ -67,10 +67,12 @@ class ContentHashes:
         return value
 
     def folder(self, path: Path) -> str:
-        """One hash over every file's relative name and content: a model folder's identity."""
+        """One hash over every file's relative name and content: a model folder's identity.
+        A folder that is gone raises FileNotFoundError; any other read error raises too, so a
+        folder is never hashed from the part of it that could be read."""
         digest = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            digest.update(f"{file.relative_to(path).as_posix()}\0{self.file(file)}\n".encode())
+        for relative, file in files_under(path):
+            digest.update(f"{relative}\0{self.file(file)}\n".encode())
         return digest.hexdigest()
 
     def save(self) -> None:
@@ -109,6 +111,26 @@ def model_identity(name: str, local_path: str | None, hashes: ContentHashes) -> 
 def settled(stat: os.stat_result) -> bool:
     """Unchanged for RECENT_NS (a time in the future, from another host's clock, is not)."""
     return time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) >= RECENT_NS
+
+
+def files_under(root: Path) -> list[tuple[str, Path]]:
+    """Every file below `root` but those whose own name starts with a dot, as (relative POSIX
+    name, path) in the order of their relative parts: the listing `rglob("*")` gives, without
+    its habit of skipping a folder it may not read (the digest of what was left would read as
+    changed content, and rerun finished work). Symlinked folders are not entered."""
+    found: list[tuple[tuple[str, ...], Path]] = []
+
+    def walk(folder: Path, parts: tuple[str, ...]) -> None:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                here = (*parts, entry.name)
+                if entry.is_dir() and not entry.is_symlink():
+                    walk(Path(entry.path), here)
+                elif entry.is_file() and not entry.name.startswith("."):
+                    found.append((here, Path(entry.path)))
+
+    walk(Path(root), ())
+    return [("/".join(parts), path) for parts, path in sorted(found)]
 
 
 def sha256_file(path: Path) -> str:

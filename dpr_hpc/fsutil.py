@@ -76,8 +76,11 @@ def _replace_with(path: Path, write: Callable[[Path], None], digest: FileDigest 
         _fsync_file(tmp)
         digest = digest or file_digest(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            # A write or fsync that fails (ENOSPC, EDQUOT) names no file: name the one it was for.
+            raise type(error)(error.errno, error.strerror, str(path)) from error
         raise
     _fsync_dir(path.parent)
     return digest

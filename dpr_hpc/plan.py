@@ -84,6 +84,10 @@ class Plan:
         """The cells whose tables this job's output feeds, in grid order."""
         return self._users[(job.stage, job.key)]
 
+    def has_key(self, stage: str, key: str) -> bool:
+        """Whether a cell of this plan runs `stage` under `key` (any repeat)."""
+        return (stage, key) in self._users
+
     def spec_cell(self, job: StageJob) -> CellConfig:
         """The settings the job runs with: every user agrees on them (they share the key)."""
         return self._cells[self.users(job)[0]]

@@ -247,6 +247,19 @@ def entry_folder(cache_dir: Path, sha256: str, kind: str) -> Path:
     return cache_dir / f"{sha256[:16]}-{kind}-v{PREPARED_FORMAT}"
 
 
+def holds(cache_dir: Path, sha256: str, kind: str) -> bool:
+    """Whether a complete entry of this content is here: a data file purged from scratch after
+    it was prepared is still known by its content. Only a missing entry (ENOENT) or a damaged
+    manifest is "not held"; any other read error is raised."""
+    try:
+        manifest = read_json(entry_folder(Path(cache_dir), sha256, kind) / "manifest.json")
+    except FileNotFoundError:
+        return False
+    except ValueError:
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == PREPARED_FORMAT and manifest.get("sha256") == sha256
+
+
 def data_file_sha256(path: Path, cache_dir: Path, handle: BinaryIO) -> str:
     """The content hash of the file open as `handle` (the one that will be parsed) through the
     content-hash memo (dpr_hpc.content), kept in the cache: a multi-GB file is hashed once,

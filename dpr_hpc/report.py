@@ -66,7 +66,7 @@ def write_report(layout: RunLayout, plan: Plan, out_dir: Path, options: ReportOp
         raise UsageError(f"--variance-factor {options.variance_factor:g}: expected a factor above 1")
     selection = selection or Selection()
     shown = plan if selection.everything else plan.subset(selection.cell_ids(plan))
-    records = Records(layout.store)
+    records = Records(layout.store, plan=plan)
     every_cell = complete_records(layout, plan, Selection(stages=selection.stages))
     table = collect_table(layout, plan, found=every_cell)
     table["family"] = [family_of(plan.cell(c)) for c in table["cell_id"]]

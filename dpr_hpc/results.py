@@ -3,27 +3,43 @@ its provenance: the content of every input it read and the digest of every upstr
 
 A record is checked, never trusted:
     missing      no record (ENOENT, and only that): the stage has not run
-    unreadable   any other read error (EIO, ESTALE, a permission error, broken JSON): callers
-                 stop and name the file; nothing is rerun on a guess
+    unreadable   any other read error (EIO, ESTALE, a permission error, broken JSON), of the
+                 record or of anything it is checked against (an artifact, an input, an
+                 upstream record, a rerun request): callers stop and name the file; nothing is
+                 rerun on a guess
     invalid      wrong schema, stage, key or repeat, or a figure its stage must report is absent
-    stale        an artifact is gone or has another size, an input's content changed, an
-                 upstream record changed, went away or is itself not complete, or a rerun of
-                 this very attempt was asked for (submit --force) and has not completed yet
+    stale        an artifact is gone (ENOENT) or has another size, an input's content changed
+                 or is gone, an upstream record changed, went away or is itself not complete,
+                 or a rerun of this very attempt was asked for (submit --force) and has not
+                 completed yet
     complete     everything above holds
+
+Inputs are compared by content, role by role (train data, dev data, a local encoder folder):
+the SHA-256 the record holds against the file the current plan names for that role, wherever
+it lies now. A data folder moved, and the grid edited to its new path, leaves every record
+complete; the path a record names is only where the input was when it ran.
+
+The runner writes an attempt's record.json, then result.json. An attempt whose record.json
+checks out while result.json is missing, or names an earlier attempt, is the job's current
+record (a crash between the two writes must not rerun a 48 h training); `promote` writes its
+result.json.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from dpr_hpc.content import ContentHashes, sha256_bytes, sha256_file
-from dpr_hpc.fsutil import write_json_atomic
+from dpr_hpc.fsutil import write_bytes_atomic, write_json_atomic
 from dpr_hpc.provenance import now_iso
 from dpr_hpc.grid import CellConfig
-from dpr_hpc.plan import StageJob
+from dpr_hpc.grid.config import cell_from_json
+from dpr_hpc.plan import Plan, StageJob
+from dpr_hpc.stage_keys import stage_inputs
 from dpr_hpc.store import AttemptPaths, JobFolder, StageStore
 
 SCHEMA_VERSION = 2
@@ -36,6 +52,16 @@ REQUIRED_FIGURES: dict[str, dict[str, tuple[str, ...]]] = {
 # by size (a checkpoint or a FAISS index of several GB would make `status` slow).
 HASHED_ARTIFACT_BYTES = 1 << 20
 DONE, MISSING, UNREADABLE, INVALID, STALE = "complete", "missing", "unreadable", "invalid", "stale"
+# The prepared-data kind (dpr_hpc.prepared) holding each data role's parsed content.
+PREPARED_KIND = {"train_data": "train", "dev_data": "dev"}
+
+
+class _Unreadable(Exception):
+    """Something a record is checked against cannot be read for another reason than ENOENT."""
+
+
+def _unreadable(what: str, path: Path, error: OSError) -> _Unreadable:
+    return _Unreadable(f"{what} {path}: {error.strerror or error}")
 
 
 @dataclass(frozen=True)
@@ -44,6 +70,9 @@ class RecordCheck:
     reason: str = ""
     record: dict[str, Any] | None = None
     digest: str | None = None
+    # The attempt whose record.json this check read because result.json is missing or names an
+    # earlier attempt (a crash between the runner's two writes); `promote` writes its result.json.
+    unpromoted: AttemptPaths | None = None
 
     @property
     def complete(self) -> bool:
@@ -120,11 +149,13 @@ def request_rerun(folder: JobFolder, attempt: int) -> None:
 
 class Records:
     """Checks of the store's records for one command, each made once: status, submit and
-    collect ask for the same upstream record many times."""
+    collect ask for the same upstream record many times. `plan` names the inputs a record's
+    content is compared with (the job's spec in the store, for jobs it does not plan)."""
 
-    def __init__(self, store: StageStore, hashes: ContentHashes | None = None) -> None:
+    def __init__(self, store: StageStore, hashes: ContentHashes | None = None, plan: Plan | None = None) -> None:
         self.store = store
         self.hashes = hashes or store.content_hashes()
+        self.plan = plan
         self._checks: dict[StageJob, RecordCheck] = {}
 
     def check(self, job: StageJob) -> RecordCheck:
@@ -145,21 +176,50 @@ class Records:
 
     def _check(self, job: StageJob) -> RecordCheck:
         folder = self.store.job(job)
+        current = self._check_file(job, folder.result)
+        if current.complete or current.state == UNREADABLE:
+            return current
+        newer = self._unpromoted(job, folder, current)
+        return newer or current
+
+    def _unpromoted(self, job: StageJob, folder: JobFolder, current: RecordCheck) -> RecordCheck | None:
+        """The newest attempt after the current record's whose own record.json checks out."""
         try:
-            data = folder.result.read_bytes()
+            numbers = folder.attempt_numbers()
+        except OSError as exc:
+            return RecordCheck(UNREADABLE, f"{folder.attempts}: {exc.strerror or exc}")
+        for number in reversed(numbers):
+            if current.attempt is not None and number <= current.attempt:
+                break
+            attempt = folder.attempt(number)
+            check = self._check_file(job, attempt.record)
+            if check.complete and check.attempt == number:
+                return RecordCheck(DONE, "", check.record, check.digest, unpromoted=attempt)
+            if check.state == UNREADABLE:
+                return check
+        return None
+
+    def _check_file(self, job: StageJob, path: Path) -> RecordCheck:
+        try:
+            data = path.read_bytes()
         except FileNotFoundError:
             return RecordCheck(MISSING)
         except OSError as exc:
-            return RecordCheck(UNREADABLE, f"{folder.result}: {exc.strerror or exc}")
+            return RecordCheck(UNREADABLE, f"{path}: {exc.strerror or exc}")
         try:
             record = json.loads(data)
         except ValueError as exc:
-            return RecordCheck(UNREADABLE, f"{folder.result}: not valid JSON ({exc})")
+            return RecordCheck(UNREADABLE, f"{path}: not valid JSON ({exc})")
         digest = sha256_bytes(data)
         problem = _invalid(record, job)
         if problem:
             return RecordCheck(INVALID, problem, record if isinstance(record, dict) else None, digest)
-        stale = _rerun_requested(record, folder) or _damaged(record, folder) or _inputs_changed(record, self.hashes) or self._upstream_changed(record)
+        folder = self.store.job(job)
+        try:
+            stale = (_rerun_requested(record, folder) or _damaged(record, folder) or self._inputs_changed(job, record)
+                     or self._upstream_changed(record))
+        except _Unreadable as exc:
+            return RecordCheck(UNREADABLE, str(exc), record, digest)
         if stale:
             return RecordCheck(STALE, stale, record, digest)
         return RecordCheck(DONE, "", record, digest)
@@ -168,11 +228,69 @@ class Records:
         for job_id, digest in record.get("upstream", {}).items():
             stage, key, repeat = job_id.split("/")
             upstream = self.check(StageJob(stage, key, int(repeat.lstrip("r"))))
+            if upstream.state == UNREADABLE:
+                raise _Unreadable(f"its upstream {stage} {key[:8]} {repeat}: {upstream.reason}")
             if not upstream.complete:
                 return f"its upstream {stage} {key[:8]} {repeat} is {upstream.state}" + (f" ({upstream.reason})" if upstream.reason else "")
             if upstream.digest != digest:
                 return f"its upstream {stage} {key[:8]} {repeat} was rerun since (record changed)"
         return None
+
+    def _inputs_changed(self, job: StageJob, record: dict[str, Any]) -> str | None:
+        """Each input's recorded SHA-256 against the content of the file the plan names for its
+        role now. Gone means ENOENT, and only where the prepared-data cache does not hold that
+        content either (a purged scratch copy); any other error is unreadable, never stale."""
+        planned = self._planned_inputs(job)
+        for role, spec in record.get("inputs", {}).items():
+            kind, path = planned.get(role, (spec.get("kind", "file"), Path(spec["path"])))
+            try:
+                now = self.hashes.folder(path) if kind == "folder" else self.hashes.file(path)
+            except FileNotFoundError:
+                if self._prepared_holds(role, spec["sha256"]):
+                    continue
+                return f"its input {role} ({path}) is gone"
+            except OSError as exc:
+                raise _unreadable(f"its input {role}:", Path(exc.filename or path), exc) from None
+            if now != spec["sha256"]:
+                return f"its input {role} ({path}) changed since it ran"
+        return None
+
+    def _planned_inputs(self, job: StageJob) -> dict[str, tuple[str, Path]]:
+        """The inputs by role as the plan names them now, else as the job's spec does (a
+        runner, or a key no plan here names); {} where neither is known."""
+        if self.plan is not None and self.plan.has_key(job.stage, job.key):
+            return stage_inputs(self.plan.spec_cell(job), job.stage)
+        spec_file = self.store.spec_file(job.stage, job.key)
+        try:
+            return stage_inputs(cell_from_json(self.store.read_spec(job.stage, job.key).cell), job.stage)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise _unreadable("its spec", spec_file, exc) from None
+        except (ValueError, KeyError, TypeError):
+            return {}  # a damaged spec: the paths the record names are all there is
+
+    def _prepared_holds(self, role: str, sha256: str) -> bool:
+        from dpr_hpc.prepared import holds
+
+        kind = PREPARED_KIND.get(role)
+        try:
+            return kind is not None and holds(self.store.prepared_cache, sha256, kind)
+        except OSError as exc:
+            raise _unreadable("the prepared data of", self.store.prepared_cache, exc) from None
+
+
+def promote(folder: JobFolder, check: RecordCheck) -> bool:
+    """Make an unpromoted attempt's record (a crash between its record.json and result.json)
+    the job's result.json: the same bytes, so the digests its dependants record agree. Returns
+    whether it wrote one."""
+    if check.unpromoted is None or not check.complete:
+        return False
+    data = check.unpromoted.record.read_bytes()
+    if sha256_bytes(data) != check.digest:
+        return False  # rewritten since it was checked: the next check decides again
+    write_bytes_atomic(folder.result, data)
+    return True
 
 
 def _invalid(record: Any, job: StageJob) -> str | None:
@@ -200,37 +318,29 @@ def _rerun_requested(record: dict[str, Any], folder: JobFolder) -> str | None:
         request = json.loads(folder.rerun_request.read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        return f"its rerun request {folder.rerun_request} cannot be read ({exc}); remove it or submit --force again"
+    except OSError as exc:
+        raise _unreadable("its rerun request", folder.rerun_request, exc) from None
+    except ValueError as exc:
+        raise _Unreadable(f"its rerun request {folder.rerun_request}: not valid JSON ({exc}); remove it or submit --force again") from None
     if not isinstance(request, dict) or request.get("attempt") != record["attempt"]:
         return None
     return f"a rerun was asked for (submit --force, {request.get('requested_at', 'at an unknown time')})"
 
 
 def _damaged(record: dict[str, Any], folder: JobFolder) -> str | None:
+    """Only ENOENT makes an artifact missing; an artifact that cannot be read is unreadable."""
     attempt = folder.attempt(record["attempt"])
     for name, expected in record.get("artifacts", {}).items():
         path = attempt.dir / name
         try:
-            size = path.stat().st_size
-        except OSError:
+            size = os.stat(path).st_size
+            changed = bool(expected.get("sha256")) and size == expected.get("bytes") and size <= HASHED_ARTIFACT_BYTES and sha256_file(path) != expected["sha256"]
+        except FileNotFoundError:
             return f"artifact {name} is missing"
+        except OSError as exc:
+            raise _unreadable("its artifact", path, exc) from None
         if size != expected.get("bytes"):
             return f"artifact {name} has {size} bytes, recorded {expected.get('bytes')}"
-        if expected.get("sha256") and size <= HASHED_ARTIFACT_BYTES and sha256_file(path) != expected["sha256"]:
+        if changed:
             return f"artifact {name} changed (SHA-256 differs from the record)"
-    return None
-
-
-def _inputs_changed(record: dict[str, Any], hashes: ContentHashes) -> str | None:
-    for role, spec in record.get("inputs", {}).items():
-        path = Path(spec["path"])
-        if not path.exists():
-            return f"its input {role} ({path}) is gone"
-        try:
-            now = hashes.folder(path) if spec.get("kind") == "folder" else hashes.file(path)
-        except OSError:
-            return f"its input {role} ({path}) is gone"
-        if now != spec["sha256"]:
-            return f"its input {role} ({path}) changed since it ran"
     return None

@@ -80,7 +80,7 @@ class StatusReport:
 def stage_states(layout: RunLayout, plan: Plan, records: Records | None = None) -> StatusReport:
     """Every stage job's state, the scheduler asked once for all of them."""
     store = layout.store
-    records = records or Records(store)
+    records = records or Records(store, plan=plan)
     ledger = Ledger.read(store)
     jobs = list(plan.jobs())
     ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}

@@ -89,6 +89,27 @@ def test_index_encoding_resumes_from_finished_shards(demo_assets, tmp_path, monk
     assert (first.nodes, again.nodes) == (("node-a",), ("node-a", "node-b"))
 
 
+def test_shards_made_from_another_upstream_record_or_precision_are_encoded_again(demo_assets, tmp_path):
+    """A stopped index job's shards are kept only for the same trained weights (their record's
+    digest) and the precision that ran: a training rerun under the same key, or a node that
+    resolves the precision otherwise, encodes every shard anew."""
+    folder = str(demo_assets / "models" / "tiny-bert")
+    encoder = DprEncoder.from_pretrained(folder, embedding_size=64)
+    tokenizer = load_tokenizer(folder)
+    texts = tokenize_passages(tokenizer, [Passage(str(i), "t", "word " * (1 + i)) for i in range(12)], 64, embed_title=True)
+    cpu = torch.device("cpu")
+    made_from = {"upstream": {"train/k/r0": "digest-1"}, "precision": "fp32"}
+
+    def again(source: dict) -> int:
+        return encode(encoder, texts, tokenizer.pad_token_id, 4, cpu, shard_dir=tmp_path / "shards", shard_rows=4, shard_source=source).reused_shards
+
+    assert again(made_from) == 0  # the first job writes 3 shards
+    assert again(made_from) == 3
+    assert again({**made_from, "upstream": {"train/k/r0": "digest-2"}}) == 0  # retrained: every shard again
+    assert again({"upstream": {"train/k/r0": "digest-2"}, "precision": "bf16"}) == 0
+    assert again({"upstream": {"train/k/r0": "digest-2"}, "precision": "bf16"}) == 3
+
+
 @pytest.fixture(scope="module")
 def bert_tokenizer():
     """A BERT tokenizer that emits segment ids (type 1 for the second of a pair)."""

@@ -111,7 +111,9 @@ def test_a_rewritten_or_removed_upstream_record_makes_its_dependants_stale(run):
     complete(layout, plan, index)
     complete(layout, plan, infer)
     assert states(layout, plan)["infer/r0"] == "COMPLETED"
-    layout.store.job(index).result.unlink()
+    removed = layout.store.job(index)
+    removed.result.unlink()
+    removed.latest_attempt().record.unlink()  # its attempt's twin too: otherwise it is promoted (results.promote)
     report = stage_states(layout, plan)
     assert report.jobs[infer].state == "STALE" and "upstream index" in report.jobs[infer].detail
 
@@ -303,3 +305,112 @@ def test_a_local_model_folder_named_by_absolute_path_is_keyed_by_its_content(dat
     before = stage_keys(cell, ContentHashes(None))["train"]
     (model / "config.json").write_text('{"a": 2}')
     assert stage_keys(cell, ContentHashes(None))["train"] != before
+
+
+def every_job_complete(layout, plan) -> None:
+    for job in plan.jobs():
+        complete(layout, plan, job)
+
+
+def test_a_data_folder_moved_with_the_grid_edited_to_it_leaves_every_record_complete(run, data_files):
+    """The records name the old path; staleness compares their SHA-256 with the file the
+    current plan names for each role, so moved bytes are the same input."""
+    layout, plan, _ = run
+    every_job_complete(layout, plan)
+    moved = data_files / "project"
+    moved.mkdir()
+    for name in ("train.json", "dev.json"):
+        (data_files / name).rename(moved / name)
+    grid = data_files / "grid.yaml"
+    grid.write_text(grid.read_text().replace("train: train.json, dev: dev.json", "train: project/train.json, dev: project/dev.json"))
+    edited = make_plan(load_grid(grid))
+    assert list(edited.keys.values()) == list(plan.keys.values())  # keys hash content, never paths
+    assert set(states(layout, edited).values()) == {"COMPLETED"}
+
+
+def test_a_purged_data_file_whose_content_the_prepared_cache_holds_is_not_gone(run, data_files):
+    """A scratch purge deletes the dev file after its first job prepared it: the records that
+    read it stay complete, as the store still holds that very content; a file purged before it
+    was ever prepared is gone."""
+    from dpr_hpc.prepared import load_dev
+
+    layout, plan, cell = run
+    every_job_complete(layout, plan)
+    dev = cell.data_path("dev")
+    kept = dev.read_bytes()
+    dev.unlink()
+    report = stage_states(layout, plan)
+    assert report.jobs[job_of(plan, "index")].state == "STALE" and "dev_data" in report.jobs[job_of(plan, "index")].detail
+    assert "is gone" in report.jobs[job_of(plan, "index")].detail
+    dev.write_bytes(kept)
+    load_dev(dev, layout.store.prepared_cache)
+    dev.unlink()
+    assert set(states(layout, plan).values()) == {"COMPLETED"}
+
+
+def failing_stat(monkeypatch, target: Path, code: int) -> None:
+    """os.stat (and so Path.stat) of `target` fails with `code`, as on a flaky NFS or Lustre."""
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if os.fspath(path) == str(target):
+            raise OSError(code, os.strerror(code), str(target))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ESTALE, errno.EACCES])
+def test_an_artifact_or_input_that_cannot_be_read_is_unreadable_never_stale(run, monkeypatch, code):
+    """Only ENOENT means missing: another error names the file and the reason, and the job and
+    the jobs that read it are UNREADABLE, so nothing reruns on a transient error."""
+    layout, plan, cell = run
+    every_job_complete(layout, plan)
+    train = job_of(plan, "train")
+    artifact = layout.store.job(train).attempt(1).dir / "out.txt"
+    with monkeypatch.context() as patch:
+        failing_stat(patch, artifact, code)
+        report = stage_states(layout, plan)
+    assert {report.jobs[job].state for job in plan.jobs()} == {"UNREADABLE"}
+    assert f"{artifact}: {os.strerror(code)}" in report.jobs[train].detail
+    dev = cell.data_path("dev")
+    with monkeypatch.context() as patch:
+        failing_stat(patch, dev, code)
+        report = stage_states(layout, plan)
+    index = job_of(plan, "index")
+    assert report.jobs[train].state == "COMPLETED"  # it reads the train file only
+    assert report.jobs[index].state == "UNREADABLE" and f"{dev}: {os.strerror(code)}" in report.jobs[index].detail
+    assert set(states(layout, plan).values()) == {"COMPLETED"}  # the error passed: nothing to rerun
+
+
+def test_an_unreadable_artifact_stops_submit_naming_it_and_nothing_runs(run_of_a_cached_model, capsys, monkeypatch):
+    layout, plan, _ = run_of_a_cached_model
+    every_job_complete(layout, plan)
+    artifact = layout.store.job(job_of(plan, "index", 1)).attempt(1).dir / "out.txt"
+    failing_stat(monkeypatch, artifact, errno.EIO)
+    # Every record, artifact and spec as it was (the content-hash memo may learn the train file's hash).
+    before = {p: p.read_bytes() for p in layout.store.root.rglob("*") if p not in (artifact, layout.store.root / "content-hashes.json") and p.is_file()}
+    grid = json.loads(layout.plan_file.read_text())["grid_file"]
+    code, out, _ = run_cli(capsys, "status", grid, "--runs-root", layout.runs_root)
+    assert code == 0 and "UNREADABLE" in out and f"{artifact}: Input/output error" in out
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", layout.runs_root)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{artifact}: Input/output error" in err and "nothing was submitted" in err
+    assert "running" not in out
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_an_attempt_complete_but_for_its_result_json_is_the_record_and_submit_runs_nothing(run_of_a_cached_model, capsys):
+    """The runner writes attempts/a<n>/record.json, then result.json: a crash between the two
+    leaves a complete attempt, which status counts and submit makes the record, not rerun."""
+    layout, plan, _ = run_of_a_cached_model
+    every_job_complete(layout, plan)
+    folder = layout.store.job(job_of(plan, "train"))
+    written = folder.result.read_bytes()
+    folder.result.unlink()
+    assert set(states(layout, plan).values()) == {"COMPLETED"}  # and its dependants' upstream digest still matches
+    grid = json.loads(layout.plan_file.read_text())["grid_file"]
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", layout.runs_root)
+    assert code == 0, out + err
+    assert "local: 0 ran, 4 already complete (skipped)" in out
+    assert folder.result.read_bytes() == written and folder.attempt_numbers() == [1]

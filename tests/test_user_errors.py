@@ -131,3 +131,66 @@ def test_a_cached_hub_model_passes_offline(data_files, demo_assets, hub_cache, m
     grid = write_grid(data_files, ONE_CELL_GRID.replace("encoder: x/y", "encoder: org/cached-model"))
     code, _, err = run_cli(capsys, "plan", grid)
     assert code == 0 and "hub model" not in err
+
+
+def test_a_full_disk_while_submit_saves_the_plan_is_one_line_naming_the_file(data_files, cached_x_y, tmp_path, monkeypatch, capsys):
+    """ENOSPC from fsync names no file; the user still reads which one, and no traceback."""
+    import errno
+
+    import dpr_hpc.fsutil as fsutil
+
+    real_fsync = fsutil._fsync_file
+
+    def disk_full_for_the_plan(path: Path) -> None:
+        if path.name.startswith(".plan.json."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(path)
+
+    monkeypatch.setattr(fsutil, "_fsync_file", disk_full_for_the_plan)
+    grid = write_grid(data_files, ONE_CELL_GRID)
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", tmp_path / "runs")
+    plan_file = tmp_path / "runs" / "g" / "plan.json"
+    assert code == 1 and _one_line(err), err
+    assert f"{plan_file}: No space left on device" in err
+    assert "running" not in out and not plan_file.exists()
+
+
+def test_a_claim_lock_of_another_group_member_that_cannot_be_read_is_one_line_naming_it(data_files, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from conftest import one_cell_run
+
+    layout, _, train = one_cell_run(data_files, tmp_path)
+    claim = layout.store.job(train).claim
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    claim.write_text("{}")
+    real_read = Path.read_text
+
+    def not_ours(path: Path, *args, **kwargs) -> str:
+        if path.name == "claim.lock":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", not_ours)
+    code, _, err = run_cli(capsys, "status", layout.root)
+    assert code == 1 and _one_line(err), err
+    assert f"{claim}: Permission denied" in err
+
+
+def test_a_data_file_that_cannot_be_read_stops_submit_in_one_line_naming_it(data_files, cached_x_y, tmp_path, monkeypatch, capsys):
+    """EIO is not "missing": the submit stops, naming the file and the error, and runs nothing."""
+    import errno
+
+    grid = write_grid(data_files, ONE_CELL_GRID)
+    train = data_files / "train.json"
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if os.fspath(path) == str(train):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(train))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", tmp_path / "runs")
+    assert code == 1 and _one_line(err), err
+    assert f"{train}: Input/output error" in err and "running" not in out

@@ -83,7 +83,7 @@ class LocalBackend:
         except LockHeldError as exc:
             raise UsageError(f"{self.layout.root}: another submit is running on this run folder ({describe_holder(exc.holder)})") from None
         try:
-            records = Records(self.layout.store)
+            records = Records(self.layout.store, plan=self.plan)
             checks = check_records(self.plan, records)
             reasons = rerun_reasons(self.plan, checks, cell_history(self.layout), records)
             save_plan(self.layout, self.plan, grid_file)

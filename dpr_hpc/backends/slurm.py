@@ -74,7 +74,7 @@ class SlurmBackend:
     def submit(self, grid_file: Path) -> SubmitReport:
         report = SubmitReport()
         store = self.layout.store
-        records = Records(store)
+        records = Records(store, plan=self.plan)
         self._checks = check_records(self.plan, records)
         self._reasons = rerun_reasons(self.plan, self._checks, cell_history(self.layout), records)
         with Ledger.locked(store) as ledger:
@@ -206,7 +206,7 @@ class SlurmBackend:
         named by its stage (a real submit fills in the SLURM job id); `forced` jobs (--force)
         are shown although complete."""
         scripts = []
-        records = Records(self.layout.store)
+        records = Records(self.layout.store, plan=self.plan)
         self._checks = {job: RecordCheck("stale", "forced") if job in forced else records.check(job) for job in self.plan.jobs()}
         for job in self._jobs():
             if self._complete(job):

@@ -7,25 +7,29 @@ from dataclasses import dataclass, field
 
 from dpr_hpc.errors import DprHpcError
 from dpr_hpc.plan import Plan, StageJob
-from dpr_hpc.results import RecordCheck, Records
+from dpr_hpc.results import RecordCheck, Records, promote
 
 
 class RecordUnreadableError(DprHpcError):
-    """A record exists but cannot be read (EIO, ESTALE, permissions, broken JSON). Nothing is
-    submitted: rerunning would overwrite outputs on a guess."""
+    """A record, or a file it is checked against (an artifact, an input, an upstream record),
+    exists but cannot be read (EIO, ESTALE, permissions, broken JSON). Nothing is submitted:
+    rerunning would overwrite outputs on a guess."""
 
     exit_code = 1
 
 
 def check_records(plan: Plan, records: Records) -> dict[StageJob, RecordCheck]:
     """Every job's record, checked before anything is submitted, so an unreadable one stops
-    the submit whole rather than half-way."""
+    the submit whole rather than half-way. A complete attempt that a crash left without its
+    result.json becomes the job's record here, rather than being run again."""
     checks = {job: records.check(job) for job in plan.jobs()}
-    unreadable = [check.reason for check in checks.values() if check.state == "unreadable"]
+    unreadable = [f"{job.id}: {check.reason}" for job, check in checks.items() if check.state == "unreadable"]
     if unreadable:
         more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
-        raise RecordUnreadableError(f"cannot read a stage record, so nothing was submitted: {unreadable[0]}{more}; "
-                                    "fix the file system or permissions, or move the record aside to run the stage again")
+        raise RecordUnreadableError(f"cannot read what a stage record is checked against, so nothing was submitted: {unreadable[0]}{more}; "
+                                    "fix the file system or permissions (or move the file aside to run the stage again), then submit again")
+    for job, check in checks.items():
+        promote(records.store.job(job), check)
     return checks
 
 

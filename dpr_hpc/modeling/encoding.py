@@ -40,13 +40,15 @@ class Encoded:
 def encode(
     encoder, texts: TokenizedTexts, pad_id: int, batch_size: int, device: torch.device,
     precision: str = "fp32", *, sort: bool = True, pad_to: int | None = None, shard_dir: Path | None = None,
-    shard_rows: int = SHARD_ROWS, progress=None, meter=None,
+    shard_rows: int = SHARD_ROWS, shard_source: dict | None = None, progress=None, meter=None,
 ) -> Encoded:
-    """`progress` takes a line per shard for the log; `meter(rows done)` a count per batch."""
+    """`progress` takes a line per shard for the log; `meter(rows done)` a count per batch.
+    `shard_source` (JSON) names what the vectors are made from, such as the upstream record's
+    digest and the precision that runs; a shard written from any other source is encoded again."""
     encoder.eval()
     order = np.argsort(-texts.lengths, kind="stable") if sort else np.arange(len(texts))
     out = np.empty((len(texts), encoder.embedding_size), dtype=np.float32)
-    shards = _ShardFolder(shard_dir, order, encoder.embedding_size) if shard_dir is not None else None
+    shards = _ShardFolder(shard_dir, order, encoder.embedding_size, shard_source) if shard_dir is not None else None
     _warm_up(encoder, texts, order, pad_id, device, precision, pad_to)
     encode_s, reused, nodes = 0.0, 0, []
     for number, start in enumerate(range(0, len(order), shard_rows)):
@@ -100,12 +102,13 @@ def _warm_up(encoder, texts, order, pad_id, device, precision, pad_to) -> None:
 
 class _ShardFolder:
     """shard-<n>.npy (embeddings of rows order[n*S:(n+1)*S]) and shard-<n>.json (written after,
-    with the encoding time, the node that encoded it and a hash of the row order, so shards of
-    another order are ignored)."""
+    with the encoding time, the node that encoded it, a hash of the row order and the source it
+    was made from, so shards of another order or source are ignored)."""
 
-    def __init__(self, folder: Path, order: np.ndarray, dim: int) -> None:
+    def __init__(self, folder: Path, order: np.ndarray, dim: int, source: dict | None = None) -> None:
         self.folder = folder
         self.dim = dim
+        self.source = source or {}
         self.order_hash = hashlib.sha256(np.ascontiguousarray(order).tobytes()).hexdigest()[:16]
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -113,7 +116,7 @@ class _ShardFolder:
         meta_file, data_file = self._paths(number)
         try:
             meta = read_json(meta_file)
-            if meta["order"] != self.order_hash or meta["rows"] != rows:
+            if meta["order"] != self.order_hash or meta["rows"] != rows or meta.get("source", {}) != self.source:
                 return None
             vectors = np.load(data_file)
         except (OSError, ValueError, KeyError):
@@ -128,7 +131,8 @@ class _ShardFolder:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, data_file)
-        write_json_atomic(meta_file, {"rows": len(vectors), "encode_s": seconds, "order": self.order_hash, "node": node_name()})
+        write_json_atomic(meta_file, {"rows": len(vectors), "encode_s": seconds, "order": self.order_hash, "node": node_name(),
+                                      "source": self.source})
 
     def _paths(self, number: int) -> tuple[Path, Path]:
         return self.folder / f"shard-{number:05d}.json", self.folder / f"shard-{number:05d}.npy"

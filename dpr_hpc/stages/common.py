@@ -42,6 +42,9 @@ class StageIO:
     index: AttemptPaths | None = None  # index repeat 0's output (infer)
     token_cache: Path | None = None
     hub_revisions: dict[str, str] = field(default_factory=dict)  # hub model -> the commit to load
+    # The digest of each upstream record read (job id -> SHA-256 of its result.json): what a
+    # resumed job's partial outputs must have been made from to be kept.
+    upstream_digests: dict[str, str] = field(default_factory=dict)
 
     def revision(self, name_or_path: str) -> str | None:
         """The commit to load a hub model at (None for a local folder)."""

@@ -43,8 +43,11 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
 
     paths = io.out
     meter = Meter(paths.meter, "encoding", "passages", len(texts.texts))
+    # A shard is kept only if made from these very weights at this precision: a training rerun
+    # under the same key (GPU non-determinism) or a node that resolves `auto` otherwise encodes anew.
+    made_from = {"upstream": dict(sorted(io.upstream_digests.items())), "precision": precision}
     encoded = encode(encoder, texts.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision,
-                     shard_dir=paths.shards, progress=progress, meter=meter.update)
+                     shard_dir=paths.shards, shard_source=made_from, progress=progress, meter=meter.update)
     if encoded.reused_shards:
         progress(f"reused {encoded.reused_shards} shard(s) of embeddings from a stopped job")
 

@@ -19,7 +19,7 @@ from dpr_hpc.grid.config import cell_from_json
 from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import node_tags, now_iso
 from dpr_hpc.resume.signals import StopRequest, TrainingInterrupted
-from dpr_hpc.results import Records, describe_artifacts, make_record, write_record
+from dpr_hpc.results import Records, describe_artifacts, make_record, promote, write_record
 from dpr_hpc.runstate import mark_failed, mark_interrupted, read_marker
 from dpr_hpc.stage_keys import stage_inputs
 from dpr_hpc.store import AttemptPaths, StageSpec, StageStore
@@ -98,6 +98,8 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[
     records = Records(store)
     current = records.check(job)
     if current.complete:
+        if promote(store.job(job), current):
+            print(f"{job.id}: attempt {current.attempt} completed but its result.json was never written; it is the record now", flush=True)
         print(f"{job.id}: already complete (attempt {current.attempt}); nothing to do", flush=True)
         return _headline(current.record)
     if current.state == "unreadable":
@@ -186,14 +188,16 @@ def _stage_io(store: StageStore, records: Records, job: StageJob, spec: StageSpe
     from dpr_hpc.stages.common import StageIO
 
     read: dict[str, Any] = {}
+    digests: dict[str, str] = {}
     for up in _upstream_jobs(spec.upstream):
         check = records.check(up)
         if not check.complete:
             raise StageInputError(f"{job.id}: its input {up.id} is {check.state}" + (f": {check.reason}" if check.reason else ""))
         read["trained" if up.stage == "train" else "index"] = records.attempt_of(up)
+        digests[up.id] = check.digest
     out = store.job(job).working_attempt(complete_attempt)
     return StageIO(job=job, out=out, prepared_cache=store.prepared_cache, token_cache=store.token_cache,
-                   hub_revisions=spec.hub_revisions, **read)
+                   hub_revisions=spec.hub_revisions, upstream_digests=digests, **read)
 
 
 def _input_provenance(cell, stage: str, records: Records) -> dict[str, Any]:
