@@ -8,7 +8,10 @@ host, pid, SLURM job id, purpose, when it was taken and when the holder last pro
 alive (its heartbeat).
 
 A lock is stale, and may be broken, when its heartbeat is older than `stale_after_s`, or when
-its holder ran on this host and its pid is gone. Heartbeats compare wall clocks of different
+its holder ran on this host and its pid is gone. A lock left by an earlier run of this very
+SLURM job (same job id, and for an array the same task) is this run's own: SLURM runs a job id
+once at a time, so a job requeued after a node failure or a preemption, on another node, takes
+over what its killed run left behind instead of waiting for it to go stale. Heartbeats compare wall clocks of different
 hosts, so `stale_after_s` must exceed their skew by far (minutes, not seconds). A holder that
 keeps a lock longer than that runs a heartbeat thread (`heartbeat_s`).
 
@@ -159,7 +162,7 @@ class LockFile:
 
     def _content(self, heartbeat: float) -> str:
         return json.dumps({
-            "host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "host": socket.gethostname(), "pid": os.getpid(), **slurm_identity(),
             "purpose": self.purpose, "created": self._created, "heartbeat": heartbeat, "token": self._token,
         }) + "\n"
 
@@ -170,6 +173,9 @@ class LockFile:
                 return time.time() - self.path.stat().st_mtime > self.stale_after_s
             except FileNotFoundError:
                 return False  # released meanwhile: the next round takes it
+        if earlier_run_of_this_job(holder):
+            log.warning("%s: taking over the lock left by an earlier run of this SLURM job (%s)", self.path, describe_holder(holder))
+            return True
         return holder_is_stale(holder, self.stale_after_s)
 
     def _break(self, stale: dict | None) -> None:
@@ -226,6 +232,41 @@ def _parse(text: str) -> dict | None:
     except ValueError:
         return None
     return holder if isinstance(holder, dict) and "token" in holder else None
+
+
+def slurm_identity() -> dict[str, str | int | None]:
+    """Which SLURM job, array task and run of it this process is (None outside SLURM). SLURM
+    sets SLURM_RESTART_COUNT only once a job was requeued: absent, this is its first run."""
+    return {
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "slurm_restart_count": _int_or_zero(os.environ.get("SLURM_RESTART_COUNT")),
+    }
+
+
+def earlier_run_of_this_job(holder: dict) -> bool:
+    """Whether `holder` is an earlier run of the SLURM job this process runs in: the same job id
+    (and array task), and another run of it (a lower restart count) or another node. SLURM never
+    runs one job id twice at once, so such a holder was killed (node failure, preemption,
+    `scontrol requeue`) however fresh its heartbeat looks; its lock is ours to take over."""
+    ours = slurm_identity()
+    if not ours["slurm_job_id"] or str(holder.get("slurm_job_id")) != ours["slurm_job_id"]:
+        return False
+    for key in ("slurm_array_job_id", "slurm_array_task_id"):
+        if (str(holder[key]) if holder.get(key) is not None else None) != ours[key]:
+            return False
+    restart = _int_or_zero(holder.get("slurm_restart_count"))
+    if restart != ours["slurm_restart_count"]:
+        return restart < ours["slurm_restart_count"]
+    return holder.get("host") != socket.gethostname()
+
+
+def _int_or_zero(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def holder_is_stale(holder: dict, stale_after_s: float) -> bool:
