@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import run_folder, train_folder
+from conftest import held_elsewhere, run_folder, train_folder
 from dpr_hpc.claim import StageClaimedError, claim_stage
 from dpr_hpc.locks import LockFile
 from dpr_hpc.plan import StageJob
@@ -78,11 +78,11 @@ def test_a_requeued_job_takes_over_the_claim_its_killed_run_left_on_another_node
 def test_a_fresh_claim_of_another_slurm_job_is_not_taken_over(tmp_path, monkeypatch, theirs):
     job = StageJob("train", "k" * 16, 0)
     folder = StageStore.at(tmp_path).job(job)
-    _claim_left_on_another_node(folder, **theirs)
+    folder.dir.mkdir(parents=True)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    with pytest.raises(StageClaimedError, match="node7"):
+    with held_elsewhere(folder.claim, host="node7", **theirs), pytest.raises(StageClaimedError, match="node7"):
         claim_stage(folder, job)
-    assert LockFile.read_holder(folder.claim)["token"] == "the-killed-run"
+    assert LockFile.read_holder(folder.claim)["token"] == "theirs"
