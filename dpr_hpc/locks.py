@@ -147,6 +147,16 @@ class LockFile:
         except FileNotFoundError:
             raise LockHeldError(self.path, self.purpose, None, 0.0) from None
 
+    def verify(self) -> None:
+        """Raise LockHeldError, naming who holds it now, unless the lock file still carries this
+        holder's token: a holder whose heartbeat lapsed (a filesystem that blocked its writes, a
+        suspended job) may have been judged dead and its lock taken."""
+        if self._token is None:
+            raise RuntimeError(f"{self.path}: verify of a lock not held")
+        holder = self.read_holder(self.path)
+        if holder is None or holder.get("token") != self._token:
+            raise LockHeldError(self.path, self.purpose, holder, 0.0)
+
     def __enter__(self) -> "LockFile":
         return self.acquire(self.timeout_s)
 

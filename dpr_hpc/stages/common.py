@@ -9,7 +9,7 @@ import resource
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ class StageIO:
     index: AttemptPaths | None = None  # index repeat 0's output (infer)
     token_cache: Path | None = None
     hub_revisions: dict[str, str] = field(default_factory=dict)  # hub model -> the commit to load
+    # Raises once another copy took this job's claim: called before every checkpoint, shard and
+    # output the stage writes (dpr_hpc.claim). In-process calls hold no claim.
+    check_claim: Callable[[], None] = lambda: None
 
     def revision(self, name_or_path: str) -> str | None:
         """The commit to load a hub model at (None for a local folder)."""
