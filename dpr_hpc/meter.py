@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dpr_hpc.errors import UsageError
 from dpr_hpc.fsutil import write_json_atomic
@@ -28,14 +28,17 @@ WRITE_EVERY_S = 1.0
 class Meter:
     """Counts one kind of work of a stage (`what`, out of `total`) into `path`."""
 
-    def __init__(self, path: Path, what: str, unit: str, total: int, done: int = 0) -> None:
+    def __init__(self, path: Path, what: str, unit: str, total: int, done: int = 0, before_write: Callable[[], None] | None = None) -> None:
+        """`before_write` raises when the job may no longer write (its claim was lost)."""
         self.path, self.what, self.unit, self.total = path, what, unit, total
         self._written_at = 0.0
+        self._before_write = before_write or (lambda: None)
         self.update(done, force=True)
 
     def update(self, done: int, force: bool = False) -> None:
         now = time.monotonic()
         if force or done >= self.total or now - self._written_at >= WRITE_EVERY_S:
+            self._before_write()
             write_json_atomic(self.path, {"what": self.what, "unit": self.unit, "done": done, "total": self.total})
             self._written_at = now
 

@@ -31,7 +31,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from dpr_hpc.content import ContentHashes, sha256_bytes, sha256_file
 from dpr_hpc.fsutil import write_bytes_atomic, write_json_atomic
@@ -133,9 +133,12 @@ def describe_artifacts(attempt: AttemptPaths, names: Sequence[str]) -> dict[str,
     return described
 
 
-def write_record(folder: JobFolder, attempt: AttemptPaths, record: dict[str, Any]) -> None:
-    """The attempt keeps its own copy; result.json switches to it in one rename."""
+def write_record(folder: JobFolder, attempt: AttemptPaths, record: dict[str, Any], before_each: Callable[[], None] = lambda: None) -> None:
+    """The attempt keeps its own copy; result.json switches to it in one rename. `before_each`
+    (the job's claim check) raises when this writer may no longer write them."""
+    before_each()
     write_json_atomic(attempt.record, record)
+    before_each()
     write_json_atomic(folder.result, record)
 
 

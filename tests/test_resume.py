@@ -155,6 +155,20 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_orphans_are_pruned
     assert len([w for w in warnings if "removed" in w]) == 1
 
 
+def test_pruning_leaves_the_temporary_file_another_writer_is_writing(tmp_path):
+    """A copy that lost its claim without knowing it yet may prune while the claim's new holder
+    writes; it removes only temporary files of its own, whatever their process ids."""
+    store = CheckpointStore(tmp_path / "resume")
+    store.save(1, {"step": 1})
+    theirs = store.folder / f".step-000000002.pt.{os.getpid() + 1}.tmp"  # another process (another host, maybe our pid)
+    same_pid = store.folder / f".step-000000002.pt.{os.getpid()}.tmp"
+    for file in (theirs, same_pid):
+        file.write_bytes(b"half of a checkpoint")
+    store.save(2, {"step": 2})
+    assert theirs.exists() and same_pid.exists()
+    assert sorted(p.name for p in store.folder.glob("step-*.pt")) == ["step-000000001.pt", "step-000000002.pt"]
+
+
 def test_store_skips_truncated_and_unfinished_checkpoints(tmp_path):
     warnings: list[str] = []
     store = CheckpointStore(tmp_path / "resume", warn=warnings.append)

@@ -40,11 +40,12 @@ class Encoded:
 def encode(
     encoder, texts: TokenizedTexts, pad_id: int, batch_size: int, device: torch.device,
     precision: str = "fp32", *, sort: bool = True, pad_to: int | None = None, shard_dir: Path | None = None,
-    shard_rows: int = SHARD_ROWS, shard_source: dict | None = None, progress=None, meter=None,
+    shard_rows: int = SHARD_ROWS, shard_source: dict | None = None, progress=None, meter=None, before_shard=None,
 ) -> Encoded:
     """`progress` takes a line per shard for the log; `meter(rows done)` a count per batch.
     `shard_source` (JSON) names what the vectors are made from, such as the upstream record's
-    digest and the precision that runs; a shard written from any other source is encoded again."""
+    digest and the precision that runs; a shard written from any other source is encoded again.
+    `before_shard()` runs before each shard is written, and raises to stop (a lost claim)."""
     encoder.eval()
     order = np.argsort(-texts.lengths, kind="stable") if sort else np.arange(len(texts))
     out = np.empty((len(texts), encoder.embedding_size), dtype=np.float32)
@@ -70,6 +71,8 @@ def encode(
         encode_s += seconds
         out[rows] = vectors
         if shards:
+            if before_shard:
+                before_shard()
             shards.save(number, vectors, seconds)
         if progress and len(order) > shard_rows:
             progress(f"encoded {min(start + shard_rows, len(order))}/{len(order)} ({encode_s:.1f}s)")

@@ -127,13 +127,17 @@ class NeverStop:
 # The test hook that makes a training outlast a run by construction instead of by an epoch count
 # tuned to one CPU: while the file this names exists, the training waits at each step boundary
 # (after the step, before the stop check), so a stop signal still checkpoints and requeues it.
+# Waiting, it creates the file's name plus PARKED_SUFFIX, so a test knows it stands there.
 HOLD_ENV = "DPR_HPC_HOLD_TRAINING"
+PARKED_SUFFIX = ".parked"
 
 
 def wait_while_held(stop: Stopper, poll_s: float = 0.1) -> None:
     """Block while $DPR_HPC_HOLD_TRAINING names an existing file and no stop was requested."""
     gate = os.environ.get(HOLD_ENV)
-    if not gate:
+    if not gate or not os.path.exists(gate):
         return
+    with open(gate + PARKED_SUFFIX, "a"):
+        pass
     while os.path.exists(gate) and not stop.requested():
         time.sleep(poll_s)

@@ -8,6 +8,13 @@ Loading walks from the newest checkpoint down and skips, with a warning, any who
 match their sidecar (truncated, corrupted, or unfinished). A write that fails (a full disk)
 removes what it wrote and raises, leaving the previous checkpoint as it was; the caller decides
 whether that is fatal. Orphans (a `.pt` without its sidecar, or the reverse) are pruned.
+
+Only one job writes a training's checkpoints, but a copy that lost its claim may not know it
+yet (its heartbeat lapsed while it lived). So the store asks `before_write` (the runner's claim
+check) before it writes and again before it renames and prunes, and its temporary files carry
+a name of this store's own: pruning removes its own leftovers only, never a file another
+writer is writing now. A killed writer's temporary file stays until the training's resume
+folder is discarded with the rest, once its record is written.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import os
 import re
 import signal
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -49,18 +57,23 @@ class Loaded:
 
 
 class CheckpointStore:
-    def __init__(self, folder: Path, warn: Callable[[str], None] = print) -> None:
+    def __init__(self, folder: Path, warn: Callable[[str], None] = print, before_write: Callable[[], None] | None = None) -> None:
+        """`before_write` raises when this writer may no longer write here (its claim was lost)."""
         self.folder = folder
         self.warn = warn
         self.saves = 0
+        self.before_write = before_write or (lambda: None)
+        self._tmp_tag = uuid.uuid4().hex[:12]
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write, verify by checksum, then drop checkpoints older than the previous one."""
+        self.before_write()
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / f"step-{step:09d}.pt"
-        tmp = self.folder / f".{final.name}.{os.getpid()}.tmp"
+        tmp = self.folder / f".{final.name}.{self._tmp_tag}.tmp"
         self.saves += 1
         began = time.perf_counter()
+        renamed = False
         try:
             with tmp.open("wb") as handle:
                 torch.save(state, handle)
@@ -68,15 +81,18 @@ class CheckpointStore:
                 _maybe_fail_midway(handle, self.saves)
                 os.fsync(handle.fileno())
             written = file_digest(tmp)
+            self.before_write()  # the write took a while: still this writer's folder?
             os.replace(tmp, final)
+            renamed = True
             sidecar = {"step": step, "sha256": written.sha256, "bytes": written.size, "written_at": now_iso(), "write_s": time.perf_counter() - began}
             write_json_atomic(_sidecar(final), sidecar)
         except BaseException:
             tmp.unlink(missing_ok=True)
-            if not _sidecar(final).exists():  # renamed, but its sidecar could not be written
+            if renamed and not _sidecar(final).exists():  # renamed, but its sidecar could not be written
                 final.unlink(missing_ok=True)
             raise
         _fsync_folder(self.folder)
+        self.before_write()
         self._prune()
         return final
 
@@ -119,9 +135,8 @@ class CheckpointStore:
         for sidecar in self.folder.glob("step-*.json"):
             if not sidecar.with_suffix(".pt").exists():
                 sidecar.unlink(missing_ok=True)
-        for stale in self.folder.glob(".step-*.tmp"):  # left by a process killed while writing
-            if not stale.name.endswith(f".{os.getpid()}.tmp"):
-                stale.unlink(missing_ok=True)
+        for own in self.folder.glob(f".step-*.{self._tmp_tag}.tmp"):  # another writer's are theirs
+            own.unlink(missing_ok=True)
 
 
 def _sidecar(path: Path) -> Path:

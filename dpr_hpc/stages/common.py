@@ -9,7 +9,7 @@ import resource
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ class StageIO:
     # The digest of each upstream record read (job id -> SHA-256 of its result.json): what a
     # resumed job's partial outputs must have been made from to be kept.
     upstream_digests: dict[str, str] = field(default_factory=dict)
+    # Raises once another copy took this job's claim: called before every checkpoint, shard and
+    # output the stage writes (dpr_hpc.claim). In-process calls hold no claim.
+    check_claim: Callable[[], None] = lambda: None
 
     def revision(self, name_or_path: str) -> str | None:
         """The commit to load a hub model at (None for a local folder)."""

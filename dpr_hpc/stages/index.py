@@ -42,12 +42,13 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     progress(f"encoding {len(pool)} passages ({precision}, {'cached' if texts.hit else 'fresh'} tokens)")
 
     paths = io.out
-    meter = Meter(paths.meter, "encoding", "passages", len(texts.texts))
+    meter = Meter(paths.meter, "encoding", "passages", len(texts.texts), before_write=io.check_claim)
     # A shard is kept only if made from these very weights at this precision: a training rerun
     # under the same key (GPU non-determinism) or a node that resolves `auto` otherwise encodes anew.
     made_from = {"upstream": dict(sorted(io.upstream_digests.items())), "precision": precision}
     encoded = encode(encoder, texts.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision,
-                     shard_dir=paths.shards, shard_source=made_from, progress=progress, meter=meter.update)
+                     shard_dir=paths.shards, shard_source=made_from, progress=progress, meter=meter.update,
+                     before_shard=io.check_claim)
     if encoded.reused_shards:
         progress(f"reused {encoded.reused_shards} shard(s) of embeddings from a stopped job")
 
@@ -55,6 +56,7 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     # builds: the index then reads them a chunk at a time, and the stage's peak memory is about
     # the index's own size, not the index plus a second copy of every vector.
     dim = int(encoded.embeddings.shape[1])
+    io.check_claim()
     save_array(paths.embeddings, encoded.embeddings)
     encode_s, reused_shards, encode_nodes = encoded.encode_s, encoded.reused_shards, encoded.nodes
     tokens_hit, tokens_key = texts.hit, texts.key
@@ -65,6 +67,7 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     progress(f"encoded in {encode_s:.2f}s, {cell.index.type} index built in {index_build_s:.2f}s")
 
     kept = keeps_index_file(cell, repeat)
+    io.check_claim()
     if kept:
         save_index(faiss_index, paths.index_file)
     else:  # only its timings were wanted; an earlier run's file goes too

@@ -64,6 +64,7 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         ranked_texts = [[dev.pool.texts[j] for j in distinct(ranked)] for ranked in retrieved]
         metrics.update(answer_accuracy(ranked_texts, [q.answers for q in questions], cell.top_k))
 
+    io.check_claim()
     write_file_atomic(io.out.rankings, lambda tmp: save_array(tmp, rows))
     qids = [question_id(q.record_index) for q in questions]
     write_run(io.out.trec_run, qids, rankings, ranking_scores, tag=f"dpr-hpc-{io.job.key[:12]}")

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from dpr_hpc.claim import StageClaimedError, claim_stage
+from dpr_hpc.claim import ClaimLostError, StageClaim, StageClaimedError, claim_stage
 from dpr_hpc.errors import DprHpcError
 from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid.config import cell_from_json
@@ -27,7 +27,8 @@ from dpr_hpc.store import AttemptPaths, StageSpec, StageStore
 # A training stopped by a signal, its checkpoint written, and not requeued by submitit (plain
 # SIGTERM, or no submitit handler): the job ends with this code and a resubmit resumes it.
 EXIT_INTERRUPTED = 3
-# A second copy of a job whose claim another process holds: it wrote nothing.
+# A second copy of a job whose claim another process holds: it wrote nothing. Also a copy whose
+# claim another one took while it ran: it wrote nothing from then on.
 EXIT_CLAIMED = 4
 
 if TYPE_CHECKING:  # the stages import torch; submitting jobs should not wait for that
@@ -87,12 +88,15 @@ def run_stage_job(runs_root: str, stage: str, key: str, repeat: int) -> dict[str
         print(f"dpr-hpc: {held}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CLAIMED) from None
     try:
-        return _run_claimed(store, job, threads)
+        return _run_claimed(store, job, threads, claim)
+    except ClaimLostError as lost:
+        print(f"dpr-hpc: {lost}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CLAIMED) from None
     finally:
         claim.release()
 
 
-def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[str, Any]:
+def _run_claimed(store: StageStore, job: StageJob, threads: int | None, claim: StageClaim) -> dict[str, Any]:
     spec = store.read_spec(job.stage, job.key)
     cell = cell_from_json(spec.cell)
     records = Records(store)
@@ -104,7 +108,7 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[
         return _headline(current.record)
     if current.state == "unreadable":
         raise StageInputError(f"{job.id}: its record cannot be read, so it is not rerun: {current.reason}")
-    io = _stage_io(store, records, job, spec, current.attempt)
+    io = _stage_io(store, records, job, spec, current.attempt, claim.check)
     paths = io.out
     note_scheduler_job(paths)
     if current.state != "missing":
@@ -119,7 +123,10 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[
             output = _stage_functions()[job.stage](cell, io, job.repeat)
         else:
             output = _stage_functions()[job.stage](cell, io, job.repeat, stop=stop)
+    except ClaimLostError:
+        raise
     except TrainingInterrupted as stopped:
+        claim.check()
         mark_interrupted(paths, str(stopped))
         print(str(stopped), flush=True)
         if stop is not None:
@@ -127,6 +134,7 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[
         raise SystemExit(EXIT_INTERRUPTED) from None
     except BaseException as error:
         traceback.print_exc()
+        _check_unless_unreadable(claim)  # a failure marker in another copy's attempt would fail it
         mark_failed(paths, error)
         raise
     finally:
@@ -138,10 +146,19 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None) -> dict[
         metrics=output.metrics, timings=output.timings, node=node, started_at=started_at, finished_at=now_iso(),
         artifacts=describe_artifacts(paths, output.artifacts), details={**output.details, "threads": threads},
     )
-    write_record(store.job(job), paths, record)
+    write_record(store.job(job), paths, record, before_each=claim.check)
     for leftover in output.discard:
         _discard(leftover)
     return _headline(record)
+
+
+def _check_unless_unreadable(claim: StageClaim) -> None:
+    """The claim check on a path that already failed: an unreadable claim.lock must not hide
+    the error being reported."""
+    try:
+        claim.check()
+    except OSError:
+        pass
 
 
 def _discard(path: Path) -> None:
@@ -182,7 +199,8 @@ def _upstream_jobs(upstream: dict[str, str]) -> list[StageJob]:
     return [StageJob(stage, key, repeat_read[stage]) for stage, key in upstream.items()]
 
 
-def _stage_io(store: StageStore, records: Records, job: StageJob, spec: StageSpec, complete_attempt: int | None) -> "StageIO":
+def _stage_io(store: StageStore, records: Records, job: StageJob, spec: StageSpec, complete_attempt: int | None,
+              check_claim: Callable[[], None] | None = None) -> "StageIO":
     """The job's working attempt, the complete upstream outputs it reads and the hub commits it
     loads; an upstream that is not complete stops the job before it writes anything."""
     from dpr_hpc.stages.common import StageIO
@@ -196,6 +214,8 @@ def _stage_io(store: StageStore, records: Records, job: StageJob, spec: StageSpe
         read["trained" if up.stage == "train" else "index"] = records.attempt_of(up)
         digests[up.id] = check.digest
     out = store.job(job).working_attempt(complete_attempt)
+    if check_claim is not None:
+        read["check_claim"] = check_claim
     return StageIO(job=job, out=out, prepared_cache=store.prepared_cache, token_cache=store.token_cache,
                    hub_revisions=spec.hub_revisions, upstream_digests=digests, **read)
 

@@ -93,7 +93,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
     order_generator = torch.Generator().manual_seed(cfg.seed)
     position, segments = Position(), SegmentLog()
 
-    store = CheckpointStore(paths.resume, warn=progress)
+    store = CheckpointStore(paths.resume, warn=progress, before_write=io.check_claim)
     modules = {"question_encoder": question_encoder, "passage_encoder": passage_encoder, "optimizer": optimizer, "scheduler": scheduler}
     if scaler is not None:
         modules["scaler"] = scaler
@@ -141,7 +141,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
         segment.train_s += now - clock
         clock = now
 
-    meter = Meter(paths.meter, "training", "steps", total_steps, position.step)
+    meter = Meter(paths.meter, "training", "steps", total_steps, position.step, before_write=io.check_claim)
     while position.epoch < cfg.epochs:
         if position.order is None:
             position.order = torch.randperm(len(examples), generator=order_generator).tolist()
@@ -186,6 +186,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
     bank_time()
     segment.ended_by, segment.ended_at = FINISHED, now_iso()
 
+    io.check_claim()
     try:
         for encoder, folder, tokenizer in ((question_encoder, paths.question_encoder, question_tokenizer),
                                            (passage_encoder, paths.passage_encoder, passage_tokenizer)):
