@@ -369,7 +369,7 @@ def _token_length_figure(layout: RunLayout, plan: Plan, found: CompleteRecords, 
     share_text = ", ".join(f"{family} {share:.1%}" for family, share in shares.items())
     note = (f"At the cut-off ({max_length}): {share_text}. The token cache stores sequences already truncated to max_length, "
             "so these are upper bounds of the share truncated and lengths beyond the cut-off are not known.")
-    path = figures.token_lengths(lengths, max_length, out_dir / "figure-token-lengths.png", title, note)
+    path = figures.token_lengths(lengths, max_length, out_dir / "figure-token-lengths.png", title)
     sections.append(f"## {title}\n\n![{title}](figure-token-lengths.png)\n\n{note}"
                     + (f"\n\nUnreadable entries: {'; '.join(unreadable)}" if unreadable else ""))
     return [path]
