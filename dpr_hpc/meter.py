@@ -31,13 +31,18 @@ class Meter:
     def __init__(self, path: Path, what: str, unit: str, total: int, done: int = 0) -> None:
         self.path, self.what, self.unit, self.total = path, what, unit, total
         self._written_at = 0.0
+        # Seconds spent writing the meter file: its updates run inside the TTT and PEI timers,
+        # so the stages record this sum (`meter_write_s`) to show the share it takes of them.
+        self.write_s = 0.0
         self.update(done, force=True)
+        self.write_s = 0.0  # the first write comes before the timed loop
 
     def update(self, done: int, force: bool = False) -> None:
         now = time.monotonic()
         if force or done >= self.total or now - self._written_at >= WRITE_EVERY_S:
             write_json_atomic(self.path, {"what": self.what, "unit": self.unit, "done": done, "total": self.total})
             self._written_at = now
+            self.write_s += time.monotonic() - now
 
 
 def bars_wanted() -> bool:
