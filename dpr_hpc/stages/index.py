@@ -90,7 +90,7 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
             "index_build_s": index_build_s,
             "pei_s": encode_s + index_build_s + (tokenize_s if pei_includes_tokenization else 0.0),
             "tokenize_s": tokenize_s,
-            "meter_write_s": meter.write_s,
+            "meter_write_s": meter.write_s,  # left out of encode_s
             **peak_memory(device),
         },
         artifacts=[str(p.relative_to(paths.dir)) for p in artifacts],

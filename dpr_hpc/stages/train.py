@@ -156,7 +156,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
             position.step += 1
             position.next_batch += 1
             segment.steps += 1
-            meter.update(position.step)
+            clock += meter.update(position.step)  # the meter's file write is not training time
             if position.next_batch == steps_per_epoch:
                 position.epoch_losses.append(sum(position.step_losses[-steps_per_epoch:]) / steps_per_epoch)
                 position.epoch += 1
@@ -201,7 +201,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
             "ttt_s": segments.train_s,
             "tokenize_s": tokenize_s,
             "checkpoint_s": sum(s.checkpoint_s for s in segments.segments),
-            "meter_write_s": meter.write_s,  # inside ttt_s (this job's segment only)
+            "meter_write_s": meter.write_s,  # left out of ttt_s (this job's segment's writes)
             **peak_memory(device),
         },
         artifacts=ARTIFACTS,
