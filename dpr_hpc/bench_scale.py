@@ -466,7 +466,7 @@ def _phase_hnsw_build(params: dict[str, Any], work: Path, meter: Meter) -> dict[
     import numpy as np
 
     from dpr_hpc.grid.config import IndexConfig
-    from dpr_hpc.modeling.searcher import ADD_CHUNK_ROWS, build_index_from_file, save_index
+    from dpr_hpc.modeling.searcher import build_index_from_file, save_index
 
     n = int(params["vectors"])
     config = _hnsw_config(IndexConfig)
@@ -479,7 +479,7 @@ def _phase_hnsw_build(params: dict[str, Any], work: Path, meter: Meter) -> dict[
     embeddings.unlink()
     return {"wall_s": wall, "disk_bytes": digest.size, "scale": n / NQ_POOL,
             "details": {"vectors": n, "ran_on": f"{n:,} vectors", "index_bytes": digest.size, "vectors_bytes": n * INDEX_DIM * 4,
-                        "add_s": built.add_s, "add_chunk_rows": ADD_CHUNK_ROWS,
+                        "add_s": built.add_s, "add_chunk_rows": config.add_batch_size,
                         # What grows with the pool is the index itself; the chunk read is fixed.
                         "units": n, "rss_per_unit_bytes": digest.size / n,
                         "note": "wall is the build from the vectors on disk (chunks read and added); disk is the serialised index"}}

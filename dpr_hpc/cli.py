@@ -203,6 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--variance-factor", type=float, default=1.5,
                         help="flag a timing repeat this many times slower or faster than its cell's median (default 1.5)")
     report.add_argument("--no-html", action="store_true", help="write report.md and the PNGs only")
+    report.add_argument("--paper", action="store_true",
+                        help="add the paper's published figures (Tables 2-5) beside ours, with ours / the paper's, per cell")
     add_selection_flags(report, "Figures stay relative to the baseline even when it is not selected.")
     report.set_defaults(handler=_report)
 
@@ -686,7 +688,7 @@ def _collect(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from dpr_hpc.report import ReportOptions, write_report
 
-    options = ReportOptions(baseline=args.baseline, variance_factor=args.variance_factor, html=not args.no_html)
+    options = ReportOptions(baseline=args.baseline, variance_factor=args.variance_factor, html=not args.no_html, paper=args.paper)
     selection = Selection.from_args(args)
     for layout, plan in _selected_runs(args, selection):
         written = write_report(layout, plan, args.out / plan.grid_name, options, selection)

@@ -7,7 +7,6 @@ module only their drawing.
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -52,9 +51,10 @@ def metric_vs_size(series: Sequence[Series], path: Path, title: str, ylabel: str
     return _save(fig, path)
 
 
-def token_lengths(lengths: dict[str, np.ndarray], max_length: int, path: Path, title: str, note: str) -> Path:
-    """Density of passage token lengths per tokenizer, the cut-off as a red line, and a note
-    (the share truncated, and what the lengths can and cannot tell)."""
+def token_lengths(lengths: dict[str, np.ndarray], max_length: int, path: Path, title: str) -> Path:
+    """Density of passage token lengths per tokenizer and the cut-off as a red line. Its note
+    (the share truncated, what the lengths can and cannot tell) is the report's text under the
+    figure, not drawn into it, so the HTML report shows it once."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     top = max(int(max(v.max() for v in lengths.values())) if lengths else max_length, max_length)
     bins = np.arange(0, top + 2) if top <= 128 else np.linspace(0, top + 1, 129)
@@ -65,8 +65,7 @@ def token_lengths(lengths: dict[str, np.ndarray], max_length: int, path: Path, t
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="best")
-    fig.text(0.01, 0.01, textwrap.fill(note, 110), fontsize=7, va="bottom")
-    return _save(fig, path, bottom=0.13)
+    return _save(fig, path)
 
 
 @dataclass(frozen=True)
@@ -104,10 +103,9 @@ def node_variance(nodes: Sequence[NodePoints], factor: float, path: Path) -> Pat
     return _save(fig, path)
 
 
-def _save(fig, path: Path, bottom: float = 0.0) -> Path:
-    """`bottom`: the share of the height kept free below the axes for a note."""
+def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

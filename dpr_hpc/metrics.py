@@ -2,7 +2,9 @@
 answer-string top-k accuracy, so figures compare with both.
 
 A ranking is read as distinct passages: a passage id that appears again further down is
-ignored, so duplicates neither push the gold down nor count twice.
+ignored, so duplicates neither push the gold down nor count twice. With `by_row` (an index of
+every pool entry, `index.deduplicate: false`) it is read row by row, as the paper's code scored
+it: a duplicate ranked above the gold pushes the gold down.
 """
 
 from __future__ import annotations
@@ -20,21 +22,22 @@ def distinct(ranking: Sequence[str]) -> list[str]:
     return [pid for pid in ranking if not (pid in seen or seen.add(pid))]
 
 
-def gold_rank(ranking: Sequence[str], gold_id: str) -> int | None:
-    """1-based rank of the gold passage among distinct passages, None when it is absent."""
-    for rank, pid in enumerate(distinct(ranking), start=1):
+def gold_rank(ranking: Sequence[str], gold_id: str, by_row: bool = False) -> int | None:
+    """1-based rank of the gold passage among distinct passages (or the first row holding it,
+    `by_row`), None when it is absent."""
+    for rank, pid in enumerate(ranking if by_row else distinct(ranking), start=1):
         if pid == gold_id:
             return rank
     return None
 
 
-def retrieval_metrics(rankings: Sequence[Sequence[str]], gold_ids: Sequence[str], top_k: int) -> dict[str, float]:
+def retrieval_metrics(rankings: Sequence[Sequence[str]], gold_ids: Sequence[str], top_k: int, by_row: bool = False) -> dict[str, float]:
     """Acc@k for the paper's k up to top_k, and MRR@top_k (reciprocal rank 0 when not retrieved)."""
     if len(rankings) != len(gold_ids):
         raise ValueError("one ranking per gold id expected")
     if not rankings:
         raise ValueError("no questions to score")
-    ranks = [gold_rank(list(r)[:top_k], g) for r, g in zip(rankings, gold_ids)]
+    ranks = [gold_rank(list(r)[:top_k], g, by_row) for r, g in zip(rankings, gold_ids)]
     n = len(ranks)
     metrics = {f"acc@{k}": sum(1 for r in ranks if r is not None and r <= k) / n for k in PAPER_KS if k <= top_k}
     metrics[f"mrr@{top_k}"] = sum(1.0 / r for r in ranks if r is not None) / n

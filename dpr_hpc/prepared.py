@@ -13,6 +13,10 @@ edited file is prepared again and an unchanged one is never re-read:
         <column>.offsets.npy   int64, value i is bin[offsets[i]:offsets[i + 1]] (memory-mapped)
         <name>.npy             an integer column (memory-mapped)
 
+A dev entry's pool is stored once per passage id (first seen first), and `pool_rows.npy` maps
+each pool entry of the file, duplicates included and in file order, to its row there: the pool
+the paper's code indexed is that table seen through those rows (`PreparedDev.pool_entries`).
+
 Opening an entry reads no text: the offsets and integer columns are mapped, and a string is
 read from its .bin file when it is asked for (see StringColumn).
 
@@ -46,7 +50,9 @@ from dpr_hpc.locks import HEARTBEAT_S, LockFile
 from dpr_hpc.provenance import now_iso
 
 log = logging.getLogger(__name__)
-PREPARED_FORMAT = 1
+# Per kind, so that a change to one kind's columns leaves the other's entries in place.
+# dev 2: the pool's entries with duplicates (pool_rows.npy).
+PREPARED_FORMAT = {"train": 1, "dev": 2}
 TEXT_ERRORS = "surrogatepass"  # JSON may escape lone surrogates; they round-trip
 WRITE_BUFFER = 1 << 20
 # What opening a damaged entry raises: a missing file, a bad .npy, a manifest that is not JSON
@@ -131,6 +137,16 @@ class PassageTable(_LazyRows[Passage]):
     def __len__(self) -> int:
         return len(self.ids) if self.rows is None else len(self.rows)
 
+    def text(self, i: int) -> str:
+        """Row i's text alone (one read, where a Passage takes three)."""
+        i = _index(i, len(self))
+        return self.texts[i if self.rows is None else int(self.rows[i])]
+
+    def id_bytes(self) -> np.ndarray:
+        """The passage ids in this table's row order as fixed-width bytes (StringColumn's)."""
+        ids = self.ids.fixed_width_bytes()
+        return ids if self.rows is None else ids[self.rows]
+
     def take(self, rows: np.ndarray) -> "PassageTable":
         """The passages at `rows` (of this table), in that order; nothing is read."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -185,7 +201,8 @@ class PreparedTrain:
 @dataclass(frozen=True)
 class PreparedDev:
     """The dev questions (those with a positive) and the de-duplicated evaluation pool (each
-    question's first positive, hard and plain negatives, each passage id once, first seen first)."""
+    question's first positive, hard and plain negatives, each passage id once, first seen first);
+    `pool_rows` maps every pool entry of the file, duplicates included, to its row of `pool`."""
 
     folder: Path
     hit: bool
@@ -196,6 +213,7 @@ class PreparedDev:
     answers: StringColumn
     answer_offsets: np.ndarray
     pool: PassageTable
+    pool_rows: np.ndarray
     load_s: float = 0.0
     _questions: list[DevQuestion] = field(default_factory=list, repr=False, compare=False)
 
@@ -203,12 +221,16 @@ class PreparedDev:
     def open(cls, folder: Path, hit: bool, manifest: dict[str, Any]) -> "PreparedDev":
         prepared = cls(folder, hit, manifest, StringColumn.open(folder, "questions"), StringColumn.open(folder, "gold_ids"),
                        np.load(folder / "record_index.npy", mmap_mode="r"), StringColumn.open(folder, "answers"),
-                       np.load(folder / "answer_offsets.npy", mmap_mode="r"), PassageTable.open(folder, "pool"))
+                       np.load(folder / "answer_offsets.npy", mmap_mode="r"), PassageTable.open(folder, "pool"),
+                       np.load(folder / "pool_rows.npy", mmap_mode="r"))
         n = manifest["questions"]
         if not len(prepared.questions) == len(prepared.gold_ids) == len(prepared.record_index) == len(prepared.answer_offsets) - 1 == n:
             raise ValueError(f"{folder}: the question columns differ in length")
         if prepared.answer_offsets[-1] != len(prepared.answers) or len(prepared.pool) != manifest["pool"]:
             raise ValueError(f"{folder}: answers or pool do not match the manifest")
+        rows = prepared.pool_rows
+        if len(rows) != manifest["pool_with_duplicates"] or (len(rows) and not 0 <= rows.min() <= rows.max() < len(prepared.pool)):
+            raise ValueError(f"{folder}: the pool's entry rows do not index its pool")
         return prepared
 
     def __len__(self) -> int:
@@ -218,6 +240,16 @@ class PreparedDev:
     def pool_with_duplicates(self) -> int:
         """The pool's size before de-duplication: what the paper reports (935,159 on NQ dev)."""
         return int(self.manifest["pool_with_duplicates"])
+
+    @property
+    def pool_entries(self) -> PassageTable:
+        """Every pool entry in file order, duplicates included: the pool the paper's code indexed."""
+        return self.pool.take(self.pool_rows)
+
+    def indexed_pool(self, deduplicate: bool) -> PassageTable:
+        """The passages an index holds, one per row: each id once (`index.deduplicate: true`),
+        or every entry (false)."""
+        return self.pool if deduplicate else self.pool_entries
 
     def question(self, i: int) -> DevQuestion:
         start, end = int(self.answer_offsets[i]), int(self.answer_offsets[i + 1])
@@ -244,7 +276,7 @@ def load_dev(path: Path, cache_dir: Path) -> PreparedDev:
 
 
 def entry_folder(cache_dir: Path, sha256: str, kind: str) -> Path:
-    return cache_dir / f"{sha256[:16]}-{kind}-v{PREPARED_FORMAT}"
+    return cache_dir / f"{sha256[:16]}-{kind}-v{PREPARED_FORMAT[kind]}"
 
 
 def holds(cache_dir: Path, sha256: str, kind: str) -> bool:
@@ -257,7 +289,7 @@ def holds(cache_dir: Path, sha256: str, kind: str) -> bool:
         return False
     except ValueError:
         return False
-    return isinstance(manifest, dict) and manifest.get("format") == PREPARED_FORMAT and manifest.get("sha256") == sha256
+    return isinstance(manifest, dict) and manifest.get("format") == PREPARED_FORMAT[kind] and manifest.get("sha256") == sha256
 
 
 def data_file_sha256(path: Path, cache_dir: Path, handle: BinaryIO) -> str:
@@ -309,7 +341,7 @@ def _open_or_build(path: Path, handle: BinaryIO, folder: Path, kind: str, sha256
         if _changed(hashed, os.fstat(handle.fileno())):
             raise DataChangedError(f"{path}: written to while it was being prepared (its hash no longer names what was read); "
                                    "run the job again once the file is complete")
-        manifest = {"format": PREPARED_FORMAT, "kind": kind, "source": str(path.resolve()), "sha256": sha256,
+        manifest = {"format": PREPARED_FORMAT[kind], "kind": kind, "source": str(path.resolve()), "sha256": sha256,
                     "parser": parser, "built_at": now_iso(), "built_by": f"{socket.gethostname()}:{os.getpid()}",
                     "build_s": round(time.perf_counter() - began, 3), **counts}
         write_json_atomic(tmp / "manifest.json", manifest)
@@ -320,7 +352,7 @@ def _open(folder: Path, kind: str, sha256: str, hit: bool, open_entry) -> Prepar
     if not folder.exists():
         return None
     manifest = read_json(folder / "manifest.json")
-    if manifest.get("format") != PREPARED_FORMAT or manifest.get("kind") != kind or manifest.get("sha256") != sha256:
+    if manifest.get("format") != PREPARED_FORMAT[kind] or manifest.get("kind") != kind or manifest.get("sha256") != sha256:
         raise ValueError(f"{folder}: manifest of another entry ({manifest.get('kind')}, format {manifest.get('format')})")
     return open_entry(folder, hit, manifest)
 
@@ -358,7 +390,8 @@ def _build_dev(path: Path, handle: BinaryIO, folder: Path) -> dict[str, Any]:
     questions, gold_ids, answers = (_StringWriter(folder, name) for name in ("questions", "gold_ids", "answers"))
     pool = _PassageWriter(folder, "pool")
     record_index, answer_counts = array("q"), array("q")
-    seen: set[str] = set()  # the pool's ids: the one per-passage Python object the build keeps
+    seen: dict[str, int] = {}  # the pool's ids and rows: the one per-passage Python object the build keeps
+    pool_rows = array("q")
     records = with_duplicates = 0
     for index, record in enumerate(iter_records(path, handle)):
         records += 1
@@ -375,12 +408,14 @@ def _build_dev(path: Path, handle: BinaryIO, folder: Path) -> dict[str, Any]:
         with_duplicates += len(passages)
         for passage in passages:
             if passage.passage_id not in seen:
-                seen.add(passage.passage_id)
+                seen[passage.passage_id] = len(seen)
                 pool.add(passage)
+            pool_rows.append(seen[passage.passage_id])
     for writer in (questions, gold_ids, answers, pool):
         writer.close()
     np.save(folder / "record_index.npy", np.frombuffer(record_index, dtype=np.int64) if record_index else np.zeros(0, np.int64))
     np.save(folder / "answer_offsets.npy", _offsets(answer_counts))
+    np.save(folder / "pool_rows.npy", np.frombuffer(pool_rows, dtype=np.int64) if pool_rows else np.zeros(0, np.int64))
     return {"records": records, "questions": len(record_index), "pool": len(seen), "pool_with_duplicates": with_duplicates}
 
 

@@ -46,6 +46,7 @@ class ReportOptions:
     baseline: str = "BERT-768"
     variance_factor: float = 1.5
     html: bool = True
+    paper: bool = False  # add the paper's published figures beside ours (`report --paper`)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ def write_report(layout: RunLayout, plan: Plan, out_dir: Path, options: ReportOp
     picked = selection.picks_stage
     sections += [efficiency_table(shown, table, baseline, picked), retrieval_table(shown, table, baseline, picked),
                  evaluation_only_table(shown, table, baseline, picked), batch_size_table(shown, table, picked)]
+    if options.paper:
+        sections += beside_the_paper(shown, table, picked)
     pngs += _token_length_figure(layout, shown, found, out_dir, sections) if picked("index") else _not_selected(sections, TOKEN_LENGTH_TITLE, "index")
     pngs += _metric_figures(shown, table, baseline, out_dir, sections, picked)
     variance = variance_rows(found.repeats, options.variance_factor)
@@ -231,6 +234,62 @@ def batch_size_table(plan: Plan, table: pd.DataFrame, picked: StagePicked = _eve
     return "## Table 5: batch size\n\n" + markdown(rows)
 
 
+# --- The paper's published figures beside ours (--paper) -------------------------------------
+
+PAPER_EFFICIENCY = {"ttt_s": "TTT (h:mm)", "pei_s": "PEI (h:mm)", "ita_mean_ms": "ITA (ms)"}
+PAPER_RETRIEVAL = {"acc@1": "Acc@1 (%)", "acc@20": "Acc@20 (%)", "acc@100": "Acc@100 (%)", "mrr@100": "MRR@100"}
+NOT_IN_PAPER = "not in the paper"
+
+
+def beside_the_paper(plan: Plan, table: pd.DataFrame, picked: StagePicked = _every_stage) -> list[str]:
+    """Two tables, efficiency and retrieval: per cell and figure, the paper's (with its table),
+    ours (the median over repeats) and ours / the paper's, in the paper's units."""
+    intro = ("The paper's figure (the table that prints it), ours (median over repeats) and ours / the paper's. "
+             "Timings compare like for like only where the grid ran the paper's timing protocol on comparable hardware "
+             "(the README's Fidelity table). A cell the paper does not have says so.")
+    cells = _sorted_cells(plan) + _sorted_cells(plan, trained=False)
+    efficiency = _picked_columns(PAPER_EFFICIENCY, picked)
+    retrieval = _picked_columns(PAPER_RETRIEVAL, picked)
+    sections = [f"## Beside the paper: efficiency (Tables 2 and 5)\n\n{intro}\n\n" + markdown(_paper_rows(plan, table, efficiency, cells))]
+    sections.append("## Beside the paper: retrieval (Tables 3, 4 and 5)\n\n" + markdown(_paper_rows(plan, table, retrieval, cells))
+                    if retrieval else _not_selected_table("## Beside the paper: retrieval (Tables 3, 4 and 5)", "infer"))
+    return sections
+
+
+def _paper_rows(plan: Plan, table: pd.DataFrame, columns: dict[str, str], cells: Sequence[CellConfig]) -> pd.DataFrame:
+    from dpr_hpc.published import paper_cell, paper_figures
+
+    rows = []
+    for cell in cells:
+        key = paper_cell(family_of(cell), cell.embedding_size, cell.batch_size, cell.question_encoder, cell.evaluate_only)
+        published = paper_figures()[key] if key else {}
+        row: dict[str, Any] = {"encoder": key[0] if key else family_of(cell), "ES": cell.embedding_size, "BS": cell.batch_size or "eval", "cell": cell.cell_id}
+        for column, title in columns.items():
+            values = _values(table, cell.cell_id, column)
+            ours = float(np.median(values)) if values else None
+            figure = published.get(column)
+            if figure is None:
+                row[f"{title} paper"] = NOT_IN_PAPER
+            else:
+                row[f"{title} paper"] = f"{figure.printed} (T{'/'.join(map(str, figure.tables))})"
+            row[f"{title} ours"] = MISSING if ours is None else _in_paper_units(column, ours)
+            row[f"{title} ours/paper"] = f"{ours / figure.value:.3g}x" if figure and ours is not None and figure.value else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _in_paper_units(column: str, value: float) -> str:
+    """A figure as the paper prints it: hours as h:mm, accuracies in percent, MRR as .xyz."""
+    if column in ("ttt_s", "pei_s"):
+        hours, minutes = divmod(round(value / 60), 60)
+        return f"{hours}:{minutes:02d}" + (f" ({value:.3g} s)" if value < 60 else "")
+    if column.startswith("acc@"):
+        return f"{100 * value:.1f}"
+    if column == "mrr@100":
+        return f"{value:.3f}".lstrip("0") or "0"
+    return f"{value:.3g}"
+
+
 # --- Figures 1-5 ---------------------------------------------------------------------------
 
 def _metric_figures(plan: Plan, table: pd.DataFrame, baseline: Baseline, out_dir: Path, sections: list[str],
@@ -310,7 +369,7 @@ def _token_length_figure(layout: RunLayout, plan: Plan, found: CompleteRecords, 
     share_text = ", ".join(f"{family} {share:.1%}" for family, share in shares.items())
     note = (f"At the cut-off ({max_length}): {share_text}. The token cache stores sequences already truncated to max_length, "
             "so these are upper bounds of the share truncated and lengths beyond the cut-off are not known.")
-    path = figures.token_lengths(lengths, max_length, out_dir / "figure-token-lengths.png", title, note)
+    path = figures.token_lengths(lengths, max_length, out_dir / "figure-token-lengths.png", title)
     sections.append(f"## {title}\n\n![{title}](figure-token-lengths.png)\n\n{note}"
                     + (f"\n\nUnreadable entries: {'; '.join(unreadable)}" if unreadable else ""))
     return [path]

@@ -1,12 +1,15 @@
 """Stage identity: a key per stage from what determines its output, and only that.
 
     train  encoders (local folder content, or hub name and cached revision), embedding size,
-           training hyper-parameters, text settings, training precision, gradient cache, train
-           file content
+           training hyper-parameters, text settings (padding too), training precision, gradient
+           cache, train file content
     index  the train key (or, for an evaluation-only cell, the encoders and embedding size),
-           text settings, encoding precision and batch size, the index's build settings, dev
-           file content
-    infer  the index key and the search settings (ef_search, top_k)
+           text settings, encoding precision and batch size, the index's build settings
+           (de-duplication and add batch size too), the PEI timer's boundary, dev file content
+    infer  the index key, the search settings (ef_search, top_k) and the ITA timer's boundary
+
+Settings added after stages had keys (text.padding, index.deduplicate, index.add_batch_size,
+timing.*) enter a key only when they differ from their defaults, so existing outputs keep theirs.
 
 Two cells, or two grids, that agree on a stage's identity share its output: sweeping ef_search
 over three values is one training, one index and three searches. Group names, repeat counts,
@@ -25,8 +28,8 @@ from dpr_hpc.content import ContentHashes, model_identity
 from dpr_hpc.grid import CellConfig
 
 KEY_LENGTH = 20  # hex digits: 80 bits, no collision among any number of grids a person runs
-# Index settings applied at search time (infer's identity) or about disk use only.
-NOT_INDEX_BUILD = ("ef_search", "keep")
+# Index settings applied at search time (infer's identity); `keep` (disk use only) is never identity.
+NOT_INDEX_BUILD = ("ef_search",)
 
 
 def key_of(identity: dict[str, Any]) -> str:
@@ -61,7 +64,7 @@ def train_identity(cell: CellConfig, hashes: ContentHashes) -> dict[str, Any]:
         **encoder_identities(cell, hashes),
         "embedding_size": cell.embedding_size,
         "train": _section(cell.train),
-        "text": _section(cell.text),
+        "text": cell.text.identity(),
         "precision": cell.precision.train,
         "train_data": data_identity(cell, "train", hashes),
     }
@@ -72,20 +75,26 @@ def train_identity(cell: CellConfig, hashes: ContentHashes) -> dict[str, Any]:
 
 def index_identity(cell: CellConfig, train_key: str | None, hashes: ContentHashes) -> dict[str, Any]:
     upstream: dict[str, Any] = {"train": train_key} if train_key else {**encoder_identities(cell, hashes), "embedding_size": cell.embedding_size}
-    build = {k: v for k, v in _section(cell.index).items() if k not in NOT_INDEX_BUILD}
-    return {
+    build = {k: v for k, v in cell.index.identity().items() if k not in NOT_INDEX_BUILD}
+    identity = {
         "stage": "index",
         **upstream,
-        "text": _section(cell.text),
+        "text": cell.text.identity(),
         "precision": cell.precision.encode,
         "encode_batch_size": cell.encode_batch_size,
         "index": build,
         "dev_data": data_identity(cell, "dev", hashes),
     }
+    if cell.timing.pei_includes_tokenization:  # absent at our boundary, so older keys stand
+        identity["pei_includes_tokenization"] = True
+    return identity
 
 
 def infer_identity(cell: CellConfig, index_key: str) -> dict[str, Any]:
-    return {"stage": "infer", "index": index_key, "ef_search": cell.index.ef_search, "top_k": cell.top_k}
+    identity = {"stage": "infer", "index": index_key, "ef_search": cell.index.ef_search, "top_k": cell.top_k}
+    if cell.timing.ita_includes_fetch:
+        identity["ita_includes_fetch"] = True
+    return identity
 
 
 def stage_inputs(cell: CellConfig, stage: str) -> dict[str, tuple[str, Path]]:

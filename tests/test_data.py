@@ -53,6 +53,14 @@ def test_pool_size_before_deduplication_counts_what_the_papers_code_indexed(prep
     assert len(prepared[1].pool) == 5
 
 
+def test_the_pool_with_duplicates_is_every_entry_in_file_order(prepared):
+    """What `index.deduplicate: false` indexes, as the paper's code did: each entry its own row."""
+    entries = prepared[1].indexed_pool(deduplicate=False)
+    assert [p.passage_id for p in entries] == ["p1", "h1", "shared", "n1", "p2", "shared", "p1"]
+    assert [i.decode() for i in entries.id_bytes()] == [p.passage_id for p in entries]
+    assert entries.text(5) == entries[2].text and prepared[1].indexed_pool(deduplicate=True) is prepared[1].pool
+
+
 def test_dev_questions_carry_gold_id_and_answers(prepared):
     questions = prepared[1].dev_questions()
     assert [(q.question, q.gold_id, q.answers, q.record_index) for q in questions] == [("q1", "p1", ("a",), 0), ("q2", "p2", ("b",), 1)]

@@ -104,3 +104,11 @@ def test_answer_accuracy_counts_first_passage_with_an_answer():
     texts = [["no", "no", "it was 1901"], ["nothing here"]]
     m = answer_accuracy(texts, [["1901"], ["x"]], top_k=100)
     assert m == {"answer_acc@1": 0.0, "answer_acc@20": 0.5, "answer_acc@100": 0.5}
+
+
+def test_a_ranking_read_by_row_lets_a_duplicate_above_the_gold_push_it_down():
+    """index.deduplicate: false scores as the paper's code did; our default reads distinct passages."""
+    ranking, gold = ["a", "a", "b", "g"], "g"
+    assert retrieval_metrics([ranking], [gold], 100)["mrr@100"] == pytest.approx(1 / 3)
+    assert retrieval_metrics([ranking], [gold], 100, by_row=True)["mrr@100"] == pytest.approx(1 / 4)
+    assert retrieval_metrics([["a", "a", "g"]], [gold], 2, by_row=True)["mrr@2"] == 0.0

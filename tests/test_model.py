@@ -146,3 +146,67 @@ def test_without_a_title_both_formats_are_the_text_alone(bert_tokenizer):
         assert untitled.sequence(0)[0].tolist() == text_alone
     empty_title = tokenize_passages(bert_tokenizer, [Passage("1", "", "the capital of France")], 64, True, "dpr")
     assert empty_title.sequence(0)[0].tolist() == text_alone  # DPR drops an empty title
+
+
+class WidthSpy(torch.nn.Module):
+    """An encoder that records the padded width of every batch it is given."""
+
+    embedding_size = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: list[int] = []
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        self.widths.append(input_ids.shape[1])
+        return torch.zeros(len(input_ids), self.embedding_size)
+
+
+def test_the_papers_padding_gives_every_encoding_batch_max_length_tokens(demo_assets):
+    from dpr_hpc.grid.config import TextConfig
+
+    tokenizer = load_tokenizer(str(demo_assets / "models" / "tiny-bert"))
+    texts = tokenize_questions(tokenizer, ["a short one", "a somewhat longer question than that"] * 5, 64)
+    widths = {}
+    for text in (TextConfig(max_length=64, padding="max_length"), TextConfig(max_length=64)):
+        spy = WidthSpy()
+        encode(spy, texts, tokenizer.pad_token_id, 4, torch.device("cpu"), pad_to=text.pad_to)
+        widths[text.padding] = set(spy.widths)
+    assert widths["max_length"] == {64} and max(widths["longest"]) < 64
+
+
+def test_the_papers_padding_gives_every_training_batch_max_length_tokens(demo_assets, tmp_path):
+    from dpr_hpc.grid import load_grid
+    from dpr_hpc.prepared import load_train
+    from dpr_hpc.stages.common import StageIO
+    from dpr_hpc.stages.train import _TokenizedExamples
+
+    widths = {}
+    for padding in ("longest", "max_length"):
+        grid = tmp_path / f"{padding}.yaml"
+        grid.write_text(f"name: g\ndata: {{train: {demo_assets}/train.json, dev: {demo_assets}/dev.json}}\n"
+                        f"defaults: {{text: {{max_length: 64, padding: {padding}}}}}\n"
+                        f"blocks: [{{name: b, encoder: {demo_assets}/models/tiny-bert, embedding_sizes: [32]}}]\n")
+        cell = load_grid(grid).cells[0]
+        tokenizer = load_tokenizer(str(demo_assets / "models" / "tiny-bert"))
+        io = StageIO(job=None, out=None, prepared_cache=tmp_path / "prepared")  # no token cache: tokenized here
+        batches = _TokenizedExamples(load_train(cell.data_path("train"), tmp_path / "prepared"), tokenizer, tokenizer, cell, io)
+        questions, passages = batches.chunks(list(range(8)), 0, torch.device("cpu"), 0)
+        widths[padding] = {chunk["input_ids"].shape[1] for chunk in questions + passages}
+    assert widths["max_length"] == {64} and max(widths["longest"]) < 64
+
+
+def test_the_meters_file_writes_are_left_out_of_the_encoding_time(demo_assets):
+    """The progress meter writes its file inside the timed loop; the seconds it reports spending
+    are taken out of encode_s (a write that takes 0.2 s here, three batches)."""
+    import time
+
+    tokenizer = load_tokenizer(str(demo_assets / "models" / "tiny-bert"))
+    texts = tokenize_questions(tokenizer, ["a question"] * 12, 64)
+
+    def slow_meter(done: int) -> float:
+        time.sleep(0.2)  # stands for a slow file write, not a wait on another process
+        return 0.2
+
+    encoded = encode(WidthSpy(), texts, tokenizer.pad_token_id, 4, torch.device("cpu"), meter=slow_meter)
+    assert encoded.encode_s < 0.3  # with the writes inside, it would be at least 0.6 s

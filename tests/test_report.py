@@ -120,3 +120,17 @@ def test_sacct_accounting_is_read_from_one_call_with_the_steps_peak_rss(monkeypa
     assert done.max_rss_mb == pytest.approx(386080 / 1024) and done.alloc_mem_mb == 2048.0
     assert (done.gpus, done.cpus) == (1, 2)
     assert pending.queue_wait_s is None and pending.max_rss_mb is None
+
+
+def test_figure_1_draws_no_caption_of_its_own_so_the_html_report_shows_it_once(tmp_path, monkeypatch):
+    """The note under Figure 1 is the report's text; drawn into the PNG as well, the HTML report
+    showed it twice."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from dpr_hpc.figures import token_lengths
+
+    drawn: list[str] = []
+    monkeypatch.setattr(Figure, "text", lambda self, x, y, s, *a, **k: drawn.append(s))
+    png = token_lengths({"BERT": np.array([10, 20, 30, 256])}, 256, tmp_path / "f1.png", "Figure 1: passage token lengths")
+    assert png.exists() and drawn == []

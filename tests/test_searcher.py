@@ -18,9 +18,9 @@ def vectors(rows: int = 5000, dim: int = 24) -> np.ndarray:
 def test_an_exact_index_built_in_chunks_from_a_file_equals_one_built_at_once(tmp_path):
     embeddings = vectors()
     save_array(tmp_path / "e.npy", embeddings)
-    flat = IndexConfig(type="flat")
-    built = build_index_from_file(flat, tmp_path / "e.npy", chunk_rows=777)  # not a divisor: a short last chunk
-    assert built.index.ntotal == len(embeddings)
+    flat = IndexConfig(type="flat", add_batch_size=777)  # not a divisor: a short last chunk
+    built = build_index_from_file(flat, tmp_path / "e.npy")
+    assert built.index.ntotal == len(embeddings) and built.add_calls == 7  # ceil(5000 / 777)
     reference = build_index(flat, embeddings)
     queries = embeddings[:40] + 0.01
     assert np.array_equal(built.index.search(queries, 10)[1], reference.search(queries, 10)[1])
@@ -31,8 +31,8 @@ def test_an_hnsw_index_built_in_chunks_keeps_row_order_and_its_search_settings(t
     embeddings = vectors(3000)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)  # unit rows: each is its own best match
     save_array(tmp_path / "e.npy", embeddings)
-    config = IndexConfig(type="hnsw_flat", hnsw_m=16, ef_construction=64, ef_search=77)
-    index = build_index_from_file(config, tmp_path / "e.npy", chunk_rows=1000).index
+    config = IndexConfig(type="hnsw_flat", hnsw_m=16, ef_construction=64, ef_search=77, add_batch_size=1000)  # the paper's datasets'
+    index = build_index_from_file(config, tmp_path / "e.npy").index
     assert index.ntotal == 3000 and index.hnsw.efSearch == 77 and index.hnsw.efConstruction == 64
     # Each row finds itself first: FAISS ids are the file's row numbers, whatever the chunking.
     ids = index.search(embeddings[::100], 1)[1][:, 0]

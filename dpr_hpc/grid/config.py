@@ -20,6 +20,15 @@ INDEX_KEEP = ("first", "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # dpr_hpc.modeling.precision; kept here, free of torch
 PASSAGE_FORMATS = ("paper", "dpr")  # dpr_hpc.modeling.batching.tokenize_passages
 HARD_NEGATIVES = ("first", "shuffle")  # dpr_hpc.stages.train
+PADDINGS = ("longest", "max_length")  # TextConfig.pad_to
+
+
+def _without_defaults(section: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    """A section's identity: every field, except that `fields` (settings added after cells had
+    ids) are left out at their defaults, so the ids and stage keys of existing cells stand."""
+    values = dataclasses.asdict(section)
+    defaults = type(section)()
+    return {k: v for k, v in values.items() if k not in fields or v != getattr(defaults, k)}
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,22 @@ class TextConfig:
     # paper: "title text" as one segment (the paper's code); dpr: title [SEP] text with all-zero
     # segment ids (DPR's training, so DPR's released encoders need it).
     passage_format: str = "paper"
+    # longest: each batch padded to its longest text (rounded up to 8); max_length: every text
+    # padded to max_length, as the paper's code did (its TTT and PEI include that padding).
+    padding: str = "longest"
+
+    def identity(self) -> dict[str, Any]:
+        return _without_defaults(self, ("padding",))
+
+    def token_settings(self) -> dict[str, Any]:
+        """What decides the tokens themselves (the token cache's key): padding is applied per
+        batch, after the cache, so both paddings share one entry."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "padding"}
+
+    @property
+    def pad_to(self) -> int | None:
+        """`pad_batch`'s fixed width: max_length under the paper's padding, else None."""
+        return self.max_length if self.padding == "max_length" else None
 
 
 @dataclass(frozen=True)
@@ -67,9 +92,29 @@ class IndexConfig:
     # the others record their timings and delete theirs (6-10 GB each at 935k passages).
     # Changes no result, so it is not part of the cell id.
     keep: str = field(default="first", compare=False)
+    # false: every pool entry is its own row, duplicates included, and rankings are read row by
+    # row, as the paper's code indexed and scored them (its drop_duplicates result was discarded).
+    deduplicate: bool = True
+    # Rows per FAISS add call (dpr_hpc.modeling.searcher): the paper's datasets.add_faiss_index
+    # added 1,000 a call; HNSW's graph depends on the batches, so it is part of the build.
+    add_batch_size: int = 8192
 
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "keep"}
+        return {k: v for k, v in _without_defaults(self, ("deduplicate", "add_batch_size")).items() if k != "keep"}
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """Where the PEI and ITA timers start and stop (README, *Fidelity*). Ours time the work each
+    stage names; the paper's code's timers also held the tokenization of the pool (PEI) and the
+    reading of each query's result rows (ITA), which these settings put back."""
+
+    # true: PEI runs from tokenizing the pool, fresh (no token cache inside the timer), to the
+    # last FAISS add; false: encoding and index build, tokenization recorded apart.
+    pei_includes_tokenization: bool = False
+    # true: each query's time includes reading its top-k passages (id, title, text) and their
+    # vectors, as the paper's get_nearest_examples fetched its result rows; false: the search only.
+    ita_includes_fetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +190,7 @@ class CellConfig:
     repeats: Repeats
     grad_cache: GradCacheConfig = GradCacheConfig()
     precision: PrecisionConfig = PrecisionConfig()
+    timing: TimingConfig = TimingConfig()
     base_dir: Path = field(default=Path("."), compare=False)
     checkpoint: CheckpointConfig = field(default=CheckpointConfig(), compare=False)
 
@@ -200,7 +246,7 @@ class CellConfig:
             "passage_encoder": self.passage_encoder,
             "embedding_size": self.embedding_size,
             "train": None if self.train is None else dataclasses.asdict(self.train),
-            "text": dataclasses.asdict(self.text),
+            "text": self.text.identity(),
             "index": self.index.identity(),
             "encode_batch_size": self.encode_batch_size,
             "top_k": self.top_k,
@@ -209,6 +255,8 @@ class CellConfig:
         }
         if self.train is not None and self.grad_cache.chunk_size:  # absent when off, so older ids stand
             identity["grad_cache"] = dataclasses.asdict(self.grad_cache)
+        if self.timing != TimingConfig():  # absent at our timers, so older ids stand
+            identity["timing"] = dataclasses.asdict(self.timing)
         return identity
 
     @functools.cached_property
@@ -230,6 +278,8 @@ class CellConfig:
         record["repeats"] = dataclasses.asdict(self.repeats)
         record["checkpoint"] = dataclasses.asdict(self.checkpoint)
         record["index"] = dataclasses.asdict(self.index)
+        record["text"] = dataclasses.asdict(self.text)
+        record["timing"] = dataclasses.asdict(self.timing)
         record["cell_id"] = self.cell_id
         record["base_dir"] = str(self.base_dir)
         return record
@@ -257,6 +307,7 @@ def cell_from_json(record: dict[str, Any]) -> CellConfig:
         repeats=Repeats(**record["repeats"]),
         grad_cache=GradCacheConfig(**(record.get("grad_cache") or {})),
         precision=PrecisionConfig.from_json(record.get("precision", "auto")),
+        timing=TimingConfig(**(record.get("timing") or {})),
         base_dir=Path(record["base_dir"]),
         checkpoint=CheckpointConfig(**record.get("checkpoint", {})),
     )

@@ -7,7 +7,8 @@ runs. Settings merge in three levels: `defaults` <- block <- cell.
     data: {train: nq-train.json, dev: nq-dev.json}
     defaults: {train: {...}, text: {...}, index: {...}, encode_batch_size: 512, top_k: 100,
                precision: {train: auto, encode: auto},   # or one string for both
-               checkpoint: {every_minutes: 30, every_steps: 0}}
+               checkpoint: {every_minutes: 30, every_steps: 0},
+               timing: {pei_includes_tokenization: false, ita_includes_fetch: false}}
     blocks:
       - name: table1-bert
         encoder: bert-base-uncased
@@ -33,6 +34,7 @@ from dpr_hpc.grid.config import (
     HARD_NEGATIVES,
     INDEX_KEEP,
     INDEX_TYPES,
+    PADDINGS,
     PASSAGE_FORMATS,
     PRECISIONS,
     CellConfig,
@@ -43,6 +45,7 @@ from dpr_hpc.grid.config import (
     PrecisionConfig,
     Repeats,
     TextConfig,
+    TimingConfig,
     TrainConfig,
 )
 from dpr_hpc.grid.resources import load_yaml, resolve
@@ -55,6 +58,7 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "grad_cache": GradCacheConfig,
     "precision": PrecisionConfig,
+    "timing": TimingConfig,
 }
 SCALARS = ("encode_batch_size", "top_k")
 SCALAR_TYPES: dict[str, type] = {"encode_batch_size": int, "top_k": int}
@@ -87,10 +91,13 @@ FIELD_CHECKS: dict[str, _Check] = {
     "text.max_length": (lambda v: 8 <= v <= 8192, "a token count between 8 and 8192"),
     "text.passage_format": (lambda v: v in PASSAGE_FORMATS, f"one of {', '.join(PASSAGE_FORMATS)} "
                             "(paper: 'title text' as one segment; dpr: title [SEP] text, all-zero segment ids)"),
+    "text.padding": (lambda v: v in PADDINGS, f"one of {', '.join(PADDINGS)} "
+                     "(longest: each batch to its longest text; max_length: every text to text.max_length, the paper's)"),
     "index.type": (lambda v: v in INDEX_TYPES, f"one of {', '.join(INDEX_TYPES)}"),
     "index.hnsw_m": _POSITIVE,
     "index.ef_construction": _POSITIVE,
     "index.ef_search": _POSITIVE,
+    "index.add_batch_size": (lambda v: v > 0, "a positive number of rows per FAISS add call (the paper's datasets added 1000)"),
     "index.keep": (lambda v: v in INDEX_KEEP, f"one of {', '.join(INDEX_KEEP)} (which index repeats keep their index file)"),
     "repeats.index": _POSITIVE,
     "repeats.infer": _POSITIVE,
@@ -337,6 +344,7 @@ def _build_cell(
         data=DataConfig(train=None if evaluate_only else data["train"], dev=data["dev"]),
         repeats=Repeats(**settings.get("repeats", {})),
         grad_cache=_grad_cache(settings, where, at),
+        timing=TimingConfig(**settings.get("timing", {})),
         base_dir=base_dir,
         checkpoint=CheckpointConfig(**settings.get("checkpoint", {})),
     )

@@ -42,7 +42,8 @@ def encode(
     precision: str = "fp32", *, sort: bool = True, pad_to: int | None = None, shard_dir: Path | None = None,
     shard_rows: int = SHARD_ROWS, shard_source: dict | None = None, progress=None, meter=None, before_shard=None,
 ) -> Encoded:
-    """`progress` takes a line per shard for the log; `meter(rows done)` a count per batch.
+    """`progress` takes a line per shard for the log; `meter(rows done)` a count per batch,
+    returning the seconds it spent (a file write), which the encoding time leaves out.
     `shard_source` (JSON) names what the vectors are made from, such as the upstream record's
     digest and the precision that runs; a shard written from any other source is encoded again.
     `before_shard()` runs before each shard is written, and raises to stop (a lost claim)."""
@@ -64,10 +65,14 @@ def encode(
                 meter(start + len(rows))
             continue
         nodes.append(node_name())
+        metered = [0.0]  # the meter's file writes inside this shard's loop, left out of its time
+
+        def counted(done: int, start: int = start) -> None:
+            metered[0] += meter(start + done) or 0.0
+
         began = time.perf_counter()
-        counted = (lambda done, start=start: meter(start + done)) if meter else None
-        vectors = _encode_rows(encoder, texts, rows, pad_id, batch_size, device, precision, pad_to, counted)
-        seconds = time.perf_counter() - began
+        vectors = _encode_rows(encoder, texts, rows, pad_id, batch_size, device, precision, pad_to, counted if meter else None)
+        seconds = time.perf_counter() - began - metered[0]
         encode_s += seconds
         out[rows] = vectors
         if shards:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -12,10 +13,6 @@ import numpy as np
 from dpr_hpc.fsutil import FileDigest, write_file_atomic
 from dpr_hpc.grid import IndexConfig
 
-
-# Rows per FAISS add call when the index is built from a file: the index stage then never holds
-# every embedding next to FAISS's own copy of them (24 MiB a chunk at 768-d fp32).
-ADD_CHUNK_ROWS = 8192
 
 
 def build_index(config: IndexConfig, embeddings: np.ndarray) -> faiss.Index:
@@ -30,29 +27,36 @@ def build_index(config: IndexConfig, embeddings: np.ndarray) -> faiss.Index:
 class BuiltIndex:
     index: faiss.Index
     add_s: float  # the FAISS add calls only: reading the chunks from disk is not the index build
+    add_calls: int = 0
 
 
-def build_index_from_file(config: IndexConfig, path: Path, chunk_rows: int = ADD_CHUNK_ROWS) -> BuiltIndex:
-    """The index over the float32 rows of a .npy file, added `chunk_rows` at a time in row order.
+def build_index_from_file(config: IndexConfig, path: Path) -> BuiltIndex:
+    """The index over the float32 rows of a .npy file, added `config.add_batch_size` rows a call
+    in row order (8,192 by default; the paper's datasets.add_faiss_index added 1,000).
 
+    The index stage then never holds every embedding next to FAISS's own copy of them (24 MiB
+    a call at 768-d fp32).
     At NQ's pool an HNSW index with M=512 is ~6 GiB, 2.5 GiB of it FAISS's copy of the
     vectors; building from one in-memory array held a second 2.5 GiB copy through the build.
     Chunks are read with plain reads, not a memory map, whose pages would count in the job's
     RSS. FAISS's HNSW inserts each add call's points highest level first, so the graph is not
-    byte-identical to one add call's (it is not across thread counts either).
+    byte-identical to one add call's (it is not across thread counts either), and the add batch
+    size is part of the index's identity.
     """
+    chunk_rows = config.add_batch_size
     with Path(path).open("rb") as handle:
         rows, dim = _float32_matrix_header(handle, path)
         index = _empty_index(config, dim)
-        add_s = 0.0
+        add_s, calls = 0.0, 0
         for start in range(0, rows, chunk_rows):
             count = min(chunk_rows, rows - start)
             chunk = np.fromfile(handle, dtype=np.float32, count=count * dim).reshape(count, dim)
             began = time.perf_counter()
             index.add(chunk)
             add_s += time.perf_counter() - began
+            calls += 1
     configure_search(index, config)
-    return BuiltIndex(index, add_s)
+    return BuiltIndex(index, add_s, calls)
 
 
 def _float32_matrix_header(handle, path: Path) -> tuple[int, int]:
@@ -99,8 +103,12 @@ class SearchResult:
     times_ms: np.ndarray
 
 
-def search_one_at_a_time(index: faiss.Index, queries: np.ndarray, k: int) -> SearchResult:
-    """Every query searched alone and timed alone (encoding excluded): the paper's ITA."""
+def search_one_at_a_time(index: faiss.Index, queries: np.ndarray, k: int,
+                         fetch: Callable[[np.ndarray], object] | None = None) -> SearchResult:
+    """Every query searched alone and timed alone (encoding excluded): the paper's ITA.
+
+    `fetch(row ids)`, when given, runs inside each query's timer after its search: reading the
+    result rows, as the paper's `get_nearest_examples` did (`timing.ita_includes_fetch`)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
     scores = np.empty((len(queries), k), dtype=np.float32)
@@ -109,6 +117,8 @@ def search_one_at_a_time(index: faiss.Index, queries: np.ndarray, k: int) -> Sea
         query = queries[row : row + 1]
         start = time.perf_counter()
         found_scores, found = index.search(query, k)
+        if fetch is not None:
+            fetch(found[0])
         times_ms[row] = (time.perf_counter() - start) * 1000.0
         ids[row] = found[0]
         scores[row] = found_scores[0]

@@ -49,8 +49,7 @@ class TokenCache:
         key = self.key(what, data_sha256, tokenizer, settings)
         if self.folder is None:
             return Lookup(build(), False, key)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        entry = self.folder / f"{what}-{key}.npz"
+        entry = self._entry(what, key)
         # Building a large entry takes minutes: the heartbeat keeps the waiting jobs from
         # taking the builder's lock for a stale one; a builder that died leaves it stale.
         with _lock(entry, f"tokenizing {entry.name}"):
@@ -63,6 +62,21 @@ class TokenCache:
             texts = build()
             write_file_atomic(entry, texts.save)
             return Lookup(texts, False, key)
+
+    def put(self, what: str, data_sha256: str, tokenizer, settings: dict, texts: TokenizedTexts) -> str:
+        """Keep tokens made outside the cache (by a timer that must tokenize fresh, the paper's
+        PEI) as the entry `get` would have built, unless one is there; returns the key."""
+        key = self.key(what, data_sha256, tokenizer, settings)
+        if self.folder is not None:
+            entry = self._entry(what, key)
+            with _lock(entry, f"tokenizing {entry.name}"):
+                if not entry.is_file():
+                    write_file_atomic(entry, texts.save)
+        return key
+
+    def _entry(self, what: str, key: str) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self.folder / f"{what}-{key}.npz"
 
     def key(self, what: str, data_sha256: str, tokenizer, settings: dict) -> str:
         identity = {"what": what, "data": data_sha256, "tokenizer": tokenizer_fingerprint(tokenizer), **settings}

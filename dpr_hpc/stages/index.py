@@ -3,6 +3,10 @@
 Embeddings go to disk in shards as they are encoded; a job stopped by its time limit or
 preemption is requeued and goes on from the last finished shard, and its PEI adds up the
 encoding time of every shard, whichever job wrote it.
+
+PEI is encoding plus the FAISS adds; with `timing.pei_includes_tokenization` it also holds this
+job's tokenization of the pool, done fresh, as the paper's timer did. The index holds each
+passage id once, or with `index.deduplicate: false` every pool entry, as the paper's code did.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ from dpr_hpc.meter import Meter
 from dpr_hpc.modeling.batching import tokenize_passages
 from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
-from dpr_hpc.modeling.searcher import ADD_CHUNK_ROWS, build_index_from_file, save_index
+from dpr_hpc.modeling.searcher import build_index_from_file, save_index
 from dpr_hpc.prepared import load_dev
 from dpr_hpc.stages.common import (StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, prepared_details, progress,
-                                   release_memory, tokenized)
+                                   release_memory, tokenized, tokenized_fresh)
 
 
 def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
@@ -30,16 +34,22 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     encoder, tokenizer = load_trained_tower(cell, io, "passage", device)
     dev_file = cell.data_path("dev")
     dev = load_dev(dev_file, io.prepared_cache)
-    pool = dev.pool
-    progress(f"dev data: {len(pool)} passages, {'mapped' if dev.hit else 'prepared'} in {dev.load_s:.2f}s")
+    pool = dev.indexed_pool(cell.index.deduplicate)
+    progress(f"dev data: {len(pool)} pool rows ({len(dev.pool)} distinct), {'mapped' if dev.hit else 'prepared'} in {dev.load_s:.2f}s")
     if not len(pool):
         raise ValueError(f"{dev_file}: the evaluation pool is empty (no question has a positive passage)")
 
-    started = time.perf_counter()
-    texts = tokenized(io, cell, "dev-passages", dev, tokenizer,
-                      lambda: tokenize_passages(tokenizer, pool, cell.text.max_length, cell.text.embed_title, cell.text.passage_format))
-    tokenize_s = time.perf_counter() - started
-    progress(f"encoding {len(pool)} passages ({precision}, {'cached' if texts.hit else 'fresh'} tokens)")
+    # The distinct pool and the pool with duplicates are different texts to the token cache.
+    what = "dev-passages" if cell.index.deduplicate else "dev-pool-entries"
+    text = cell.text
+    tokenize = lambda: tokenize_passages(tokenizer, pool, text.max_length, text.embed_title, text.passage_format)  # noqa: E731
+    if cell.timing.pei_includes_tokenization:
+        texts, tokenize_s = tokenized_fresh(io, cell, what, dev, tokenizer, tokenize)
+    else:
+        started = time.perf_counter()
+        texts = tokenized(io, cell, what, dev, tokenizer, tokenize)
+        tokenize_s = time.perf_counter() - started
+    progress(f"encoding {len(pool)} passages ({precision}, {'cached' if texts.hit else 'fresh'} tokens, padding: {text.padding})")
 
     paths = io.out
     meter = Meter(paths.meter, "encoding", "passages", len(texts.texts), before_write=io.check_claim)
@@ -47,7 +57,7 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     # under the same key (GPU non-determinism) or a node that resolves `auto` otherwise encodes anew.
     made_from = {"upstream": dict(sorted(io.upstream_digests.items())), "precision": precision}
     encoded = encode(encoder, texts.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision,
-                     shard_dir=paths.shards, shard_source=made_from, progress=progress, meter=meter.update,
+                     pad_to=text.pad_to, shard_dir=paths.shards, shard_source=made_from, progress=progress, meter=meter.update,
                      before_shard=io.check_claim)
     if encoded.reused_shards:
         progress(f"reused {encoded.reused_shards} shard(s) of embeddings from a stopped job")
@@ -73,17 +83,20 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     else:  # only its timings were wanted; an earlier run's file goes too
         paths.index_file.unlink(missing_ok=True)
     # Fixed-width UTF-8 bytes, one row per FAISS id: ~10 MB for NQ's pool, and no Python string each.
-    write_file_atomic(paths.passage_ids, lambda tmp: save_array(tmp, pool.ids.fixed_width_bytes()))
+    write_file_atomic(paths.passage_ids, lambda tmp: save_array(tmp, pool.id_bytes()))
     artifacts: list[Path] = ([paths.index_file] if kept else []) + [paths.passage_ids]
+    pei_includes_tokenization = cell.timing.pei_includes_tokenization
     return StageOutput(
-        # The pool before de-duplication is what the paper indexed and reported (935,159 on NQ dev).
-        metrics={"num_passages": len(pool), "pool_with_duplicates": dev.pool_with_duplicates,
+        # num_passages: the index's rows. The pool before de-duplication is what the paper
+        # indexed and reported (935,159 on NQ dev).
+        metrics={"num_passages": len(pool), "distinct_passages": len(dev.pool), "pool_with_duplicates": dev.pool_with_duplicates,
                  "dim": dim},
         timings={
             "encode_s": encode_s,
             "index_build_s": index_build_s,
-            "pei_s": encode_s + index_build_s,
+            "pei_s": encode_s + index_build_s + (tokenize_s if pei_includes_tokenization else 0.0),
             "tokenize_s": tokenize_s,
+            "meter_write_s": meter.write_s,  # left out of encode_s
             **peak_memory(device),
         },
         artifacts=[str(p.relative_to(paths.dir)) for p in artifacts],
@@ -91,7 +104,10 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
                  "passage_format": cell.text.passage_format,
                  "tokens_cached": tokens_hit, "prepared_data": prepared_details(dev), "reused_shards": reused_shards,
                  "encode_nodes": list(encode_nodes), "index_file_kept": kept,
-                 "index_add_chunk_rows": ADD_CHUNK_ROWS,
+                 # The timing protocol (README, Fidelity): what PEI holds, and how the index was built.
+                 "pei_includes_tokenization": pei_includes_tokenization, "padding": text.padding, "pad_to": text.pad_to,
+                 "deduplicate": cell.index.deduplicate, "index_add_batch_size": cell.index.add_batch_size,
+                 "index_add_calls": built.add_calls,
                  # The report's Figure 1 reads the pool's token lengths from this entry.
                  "token_cache_entry": f"dev-passages-{tokens_key}.npz"},
         discard=[paths.shards, paths.embeddings],

@@ -1,8 +1,13 @@
 """Infer stage: encode the dev questions, search top-k one query at a time, score the rankings.
 
 ITA (the paper's inference time average) is the mean over queries of one `index.search` call
-each; question encoding is timed apart and excluded, as in the paper. Its SD is the sample SD
-(ddof 1, `ita_sd_ddof` in the record); the paper's code took np.std's default, ddof 0.
+each (with `timing.ita_includes_fetch`, plus reading the result rows: each passage's id, title
+and text and its vector, as the paper's `get_nearest_examples` fetched them); question encoding
+is timed apart and excluded, as in the paper. Its SD is the sample SD (ddof 1, `ita_sd_ddof` in
+the record); the paper's code took np.std's default, ddof 0.
+
+An index of every pool entry (`index.deduplicate: false`) is scored row by row, as the paper's
+code scored it; the TREC run file still lists distinct passages, as trec_eval requires.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import numpy as np
 
 from dpr_hpc.fsutil import save_array, write_file_atomic
 from dpr_hpc.grid import CellConfig
-from dpr_hpc.metrics import answer_accuracy, distinct, retrieval_metrics
+from dpr_hpc.metrics import answer_accuracy, retrieval_metrics
 from dpr_hpc.modeling.batching import tokenize_questions
 from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
@@ -39,29 +44,32 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     precision = resolve_precision(cell.precision.encode, device)
     tokens = tokenized(io, cell, "dev-questions", dev, tokenizer,
                       lambda: tokenize_questions(tokenizer, [q.question for q in questions], cell.text.max_length))
-    encoded = encode(encoder, tokens.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision)
+    encoded = encode(encoder, tokens.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision, pad_to=cell.text.pad_to)
     query_vectors, question_encode_s = encoded.embeddings, encoded.encode_s
 
     if io.index is None:
         raise ValueError(f"{io.job.id}: no index handed to this job")
     faiss_index = load_index(io.index.index_file, cell.index)
     passage_ids = np.load(io.index.passage_ids, mmap_mode="r")
-    if len(passage_ids) != len(dev.pool):  # its rows are read as the prepared pool's rows below
-        raise ValueError(f"{io.index.passage_ids}: {len(passage_ids)} passage ids, but {dev_file} has a pool of {len(dev.pool)}: "
+    pool = dev.indexed_pool(cell.index.deduplicate)
+    if len(passage_ids) != len(pool):  # its rows are read as the prepared pool's rows below
+        raise ValueError(f"{io.index.passage_ids}: {len(passage_ids)} passage ids, but {dev_file} has a pool of {len(pool)} rows: "
                          "the index was built from other dev data")
     progress(f"searching top {cell.top_k} of {len(passage_ids)} passages for {len(questions)} questions, one at a time")
-    found = search_one_at_a_time(faiss_index, query_vectors, cell.top_k)
+    fetch = result_rows(pool, faiss_index) if cell.timing.ita_includes_fetch else None
+    found = search_one_at_a_time(faiss_index, query_vectors, cell.top_k, fetch)
     rows, times_ms = found.ids, found.times_ms
 
     # Only the retrieved passages' ids and texts become Python strings (top-k per question).
     retrieved = [[int(j) for j in row if j >= 0] for row in rows]
     rankings = [[passage_id(passage_ids[j]) for j in ranked] for ranked in retrieved]
     ranking_scores = [[float(s) for j, s in zip(row, scores) if j >= 0] for row, scores in zip(rows, found.scores)]
+    by_row = not cell.index.deduplicate
     metrics: dict = {"num_questions": len(questions)}
-    metrics.update(retrieval_metrics(rankings, [q.gold_id for q in questions], cell.top_k))
+    metrics.update(retrieval_metrics(rankings, [q.gold_id for q in questions], cell.top_k, by_row=by_row))
     if any(q.answers for q in questions):
-        # The index's rows are the prepared pool's rows (the same dev content, one id each).
-        ranked_texts = [[dev.pool.texts[j] for j in distinct(ranked)] for ranked in retrieved]
+        # The index's rows are the indexed pool's rows (the same dev content); read row by row.
+        ranked_texts = [[pool.text(j) for j in ranked] for ranked in retrieved]
         metrics.update(answer_accuracy(ranked_texts, [q.answers for q in questions], cell.top_k))
 
     io.check_claim()
@@ -82,8 +90,22 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         artifacts=[io.out.rankings.name, io.out.trec_run.name, io.out.trec_qrels.name],
         details={"device": device.type, "searched_index_repeat": SEARCHED_INDEX_REPEAT, "precision": precision,
                  "precision_requested": cell.precision.encode, "ita_sd_ddof": ITA_SD_DDOF, "tokens_cached": tokens.hit,
-                 "prepared_data": prepared_details(dev)},
+                 "prepared_data": prepared_details(dev),
+                 # The timing and scoring protocol (README, Fidelity).
+                 "ita_includes_fetch": cell.timing.ita_includes_fetch, "padding": cell.text.padding, "pad_to": cell.text.pad_to,
+                 "deduplicate": cell.index.deduplicate, "ranked_by": "row" if by_row else "distinct passage"},
     )
+
+
+def result_rows(pool, faiss_index):
+    """What `timing.ita_includes_fetch` reads inside each query's timer: every result row's
+    passage (id, title, text) and its vector, as the paper's `get_nearest_examples` returned
+    its rows (text and embedding columns)."""
+    def fetch(found: np.ndarray):
+        hits = found[found >= 0]
+        return [pool[int(j)] for j in hits], faiss_index.reconstruct_batch(hits)
+
+    return fetch
 
 
 def passage_id(stored) -> str:

@@ -156,7 +156,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
             position.step += 1
             position.next_batch += 1
             segment.steps += 1
-            meter.update(position.step)
+            clock += meter.update(position.step)  # the meter's file write is not training time
             if position.next_batch == steps_per_epoch:
                 position.epoch_losses.append(sum(position.step_losses[-steps_per_epoch:]) / steps_per_epoch)
                 position.epoch += 1
@@ -202,6 +202,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
             "ttt_s": segments.train_s,
             "tokenize_s": tokenize_s,
             "checkpoint_s": sum(s.checkpoint_s for s in segments.segments),
+            "meter_write_s": meter.write_s,  # left out of ttt_s (this job's segment's writes)
             **peak_memory(device),
         },
         artifacts=ARTIFACTS,
@@ -212,6 +213,8 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
             "examples_without_negative": batches.without_negative,
             "prepared_data": prepared_details(examples),
             "hard_negative": cfg.hard_negative,
+            "padding": cell.text.padding,
+            "pad_to": cell.text.pad_to,
             "precision": precision,
             "precision_requested": cell.precision.train,
             "grad_scaler": scaler is not None,
@@ -279,7 +282,8 @@ def epoch_negatives(pool_sizes: np.ndarray, seed: int, epoch: int) -> np.ndarray
 
 class _TokenizedExamples:
     """Examples tokenized once (through the grid's token cache); a batch is their rows, padded
-    to its longest sequence rounded up to a multiple of 8. With `hard_negative: first` only each
+    to its longest sequence rounded up to a multiple of 8 (or every row to text.max_length, with
+    `text.padding: max_length`, the paper's). With `hard_negative: first` only each
     example's first negative is tokenized; with `shuffle` its whole pool."""
 
     def __init__(self, examples: PreparedTrain, question_tokenizer, passage_tokenizer, cell: CellConfig, io: StageIO) -> None:
@@ -303,6 +307,7 @@ class _TokenizedExamples:
         self.cache_hits = sum(t.hit for t in (self.questions, self.positives, self.negatives))
         self.question_pad = question_tokenizer.pad_token_id
         self.passage_pad = passage_tokenizer.pad_token_id
+        self.pad_to = text.pad_to
         self._epoch_rows: tuple[int, np.ndarray] | None = None
 
     def negative_rows(self, epoch: int) -> np.ndarray:
@@ -315,14 +320,13 @@ class _TokenizedExamples:
     def chunks(self, rows: list[int], chunk_size: int, device: torch.device, epoch: int) -> tuple[list[dict], list[dict]]:
         """The batch's questions, and its passages (the B positives first, then this epoch's
         hard negatives), in chunks of `chunk_size` (0: one chunk each, the whole batch), each
-        chunk padded to its own longest sequence."""
+        chunk padded to its own longest sequence or to `pad_to`."""
         negative_rows = self.negative_rows(epoch)
         negatives = [int(negative_rows[i]) for i in rows if negative_rows[i] >= 0]
         questions = rows_of(self.questions.texts, rows)
         passages = rows_of(self.positives.texts, rows) + rows_of(self.negatives.texts, negatives)
         return self._padded_chunks(questions, chunk_size, self.question_pad, device), self._padded_chunks(passages, chunk_size, self.passage_pad, device)
 
-    @staticmethod
-    def _padded_chunks(sequences, chunk_size: int, pad_id: int, device: torch.device) -> list[dict]:
+    def _padded_chunks(self, sequences, chunk_size: int, pad_id: int, device: torch.device) -> list[dict]:
         size = chunk_size or len(sequences)
-        return [to_device(pad_batch(sequences[i : i + size], pad_id, PAD_MULTIPLE), device) for i in range(0, len(sequences), size)]
+        return [to_device(pad_batch(sequences[i : i + size], pad_id, PAD_MULTIPLE, self.pad_to), device) for i in range(0, len(sequences), size)]
