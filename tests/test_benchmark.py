@@ -17,10 +17,17 @@ def test_encoder_flops_count_projections_feed_forward_and_attention():
 
 @pytest.mark.slow
 def test_benchmark_runs_every_comparison_and_reports_goals():
+    """What the report holds, never how fast this machine was: speed belongs to `dpr-hpc bench`."""
     lines: list[str] = []
     report = run_benchmark(echo=lines.append, size=BenchSize(passages=16, train_steps=1, index_vectors=300, queries=20, repeats=1))
-    assert report["encode"]["ours_per_s"] > 0 and report["train"]["paper_triples_per_s"] > 0
-    assert report["node"]["hostname"] and report["matmul_peak_gflops"]["fp32"] > 0
-    assert report["token_cache"]["second_cell_s"] < report["token_cache"]["first_cell_s"]
-    assert [g[0] for g in goals(report)][0] == "encoding >= 3x the paper's way"
+    assert {"node", "device", "precision", "size", "matmul_peak_gflops", "encode", "train", "search", "token_cache"} <= report.keys()
+    assert report["node"]["hostname"] and report["size"]["passages"] == 16 and "fp32" in report["matmul_peak_gflops"]
+    assert report["encode"]["ours_per_s"] > 0 and report["train"]["paper_triples_per_s"] > 0  # measured, whatever the speed
+    assert report["token_cache"]["passages"] == 20000
+    assert {"first_cell_s", "second_cell_s"} <= report["token_cache"].keys()
+    verdicts = goals(report)
+    assert [g[0] for g in verdicts] == ["encoding >= 3x the paper's way", "encoding >= 55% of matmul peak", "training >= 3x the paper's way",
+                                        "search overhead <= 10%", "second cell tokenizes in ~0 s"]
+    assert all(met in (True, False) and shown for _, met, shown in verdicts)  # a verdict and its figure
     assert any(line.startswith("encoding 16 passages") for line in lines)
+    assert any(line.startswith("tokenizing 20000 passages: first cell") for line in lines)

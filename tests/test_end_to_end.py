@@ -27,7 +27,15 @@ def demo_run(demo_assets, tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     grid = trained_and_untrained_grid(work, demo_assets, epochs=25, warmup_steps=20)
     first = cli("submit", grid, "--backend", "local", cwd=work)
+    assert first.returncode == 0, first.stdout + first.stderr  # every test below reads what this run built
     return work, grid, first
+
+
+def collected(work: Path, grid: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`collect` into `out`, a folder of the calling test's own, which must succeed."""
+    done = cli("collect", grid, *flags, "--out", out, cwd=work)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
 
 
 def status_json(work: Path, grid: Path) -> list[dict]:
@@ -37,8 +45,7 @@ def status_json(work: Path, grid: Path) -> list[dict]:
 
 
 def test_submit_runs_every_stage_and_status_shows_them_completed(demo_run):
-    work, grid, first = demo_run
-    assert first.returncode == 0, first.stdout + first.stderr
+    work, grid, _ = demo_run
     jobs = status_json(work, grid)
     assert [(j["stage"], j["repeat"]) for j in jobs] == [
         ("train", 0), ("index", 0), ("index", 1), ("infer", 0), ("infer", 1), ("infer", 2), ("index", 0), ("infer", 0)
@@ -51,7 +58,7 @@ def test_second_submit_starts_nothing(demo_run):
     work, grid, _ = demo_run
     logs_before = sorted(work.glob("runs/store/*/*/*/jobs/*_log.out"))
     again = cli("submit", grid, "--backend", "local", cwd=work)
-    assert again.returncode == 0
+    assert again.returncode == 0, again.stdout + again.stderr
     assert "0 ran, 8 already complete" in again.stdout
     assert sorted(work.glob("runs/store/*/*/*/jobs/*_log.out")) == logs_before
 
@@ -73,16 +80,14 @@ def test_records_carry_timings_and_node_tags(demo_run):
     assert index["timings"]["peak_rss_mb"] > 0
 
 
-def test_collect_writes_one_row_per_repeat_and_median_per_cell(demo_run):
+def test_collect_writes_one_row_per_repeat_and_median_per_cell(demo_run, tmp_path):
     work, grid, _ = demo_run
-    done = cli("collect", grid, "--out", work / "results", cwd=work)
-    assert done.returncode == 0, done.stderr
-    rows = pd.read_csv(work / "results" / "e2e.csv")
+    collected(work, grid, tmp_path)
+    rows = pd.read_csv(tmp_path / "e2e.csv")
     assert len(rows) == 3 + 1
     assert {"ttt_s", "pei_s", "ita_mean_ms", "ita_sd_ms", "acc@1", "acc@20", "acc@100", "mrr@100", "train_node", "index_node", "infer_node"} <= set(rows.columns)
-    done = cli("collect", grid, "--median", "--out", work / "results", cwd=work)
-    assert done.returncode == 0
-    median = pd.read_csv(work / "results" / "e2e-median.csv")
+    done = collected(work, grid, tmp_path, "--median")
+    median = pd.read_csv(tmp_path / "e2e-median.csv")
     assert len(median) == 2
     trained = median[median.group == "trained"].iloc[0]
     assert (trained.n_index, trained.n_infer) == (2, 3)
@@ -92,10 +97,10 @@ def test_collect_writes_one_row_per_repeat_and_median_per_cell(demo_run):
     assert header.split()[:4] == ["cell_id", "encoder", "ES", "BS"]
 
 
-def test_trained_encoders_retrieve_clearly_better_than_untrained(demo_run):
+def test_trained_encoders_retrieve_clearly_better_than_untrained(demo_run, tmp_path):
     work, grid, _ = demo_run
-    cli("collect", grid, "--median", "--out", work / "results", cwd=work)
-    median = pd.read_csv(work / "results" / "e2e-median.csv").set_index("group")
+    collected(work, grid, tmp_path, "--median")
+    median = pd.read_csv(tmp_path / "e2e-median.csv").set_index("group")
     trained, untrained = median.loc["trained"], median.loc["untrained"]
     assert trained["mrr@100"] > 2 * untrained["mrr@100"]
     assert trained["acc@20"] > untrained["acc@20"] + 0.15
@@ -121,7 +126,7 @@ def test_failing_train_stage_is_reported_and_blocks_its_dependants(demo_assets, 
 def test_data_is_tokenized_once_per_tokenizer_and_shared_by_stages_and_cells(demo_run):
     """Both cells use the same tokenizer: the dev passages and questions are tokenized by the
     first index and infer job, and every later job (other repeats, the other cell) reads them."""
-    work, grid, first = demo_run
+    work, _, _ = demo_run
     records = [json.loads(p.read_text()) for p in sorted(work.glob("runs/store/*/*/*/result.json"))]
     by_time = sorted(records, key=lambda r: r["started_at"])
     for stage in ("index", "infer"):

@@ -180,34 +180,36 @@ def test_without_the_c_parser_the_build_warns_and_records_the_parser(tmp_path, m
 
 
 CONCURRENT_LOAD = textwrap.dedent("""
-    import sys, time
+    import sys
     from pathlib import Path
     import dpr_hpc.prepared as prepared
+    from waiting import note_lock_waits, wait_for_lock_waiters
 
+    waits = Path(sys.argv[3])
     reader = prepared.iter_records
-    def slow_reader(path, *args):  # a slow parse, so that both processes want the entry at once
-        time.sleep(1.5)
+    def held_reader(path, *args):  # the parse, under the lock, waits until the other job is blocked on it
+        wait_for_lock_waiters(waits, 1)
         return reader(path, *args)
-    prepared.iter_records = slow_reader
-    go = Path(sys.argv[3])
-    while not go.exists():
-        time.sleep(0.01)
+    prepared.iter_records = held_reader
+    note_lock_waits(waits, "-dev-v%d.lock" % prepared.PREPARED_FORMAT["dev"])
     data = prepared.load_dev(Path(sys.argv[1]), Path(sys.argv[2]))
     print(data.hit, data.manifest["built_by"].split(":")[1], len(data.pool))
 """)
 
 
 def test_concurrent_jobs_build_the_entry_once(nq_small, tmp_path):
-    go = tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    jobs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_LOAD, str(nq_small / "dev.json"), str(tmp_path / "cache"), str(go)],
+    """Two jobs want the same missing entry: the one that parses holds the lock until the
+    other is waiting on it (a barrier, not a sleep), which then maps what the first built."""
+    waits = tmp_path / "waits"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    jobs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_LOAD, str(nq_small / "dev.json"), str(tmp_path / "cache"), str(waits)],
                              env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    go.touch()
-    lines = [job.communicate(timeout=120)[0].split() for job in jobs]
+    lines = [job.communicate(timeout=300)[0].split() for job in jobs]
     assert all(job.returncode == 0 for job in jobs)
     assert sorted(line[0] for line in lines) == ["False", "True"]  # one built, the other waited and mapped
     builder = next(job for job, line in zip(jobs, lines) if line[0] == "False")
     assert {line[1] for line in lines} == {str(builder.pid)} and lines[0][2] == lines[1][2]
+    assert set(waits.read_text().split()) == {str(job.pid) for job in jobs if job is not builder}  # it met the held lock
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [load_dev(nq_small / "dev.json", tmp_path / "cache").folder.name]
 
 

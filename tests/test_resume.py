@@ -241,17 +241,37 @@ def test_warning_signal_stops_at_the_configured_time_before_the_jobs_end():
 @pytest.mark.slow
 def test_local_time_limit_checkpoints_and_restarts_the_training_until_it_finishes(demo_assets, tmp_path):
     """`--time-limit 0.5` (30 s) with the warning 12 s before it: submitit's local controller
-    sends USR2, the training checkpoints at the next step and is restarted from there."""
-    grid_file = write_grid(tmp_path, GRID.format(name="limited", demo=demo_assets, every=0).replace("epochs: 3", "epochs: 40"), "limited.yaml")
+    sends USR2, the training checkpoints at the next step and is restarted from there.
+
+    The training outlasts its first run by construction, not by an epoch count tuned to one
+    CPU: DPR_HPC_HOLD_TRAINING (which the local backend's job processes inherit) parks it at a
+    step boundary until the test sees the second segment start, then releases it."""
+    from waiting import wait_until
+
+    grid_file = write_grid(tmp_path, GRID.format(name="limited", demo=demo_assets, every=0), "limited.yaml")
+    hold = tmp_path / "hold"
+    hold.touch()
     command = [sys.executable, "-m", "dpr_hpc", "submit", str(grid_file), "--backend", "local", "--runs-root", str(tmp_path / "runs"),
                "--time-limit", "0.5", "--signal-delay", "12"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr
+    submit = subprocess.Popen(command, env={**os.environ, "DPR_HPC_HOLD_TRAINING": str(hold)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def restarted() -> bool:
+            return any(json.loads(p.read_text())["restarts"] >= 1
+                       for p in (tmp_path / "runs" / "store").glob("train/*/r0/attempts/*/progress.json"))
+
+        wait_until(lambda: restarted() or submit.poll() is not None, "the training's second segment", timeout_s=600)
+        hold.unlink()  # the second segment runs on to the end
+        out, _ = submit.communicate(timeout=900)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, out
     (record_file,) = (tmp_path / "runs" / "store").glob("train/*/r0/result.json")
     record = json.loads(record_file.read_text())
     segments = record["details"]["segments"]
     assert len(segments) >= 2 and [s["ended_by"] for s in segments] == ["SIGUSR2"] * (len(segments) - 1) + ["finished"]
-    assert sum(s["steps"] for s in segments) == record["metrics"]["steps"] == 40 * 24
+    assert sum(s["steps"] for s in segments) == record["metrics"]["steps"] == 3 * 24
     assert record["timings"]["ttt_s"] == pytest.approx(sum(s["train_s"] for s in segments), rel=1e-12)
 
 

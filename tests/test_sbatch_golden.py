@@ -1,6 +1,8 @@
 """The exact sbatch scripts of a train, an index and an infer job, pinned by golden files.
 
-Set DPR_HPC_UPDATE_GOLDEN=1 to rewrite them after an intended change, then review the diff.
+Set DPR_HPC_UPDATE_GOLDEN=1 to rewrite them after an intended change, then review the diff. A
+test whose file that run rewrites fails, naming it, so an update run never passes: run again
+without the variable to see the new files pass.
 """
 
 from __future__ import annotations
@@ -40,11 +42,18 @@ def rendered_scripts(data_files: Path, tmp_path: Path, profile: Path, resources=
             .replace(str(hub_cache_dir().resolve()), "<HF_HUB_CACHE>") for stage, text in rendered.items()}
 
 
-def matches_golden(text: str, name: str) -> bool:
-    golden = GOLDEN / name
+def assert_matches_golden(text: str, name: str, folder: Path = GOLDEN) -> None:
+    """`text` is the committed golden file `name`. With DPR_HPC_UPDATE_GOLDEN=1 a differing
+    file is rewritten and the test fails all the same: comparing against the file just written
+    would always pass."""
+    golden = folder / name
+    if golden.is_file() and text == golden.read_text():
+        return
     if os.environ.get("DPR_HPC_UPDATE_GOLDEN") == "1":
         golden.write_text(text)
-    return text == golden.read_text()
+        pytest.fail(f"DPR_HPC_UPDATE_GOLDEN=1 rewrote {golden}: review its diff, then run again without the variable")
+    assert golden.is_file(), f"{golden}: no golden file; DPR_HPC_UPDATE_GOLDEN=1 writes it"
+    assert text == golden.read_text(), f"{golden}: differs (DPR_HPC_UPDATE_GOLDEN=1 rewrites it after an intended change)"
 
 
 @pytest.fixture
@@ -54,14 +63,26 @@ def scripts(data_files, tmp_path):
 
 @pytest.mark.parametrize("stage", ["train", "index", "infer"])
 def test_dry_run_sbatch_script_matches_golden_file(scripts, stage):
-    assert matches_golden(scripts[stage], f"sbatch_{stage}.txt")
+    assert_matches_golden(scripts[stage], f"sbatch_{stage}.txt")
+
+
+def test_an_update_run_rewrites_a_changed_golden_file_and_still_fails(tmp_path, monkeypatch):
+    (tmp_path / "pinned.txt").write_text("old\n")
+    monkeypatch.setenv("DPR_HPC_UPDATE_GOLDEN", "1")
+    with pytest.raises(pytest.fail.Exception, match="rewrote .*pinned.txt: review its diff"):
+        assert_matches_golden("new\n", "pinned.txt", tmp_path)
+    assert (tmp_path / "pinned.txt").read_text() == "new\n"
+    assert_matches_golden("new\n", "pinned.txt", tmp_path)  # the next run compares against the committed file
+    monkeypatch.delenv("DPR_HPC_UPDATE_GOLDEN")
+    with pytest.raises(AssertionError, match="pinned.txt: differs"):
+        assert_matches_golden("other\n", "pinned.txt", tmp_path)
 
 
 def test_a_profile_setting_every_key_gives_the_golden_script(data_files, tmp_path):
     """Placement, exclusivity, reservation, mail, the user's comment after the tag, and other
     sbatch options, as sbatch reads them; the job runs with the hub offline."""
     index = rendered_scripts(data_files, tmp_path, GOLDEN / "profile_every_key.yaml")["index"]
-    assert matches_golden(index, "sbatch_every_key_index.txt")
+    assert_matches_golden(index, "sbatch_every_key_index.txt")
 
 
 def test_exclude_node_and_nodelist_flags_replace_the_profile_hosts(data_files, tmp_path):

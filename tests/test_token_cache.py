@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import time
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +49,9 @@ def test_tokenizers_with_another_vocabulary_get_another_fingerprint(demo_assets)
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(bert)
 
 
-def _slow_request(args: tuple[str, str, str]) -> bool:
-    folder, data, log = args
+def _request(folder: str, data: str, log: str, waits: str, contenders: int, result: str) -> None:
     from transformers import AutoTokenizer  # noqa: F401 (the child imports what a job imports)
+    from waiting import note_lock_waits, wait_for_lock_waiters
 
     class Fake:
         backend_tokenizer = None
@@ -63,19 +62,32 @@ def _slow_request(args: tuple[str, str, str]) -> bool:
     def build() -> TokenizedTexts:
         with open(log, "a") as handle:
             handle.write("built\n")
-        time.sleep(1.0)
+        # Inside the lock until every other job is blocked on it: the race, on every run.
+        wait_for_lock_waiters(Path(waits), contenders - 1)
         return _texts(5)
 
-    return TokenCache(Path(folder)).get("train-questions", data, Fake(), {}, build).hit
+    note_lock_waits(Path(waits), ".npz.lock")
+    hit = TokenCache(Path(folder)).get("train-questions", data, Fake(), {}, build).hit
+    Path(result).write_text(str(hit))
 
 
 def test_concurrent_jobs_build_a_missing_entry_once(tmp_path):
+    """Three jobs ask for the same missing entry; the one that builds it holds the lock until
+    the other two are waiting on it (a barrier, not a sleep), and they then read its entry."""
     data = sha256_bytes(b"[]")
     log = tmp_path / "builds.log"
-    with multiprocessing.get_context("spawn").Pool(3) as pool:
-        hits = pool.map(_slow_request, [(str(tmp_path / "cache"), data, str(log))] * 3)
+    spawn = multiprocessing.get_context("spawn")
+    jobs = [spawn.Process(target=_request, args=(str(tmp_path / "cache"), data, str(log), str(tmp_path / "waits"), 3,
+                                                 str(tmp_path / f"hit-{n}")))
+            for n in range(3)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=300)
+    assert [job.exitcode for job in jobs] == [0, 0, 0]
     assert log.read_text().count("built") == 1
-    assert sorted(hits) == [False, True, True]
+    assert len(set((tmp_path / "waits").read_text().split())) == 2  # both others met the held lock
+    assert sorted((tmp_path / f"hit-{n}").read_text() for n in range(3)) == ["False", "True", "True"]
 
 
 def _truncate(entry: Path) -> None:
