@@ -137,6 +137,22 @@ def submitted_run(data_files: Path, tmp_path: Path, train_job_id: str):
     return layout, plan, train
 
 
+def fake_slurm_commands(folder: Path, monkeypatch, scripts: dict[str, str]) -> Path:
+    """SLURM's client commands as bash scripts (name -> body) in `folder`, first on PATH, with
+    $FAKE_SLURM naming the folder: what dpr-hpc does with sbatch's, sacct's and squeue's answers,
+    tested without a cluster and on a machine where SLURM was never installed. `srun` is always
+    there (exit 0 unless `scripts` says otherwise): submitit looks for it before anything else."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in {"srun": "exit 0", **scripts}.items():
+        (folder / name).write_text(f"#!/bin/bash\n{body}\n")
+        (folder / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(folder))
+    return folder
+
+
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()

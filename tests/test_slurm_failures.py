@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import getpass
 import json
-import stat
 
 import pytest
 
 from datetime import datetime, timedelta, timezone
 
-from conftest import run_cli, submitted_run, write_grid
+from conftest import fake_slurm_commands, run_cli, submitted_run, write_grid
 from dpr_hpc.backends import scheduler, slurm
 from dpr_hpc.grid import load_grid
 from dpr_hpc.layout import RunLayout
@@ -22,7 +21,6 @@ from dpr_hpc.store import StageStore
 from dpr_hpc.status import stage_states
 
 FAKES = {
-    "srun": "exit 0",
     # Accepts two submissions, then refuses every one as a QOS limit would. Each accepted job
     # is queued (PENDING) with the tag of its --comment.
     "sbatch": 'n=$(cat "$FAKE_SLURM/count" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "$FAKE_SLURM/count"\n'
@@ -45,16 +43,8 @@ def plan_cell_id(grid) -> str:
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "fake-slurm"
-    bin_dir.mkdir()
-    for name, body in FAKES.items():
-        path = bin_dir / name
-        path.write_text(f"#!/bin/bash\n{body}\n")
-        path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
-    monkeypatch.setenv("FAKE_SLURM", str(bin_dir))
     monkeypatch.setattr(slurm, "BACKOFF_S", 0.0)
-    return bin_dir
+    return fake_slurm_commands(tmp_path / "fake-slurm", monkeypatch, FAKES)
 
 
 def test_sbatch_failures_are_retried_then_reported_and_earlier_jobs_stay_recorded(fake_slurm, cached_x_y, data_files, tmp_path, capsys):
