@@ -6,7 +6,9 @@ submit while SLURM runs it, an sbatch that was retried after it had in fact queu
 finds the claim held and exits at once, naming the holder, having written nothing. A claim
 whose heartbeat is older than CLAIM_STALE_AFTER_S, or whose process is gone from this host,
 belongs to a job that died: the next copy takes it over, and `status` reads the job as
-INTERRUPTED rather than RUNNING forever.
+INTERRUPTED rather than RUNNING forever. A claim left by an earlier run of the same SLURM job
+(requeued after a node failure or a preemption, maybe onto another node) is the job's own, and
+taken over at once (dpr_hpc.locks.earlier_run_of_this_job).
 """
 
 from __future__ import annotations

@@ -7,10 +7,21 @@ decides atomically on NFS (v3 on), Lustre, BeeGFS and GPFS alike. The file says 
 host, pid, SLURM job id, purpose, when it was taken and when the holder last proved it was
 alive (its heartbeat).
 
-A lock is stale, and may be broken, when its heartbeat is older than `stale_after_s`, or when
-its holder ran on this host and its pid is gone. Heartbeats compare wall clocks of different
-hosts, so `stale_after_s` must exceed their skew by far (minutes, not seconds). A holder that
-keeps a lock longer than that runs a heartbeat thread (`heartbeat_s`).
+A lock is stale, and may be broken, when its holder stopped proving it is alive. A holder on
+this host is judged at once: its pid is gone, or its heartbeat stamp is older than
+`stale_after_s` (one host, one clock). A holder on another host is judged by watching: its
+heartbeat (a counter with a stamp) must be seen to advance, and it is dead only once it has not
+changed for `stale_after_s` measured on this contender's own monotonic clock. Stamps written
+by another host are never compared with this host's clock, so a node whose clock runs ahead
+(or behind) can neither keep a dead lock alive nor have a live one broken. The price: a
+contender meeting a lock from another host watches it for up to a heartbeat before it knows
+its holder is alive, and for `stale_after_s` before it may break it; so a holder that keeps a
+lock longer than a few seconds runs a heartbeat thread (`heartbeat_s`).
+
+A lock left by an earlier run of this very SLURM job (same job id, and for an array the same
+task) is this run's own: SLURM runs a job id once at a time, so a job requeued after a node
+failure or a preemption, on another node, takes over what its killed run left behind instead
+of waiting for it to go stale.
 
 Breaking is safe against another breaker: the stale file is renamed to a name of the
 breaker's own, and only if the renamed file is the stale one (its token) is it deleted;
@@ -28,7 +39,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dpr_hpc.errors import DprHpcError
 
@@ -66,6 +77,7 @@ class LockFile:
         self.timeout_s = timeout_s
         self._token: str | None = None
         self._created = 0.0
+        self._beats = 0
         self._stop_heartbeat = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
 
@@ -79,6 +91,7 @@ class LockFile:
         if self.held:
             raise RuntimeError(f"{self.path}: this LockFile already holds the lock")
         started = time.monotonic()
+        watch = HeartbeatWatch(self.stale_after_s)
         while True:
             if self._try_create():
                 self._start_heartbeat()
@@ -86,13 +99,18 @@ class LockFile:
             holder = self.read_holder(self.path)
             if holder is None and not self.path.exists():
                 continue  # released between the two calls: try again at once
-            if self._is_stale(holder):
+            verdict = self._judge(holder, watch)
+            if verdict == DEAD:
                 self._break(holder)
                 continue
             waited = time.monotonic() - started
             if waited >= timeout_s:
-                raise LockHeldError(self.path, self.purpose, holder, waited)
-            time.sleep(poll_s if math.isinf(timeout_s) else min(poll_s, max(0.0, timeout_s - waited)))
+                if verdict == ALIVE:
+                    raise LockHeldError(self.path, self.purpose, holder, waited)
+                if watch.note_undecided():  # a holder elsewhere not yet seen to beat: watch on
+                    log.warning("%s: watching the heartbeat of the lock for %s (%s) for up to %gs before deciding it is dead",
+                                self.path, self.purpose, describe_holder(holder), self.stale_after_s)
+            time.sleep(poll_s if math.isinf(timeout_s) or waited >= timeout_s else min(poll_s, max(0.0, timeout_s - waited)))
 
     def release(self) -> None:
         """Remove the lock file, but only if it is still ours (a lock broken as stale and taken
@@ -120,6 +138,7 @@ class LockFile:
                 holder = _parse(handle.read())
                 if holder is None or holder.get("token") != self._token:
                     raise LockHeldError(self.path, self.purpose, holder, 0.0)
+                self._beats += 1
                 handle.seek(0)
                 handle.write(self._content(time.time()))
                 handle.truncate()
@@ -151,6 +170,7 @@ class LockFile:
             return False
         self._token = uuid.uuid4().hex
         self._created = time.time()
+        self._beats = 0
         with os.fdopen(fd, "w") as handle:
             handle.write(self._content(self._created))
             handle.flush()
@@ -159,18 +179,22 @@ class LockFile:
 
     def _content(self, heartbeat: float) -> str:
         return json.dumps({
-            "host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "purpose": self.purpose, "created": self._created, "heartbeat": heartbeat, "token": self._token,
+            "host": socket.gethostname(), "pid": os.getpid(), **slurm_identity(),
+            "purpose": self.purpose, "created": self._created, "heartbeat": heartbeat, "beat": self._beats, "token": self._token,
         }) + "\n"
 
-    def _is_stale(self, holder: dict | None) -> bool:
+    def _judge(self, holder: dict | None, watch: "HeartbeatWatch") -> str:
         if holder is None:
-            # Unreadable: a holder between creating and writing the file, unless that was long ago.
+            # Unreadable: a holder between creating and writing the file (microseconds), unless
+            # that was long ago: an empty file an older dpr-hpc's flock left behind.
             try:
-                return time.time() - self.path.stat().st_mtime > self.stale_after_s
+                return DEAD if time.time() - self.path.stat().st_mtime > self.stale_after_s else ALIVE
             except FileNotFoundError:
-                return False  # released meanwhile: the next round takes it
-        return holder_is_stale(holder, self.stale_after_s)
+                return UNDECIDED  # released meanwhile: the next round takes it
+        if earlier_run_of_this_job(holder):
+            log.warning("%s: taking over the lock left by an earlier run of this SLURM job (%s)", self.path, describe_holder(holder))
+            return DEAD
+        return watch.judge(holder)
 
     def _break(self, stale: dict | None) -> None:
         """Remove the stale lock `stale` unless someone else already did and took a new one."""
@@ -210,6 +234,47 @@ class LockFile:
                 log.warning("%s: heartbeat not written: %s", self.path, exc)
 
 
+ALIVE, DEAD, UNDECIDED = "alive", "dead", "undecided"
+
+
+class HeartbeatWatch:
+    """One contender's judgement of a lock's holder, over the polls of one `acquire`.
+
+    A holder on this host is judged from one reading (its pid, and its stamp against the same
+    host's clock). A holder elsewhere is ALIVE once its heartbeat was seen to change, and DEAD
+    once it has not changed for `stale_after_s` on this process's monotonic clock; until then
+    it is UNDECIDED. A new token is a new holder, watched from scratch.
+    """
+
+    def __init__(self, stale_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stale_after_s = stale_after_s
+        self._clock = clock
+        self._seen: tuple[Any, ...] | None = None
+        self._since = 0.0
+        self._advanced = False
+        self._noted = False
+
+    def judge(self, holder: dict) -> str:
+        if holder.get("host") == socket.gethostname():
+            return DEAD if holder_is_stale(holder, self.stale_after_s) else ALIVE
+        beat = (holder.get("token"), holder.get("beat"), holder.get("heartbeat"))
+        now = self._clock()
+        if self._seen is None or beat[0] != self._seen[0]:
+            self._seen, self._since, self._advanced, self._noted = beat, now, False, False
+            return UNDECIDED
+        if beat != self._seen:
+            self._seen, self._since, self._advanced = beat, now, True
+            return ALIVE
+        if now - self._since > self.stale_after_s:
+            return DEAD
+        return ALIVE if self._advanced else UNDECIDED
+
+    def note_undecided(self) -> bool:
+        """True the first time a caller waits on this holder only to judge it (to say so once)."""
+        first, self._noted = not self._noted, True
+        return first
+
+
 def describe_holder(holder: dict | None) -> str:
     """'held by pid 4242 on node17 (SLURM job 991), for submit, heartbeat 12s ago'."""
     if holder is None:
@@ -228,9 +293,46 @@ def _parse(text: str) -> dict | None:
     return holder if isinstance(holder, dict) and "token" in holder else None
 
 
+def slurm_identity() -> dict[str, str | int | None]:
+    """Which SLURM job, array task and run of it this process is (None outside SLURM). SLURM
+    sets SLURM_RESTART_COUNT only once a job was requeued: absent, this is its first run."""
+    return {
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "slurm_restart_count": _int_or_zero(os.environ.get("SLURM_RESTART_COUNT")),
+    }
+
+
+def earlier_run_of_this_job(holder: dict) -> bool:
+    """Whether `holder` is an earlier run of the SLURM job this process runs in: the same job id
+    (and array task), and another run of it (a lower restart count) or another node. SLURM never
+    runs one job id twice at once, so such a holder was killed (node failure, preemption,
+    `scontrol requeue`) however fresh its heartbeat looks; its lock is ours to take over."""
+    ours = slurm_identity()
+    if not ours["slurm_job_id"] or str(holder.get("slurm_job_id")) != ours["slurm_job_id"]:
+        return False
+    for key in ("slurm_array_job_id", "slurm_array_task_id"):
+        if (str(holder[key]) if holder.get(key) is not None else None) != ours[key]:
+            return False
+    restart = _int_or_zero(holder.get("slurm_restart_count"))
+    if restart != ours["slurm_restart_count"]:
+        return restart < ours["slurm_restart_count"]
+    return holder.get("host") != socket.gethostname()
+
+
+def _int_or_zero(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
 def holder_is_stale(holder: dict, stale_after_s: float) -> bool:
-    """A holder that stopped proving it is alive: no heartbeat for `stale_after_s`, or its
-    process is gone from this host."""
+    """From one reading: a holder whose heartbeat stamp is older than `stale_after_s` by this
+    host's clock, or whose process is gone from this host. Exact for a holder on this host; for
+    one elsewhere a guess that clock skew can mislead, good enough for what `status` shows, while
+    taking a lock watches the heartbeat instead (HeartbeatWatch)."""
     if time.time() - float(holder.get("heartbeat", 0)) > stale_after_s:
         return True
     return holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid"))

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -278,3 +283,33 @@ def tiny_dpr(demo_assets, tmp_path_factory) -> dict[str, Path]:
         tokenizer.save_pretrained(folder)
         folders[tower] = folder
     return folders
+
+
+@contextmanager
+def held_elsewhere(path: Path, clock_offset_s: float = 0.0, every_s: float = 0.02, **fields) -> Iterator[dict]:
+    """A lock file whose holder lives on another host (node17): a thread advances its heartbeat
+    counter every `every_s`, stamping it with a clock `clock_offset_s` off this one's, until the
+    block ends."""
+    holder = {"host": "node17", "pid": 4242, "slurm_job_id": "991", "purpose": "submit",
+              "created": time.time() + clock_offset_s, "beat": 0, "token": "theirs", **fields}
+    stop = threading.Event()
+
+    def write() -> None:
+        holder["heartbeat"] = time.time() + clock_offset_s
+        tmp = path.with_name(f".{path.name}.beat")
+        tmp.write_text(json.dumps(holder))
+        os.replace(tmp, path)
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            holder["beat"] += 1
+            write()
+
+    write()
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
+    try:
+        yield holder
+    finally:
+        stop.set()
+        beater.join()

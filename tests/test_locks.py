@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import held_elsewhere
 from dpr_hpc.locks import LockFile, LockHeldError
 
 
@@ -43,8 +44,7 @@ def test_lock_is_exclusive_and_records_its_holder(tmp_path, monkeypatch):
 
 def test_timeout_message_names_the_holder(tmp_path):
     path = tmp_path / "run.lock"
-    _stale_file(path, heartbeat=time.time(), host="node17")
-    with pytest.raises(LockHeldError) as caught:
+    with held_elsewhere(path), pytest.raises(LockHeldError) as caught:
         LockFile(path, purpose="submit").acquire(timeout_s=0.3, poll_s=0.05)
     message = str(caught.value)
     assert "\n" not in message
@@ -56,10 +56,31 @@ def test_timeout_message_names_the_holder(tmp_path):
 
 def test_stale_heartbeat_is_broken(tmp_path):
     path = tmp_path / "run.lock"
-    _stale_file(path)  # another host, heartbeat an hour old
-    with LockFile(path, purpose="submit", stale_after_s=300):
+    _stale_file(path)  # another host, heartbeat an hour old, and it no longer beats
+    with LockFile(path, purpose="submit", stale_after_s=0.5):
         assert LockFile.read_holder(path)["pid"] == os.getpid()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_holder_elsewhere_whose_clock_runs_ahead_is_broken_once_its_heartbeat_stops(tmp_path):
+    """Its last heartbeat is stamped an hour in this host's future; read as a clock it would
+    look alive for an hour. Unchanged for the stale period, watched on our own clock, it is dead."""
+    path = tmp_path / "run.lock"
+    _stale_file(path, heartbeat=time.time() + 3600, beat=7)
+    began = time.monotonic()
+    lock = LockFile(path, purpose="submit", stale_after_s=0.5).acquire(timeout_s=0, poll_s=0.02)
+    assert time.monotonic() - began >= 0.5  # watched for the whole stale period first
+    assert LockFile.read_holder(path)["token"] == lock._token
+    lock.release()
+
+
+def test_a_holder_elsewhere_whose_clock_runs_behind_is_not_broken_while_its_heartbeat_advances(tmp_path):
+    """Its heartbeats are stamped an hour in this host's past, but they keep coming: alive."""
+    path = tmp_path / "run.lock"
+    with held_elsewhere(path, clock_offset_s=-3600) as holder, pytest.raises(LockHeldError, match="node17"):
+        # Waits three stale periods for it, which ends as soon as it would be broken instead.
+        LockFile(path, purpose="submit", stale_after_s=1.0).acquire(timeout_s=3.0, poll_s=0.05)
+    assert holder["beat"] > 0
 
 
 def test_dead_pid_on_this_host_is_broken_at_once(tmp_path):
@@ -105,11 +126,11 @@ def test_refresh_of_a_lock_taken_by_someone_else_raises(tmp_path):
         lock.refresh()
 
 
-def _count_under_lock(path: str, counter: str, rounds: int, start) -> None:
+def _count_under_lock(path: str, counter: str, rounds: int, start, stale_after_s: float) -> None:
     """Read-modify-write of a counter file: any two holders at once lose an increment."""
     start.wait()
     for _ in range(rounds):
-        with LockFile(Path(path), purpose="count", timeout_s=120):
+        with LockFile(Path(path), purpose="count", timeout_s=120, stale_after_s=stale_after_s):
             value = int(Path(counter).read_text())
             Path(counter).write_text(str(value + 1))
 
@@ -119,10 +140,11 @@ def test_processes_contending_never_hold_it_together(tmp_path, stale_first):
     path, counter = tmp_path / "run.lock", tmp_path / "counter"
     counter.write_text("0")
     if stale_first:
-        _stale_file(path)  # every process sees it stale at once: they race to break it
+        # Every process watches it stop beating for the stale period, then they race to break it.
+        _stale_file(path)
     context = multiprocessing.get_context("spawn")
     start = context.Event()
-    workers = [context.Process(target=_count_under_lock, args=(str(path), str(counter), 40, start)) for _ in range(4)]
+    workers = [context.Process(target=_count_under_lock, args=(str(path), str(counter), 40, start, 5.0)) for _ in range(4)]
     for worker in workers:
         worker.start()
     start.set()
