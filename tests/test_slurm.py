@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from conftest import write_grid
-from slurmtools import PROFILE, SETTLED, cli, records, status, wait_until_settled
+from slurmtools import PROFILE, HeldTraining, cli, records, running_on, status, wait_for, wait_until_settled
 from dpr_hpc.ledger import Ledger
 from dpr_hpc.store import StageStore
 
@@ -173,41 +173,37 @@ def one_training_grid(folder: Path, demo: Path, name: str, epochs: int, slurm_tr
     """, f"{name}.yaml")
 
 
-def wait_for_training_step(work: Path, name: str, step: int, timeout_s: float = 300) -> None:
-    """Until the running training has taken `step` steps (past its first checkpoint)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = list(work.glob("runs/store/train/*/r0/attempts/*/progress.json"))
-        if found and json.loads(found[0].read_text())["step"] >= step:
-            return
-        assert time.monotonic() < deadline, f"the training never reached step {step}"
-        time.sleep(0.5)
-
-
 def train_record(work: Path, name: str) -> dict:
     (path,) = work.glob("runs/store/train/*/r0/result.json")
     return json.loads(path.read_text())
 
 
+def restarts_shown(progress: str) -> int:
+    """The restart count in status's 'epoch 3/40, step 1200/16000, 2 restarts'."""
+    return int(progress.rsplit(", ", 1)[-1].split()[0])
+
+
 def test_training_past_its_time_limit_is_requeued_until_it_finishes(slurm_cluster, demo_assets, tmp_path):
     """A 2-minute limit with the warning 30 s before it: each run trains until the warning,
-    checkpoints, and submitit requeues it. The warning comes 30-90 s into a run, so the training
-    (~170 s of steps here on an idle machine; 150 epochs once finished inside one run) needs
-    several runs.
+    checkpoints, and submitit requeues it. The training is held at its step boundaries
+    (DPR_HPC_HOLD_TRAINING) until a second run of it has started, so it outlasts a run by
+    construction, however fast the CPU; released, it finishes.
     SLURM may send the warning up to 60 s early: with a 1-minute limit it came as a run started,
     before any handler was installed, and killed it (exit 12, FAILED); here it comes 30 s in at
     the earliest."""
-    grid = one_training_grid(tmp_path, demo_assets, "limit", epochs=300, slurm_train='{time: "2", signal_delay_s: 30}')
-    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
+    held = HeldTraining(tmp_path)
+    grid = one_training_grid(tmp_path, demo_assets, "limit", epochs=3, slurm_train='{time: "2", signal_delay_s: 30}')
+    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True, env=held.env)
     seen_progress = set()
-    deadline = time.monotonic() + 900
-    while True:
+
+    def resumed() -> bool:  # status shows the training running again after its first requeue
         jobs = status(tmp_path, grid)
         seen_progress.update(j["detail"].split("; ")[-1] for j in jobs if j["stage"] == "train" and "restart" in j["detail"])
-        if all(j["state"] in SETTLED for j in jobs):
-            break
-        assert time.monotonic() < deadline, f"still unsettled: {jobs}"
-        time.sleep(3)
+        return any(restarts_shown(p) >= 1 for p in seen_progress)
+
+    wait_for(resumed, 900, "the training to be requeued at its time limit and resumed", every_s=3)
+    held.release()
+    jobs = wait_until_settled(tmp_path, grid)
     assert [j["state"] for j in jobs] == ["COMPLETED"] * 3
     record = train_record(tmp_path, "limit")
     segments = record["details"]["segments"]
@@ -223,24 +219,28 @@ def test_training_past_its_time_limit_is_requeued_until_it_finishes(slurm_cluste
     assert all(b["first_step"] == a["first_step"] + a["steps"] for a, b in zip(segments, segments[1:]))
     assert sum(s["steps"] for s in segments) == record["metrics"]["steps"]
     assert record["timings"]["ttt_s"] == pytest.approx(sum(s["train_s"] for s in segments), rel=1e-12)
-    assert any("1 restart" in p or "restarts" in p for p in seen_progress), seen_progress
+    assert any(restarts_shown(p) >= 1 for p in seen_progress), seen_progress
     history = subprocess.run(["sacct", "-n", "-X", "--duplicates", "-j", jobs[0]["job_id"], "-o", "State"], capture_output=True, text=True).stdout.split()
     assert history.count("REQUEUED") >= len(segments) - 1 and history[-1] == "COMPLETED", history
 
 
 def test_scontrol_requeue_of_a_running_training_resumes_from_its_checkpoint(slurm_cluster, demo_assets, tmp_path):
-    """A simulated node failure: SLURM kills the running job and queues it again."""
-    grid = one_training_grid(tmp_path, demo_assets, "requeue", epochs=30, slurm_train="{}", checkpoint="{every_steps: 100}")
-    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
-    train_job = next(j for j in status(tmp_path, grid) if j["stage"] == "train")
-    wait_for_training_step(tmp_path, "requeue", 150)
+    """A simulated node failure: SLURM kills the running job and queues it again. The training
+    is held (DPR_HPC_HOLD_TRAINING) once it has written a checkpoint, so the requeue finds it
+    running past one, however fast the CPU."""
+    held = HeldTraining(tmp_path)
+    grid = one_training_grid(tmp_path, demo_assets, "requeue", epochs=3, slurm_train="{}", checkpoint="{every_steps: 4}")
+    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True, env=held.env)
+    train_job = wait_for(lambda: running_on(tmp_path, grid, "train"), 600, "the training to run")
+    checkpointed = held.hold_after_a_checkpoint(tmp_path)
     subprocess.run(["scontrol", "requeue", train_job["job_id"]], check=True)
-    jobs = wait_until_settled(tmp_path, grid, timeout_s=600)
+    held.release()
+    jobs = wait_until_settled(tmp_path, grid)
     assert [j["state"] for j in jobs] == ["COMPLETED"] * 3
     segments = train_record(tmp_path, "requeue")["details"]["segments"]
     assert len(segments) == 2
     assert segments[0]["ended_by"] in ("SIGTERM", "killed after its last checkpoint")
-    assert segments[1]["first_step"] >= 100  # resumed from a checkpoint, not from step 0
+    assert segments[1]["first_step"] >= checkpointed["step"] > 0  # resumed from a checkpoint, not from step 0
     assert segments[1]["first_step"] == segments[0]["first_step"] + segments[0]["steps"]
     assert segments[1]["slurm_restart_count"] == 1
 
@@ -248,22 +248,24 @@ def test_scontrol_requeue_of_a_running_training_resumes_from_its_checkpoint(slur
 def test_cancelled_training_resumes_from_its_checkpoint_on_a_plain_resubmit(slurm_cluster, demo_assets, tmp_path):
     """scancel sends SIGTERM: the training checkpoints at the next step and stops; SLURM
     cancels its index and infer jobs. `submit` again (no --retry-failed) resumes the training
-    and resubmits the jobs that never ran."""
-    grid = one_training_grid(tmp_path, demo_assets, "cancelled", epochs=30, slurm_train="{}", checkpoint="{every_steps: 100}")
-    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
-    train_job = next(j for j in status(tmp_path, grid) if j["stage"] == "train")
-    wait_for_training_step(tmp_path, "cancelled", 150)
+    and resubmits the jobs that never ran. The training is held past a checkpoint until then."""
+    held = HeldTraining(tmp_path)
+    grid = one_training_grid(tmp_path, demo_assets, "cancelled", epochs=3, slurm_train="{}", checkpoint="{every_steps: 4}")
+    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True, env=held.env)
+    train_job = wait_for(lambda: running_on(tmp_path, grid, "train"), 600, "the training to run")
+    checkpointed = held.hold_after_a_checkpoint(tmp_path)
     subprocess.run(["scancel", train_job["job_id"]], check=True)
     jobs = wait_until_settled(tmp_path, grid)
     assert jobs[0]["state"] == "INTERRUPTED" and "submit again to resume" in jobs[0]["detail"], jobs[0]
     assert [j["state"] for j in jobs[1:]] == ["BLOCKED", "BLOCKED"]
 
+    held.release()
     again = cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
     assert "resuming it" in again.stdout and "3 submitted" in again.stdout, again.stdout
     assert [j["state"] for j in wait_until_settled(tmp_path, grid)] == ["COMPLETED"] * 3
     segments = train_record(tmp_path, "cancelled")["details"]["segments"]
     assert [s["ended_by"] for s in segments] == ["SIGTERM", "finished"]
-    assert segments[1]["first_step"] == segments[0]["steps"] >= 150
+    assert segments[1]["first_step"] == segments[0]["steps"] >= checkpointed["step"] > 0
     assert segments[0]["job_id"] != segments[1]["job_id"]
 
 
