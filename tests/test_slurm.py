@@ -273,7 +273,7 @@ def test_placement_keys_reach_the_real_job_and_a_user_comment_keeps_adoption_wor
     """A profile's comment, exclusive and sbatch_extra, and submit's --nodelist, as SLURM records
     them; a submit killed between sbatch and its ledger write is still adopted by the next one,
     found by the tag in front of the user's comment."""
-    node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, check=True).stdout.split()[0]
+    node = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, check=True).stdout.split()[0]  # one node, not node[1-3]
     profile = tmp_path / "placed.yaml"
     profile.write_text(PROFILE.read_text().replace("defaults:\n", "defaults:\n  comment: paper-run\n  exclusive: true\n  sbatch_extra: {spread-job: true}\n"))
     grid = small_grid(tmp_path, demo_assets)
