@@ -289,3 +289,20 @@ def test_placement_keys_reach_the_real_job_and_a_user_comment_keeps_adoption_wor
     assert f"Comment=dpr-hpc:{next(h[0]['tag'] for h in ledger.values() if h[0].get('adopted'))},paper-run" in shown, shown
     assert "OverSubscribe=NO" in shown and f"ReqNodeList={node}" in shown, shown
     cli("cancel", grid, cwd=tmp_path, check=True)
+
+
+def test_cancel_include_shared_cancels_the_jobs_another_grid_plans_too(slurm_cluster, demo_assets, tmp_path):
+    """Two grids under one runs root share the trained cell's five jobs: `cancel --include-shared`
+    of one cancels all seven of its jobs on the real scheduler, and only the other grid's own
+    two stay queued."""
+    grid = small_grid(tmp_path, demo_assets)
+    other = small_grid(tmp_path, demo_assets, name="other", repeats=3, untrained=False)
+    for g in (grid, other):
+        cli("submit", g, "--backend", "slurm", "--profile", PROFILE, "--hold", cwd=tmp_path, check=True)
+    ids = [history[-1]["job_id"] for history in Ledger.read(StageStore.at(tmp_path / "runs")).entries.values()]
+    own = sorted(j["job_id"] for j in status(tmp_path, other) if j["repeat"] == 2)  # index r2, infer r2: only `other` plans them
+    assert len(ids) == 9 and len(own) == 2
+    cancelled = cli("cancel", grid, "--include-shared", cwd=tmp_path, check=True).stdout
+    assert "grid slurm: cancelled 7 SLURM jobs" in cancelled and "plan it too" not in cancelled, cancelled
+    left = subprocess.run(["squeue", "-h", "-t", "PD", "-j", ",".join(ids), "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert sorted(left) == own, left
