@@ -17,6 +17,33 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
+def slurm_cluster_session():
+    """The test SLURM cluster (tests/slurm/cluster-up.sh, $DPR_HPC_TEST_NODES nodes, default 1),
+    once for the whole run, with its SLURM_CONF in the environment of every command the tests
+    start. Skips where it cannot come up, or fails under DPR_HPC_REQUIRE_SLURM=1 (CI). A cluster
+    this session started is stopped at its end; one it found (started earlier by cluster-up.sh) is
+    left running."""
+    import slurmtools
+
+    cluster = slurmtools.bring_up(slurmtools.wanted_nodes())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", cluster.conf)
+        yield cluster
+        cluster.clean_up()
+    if cluster.started_here:
+        slurmtools.bring_down()
+
+
+@pytest.fixture
+def slurm_cluster(slurm_cluster_session):
+    """What every test that needs SLURM's commands or daemons requests: the session's cluster,
+    left with no job queued, held or running, and every node in service, whether the test passed
+    or failed."""
+    yield slurm_cluster_session
+    slurm_cluster_session.clean_up()
+
+
+@pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory) -> Path:
     """The offline demo's data and tiny models, generated once for the whole session."""
     from dpr_hpc.demo.generate import generate_demo

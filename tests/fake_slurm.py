@@ -108,13 +108,15 @@ def write_command(bin_dir: Path, name: str, body: str) -> Path:
 
 def install(bin_dir: Path, monkeypatch, commands: dict[str, str]) -> Path:
     """`squeue` as above, `sacct` printing `$FAKE_SLURM/sacct.out` (failing with the text of
-    `sacct.fail` where that exists), and `commands` (name -> bash body), first on PATH."""
+    `sacct.fail` where that exists), `srun` exiting 0 (submitit looks for it before anything
+    else), and `commands` (name -> bash body, replacing any of those), first on PATH: what
+    dpr-hpc does with SLURM's answers, tested on a machine where SLURM was never installed."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     squeue = bin_dir / "squeue"
     squeue.write_text(f"#!{sys.executable}\n{SQUEUE}")
     squeue.chmod(squeue.stat().st_mode | stat.S_IEXEC)
     write_command(bin_dir, "sacct", SACCT)
-    for name, body in commands.items():
+    for name, body in {"srun": "exit 0", **commands}.items():
         write_command(bin_dir, name, body)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SLURM", str(bin_dir))

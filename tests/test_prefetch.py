@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import FAKE_COMMIT, cache_hub_model, run_cli, write_grid
+from fake_slurm import install as install_fake_slurm
 from dpr_hpc.layout import RunLayout
 from dpr_hpc.modeling import hub
 
@@ -63,14 +64,18 @@ def test_with_the_model_cached_prefetch_records_its_commit_and_the_grid_runs_off
     assert [s["hub_revisions"] for s in specs] == [{"bert-base-uncased": FAKE_COMMIT}] * 2
 
 
-def test_without_the_model_and_with_the_network_off_submit_and_prefetch_exit_2_naming_it(hub_cache, demo_assets, network_off, tmp_path, capsys):
+def test_without_the_model_and_with_the_network_off_submit_and_prefetch_exit_2_naming_it(hub_cache, demo_assets, network_off, tmp_path, monkeypatch, capsys):
+    # SLURM's commands are there (a fresh machine has none; the model check must come first
+    # all the same), and each one notes that it was called: nothing may reach the scheduler.
+    called = install_fake_slurm(tmp_path / "fake-slurm", monkeypatch, {
+        name: f'echo "$@" >> "$FAKE_SLURM/{name}.called"; exit 1' for name in ("sbatch", "sacct", "squeue", "sacctmgr", "scontrol", "srun")})
     grid, runs = hub_grid(tmp_path, demo_assets), tmp_path / "runs"
     for command in (["submit", grid, "--backend", "local"], ["submit", grid, "--backend", "slurm"], ["prefetch", grid]):
         code, out, err = run_cli(capsys, *command, "--runs-root", runs)
         assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err, command
         assert err.startswith(f"dpr-hpc: error: {grid}: block hub: encoder: hub model bert-base-uncased is neither in the local Hugging Face cache")
         assert "nor reachable" in err and "ConnectError" in err
-    assert not (runs / "store").exists()
+    assert not (runs / "store").exists() and not list(called.glob("*.called"))
 
 
 def test_declared_offline_the_reason_says_so(hub_cache, demo_assets, tmp_path, monkeypatch, capsys):

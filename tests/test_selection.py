@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cache_hub_model, run_cli, write_grid
+from fake_slurm import install as install_fake_slurm
 from dpr_hpc.backends.submit_report import submit_targets
 from dpr_hpc.grid import load_grid
 from dpr_hpc.layout import RunLayout
@@ -285,9 +286,6 @@ def test_a_meter_feeds_a_progress_bar_with_an_eta_where_one_is_wanted(run, monke
 def test_a_forced_slurm_submit_queues_the_selected_jobs_only_and_needs_no_retry_flag(run, capsys, tmp_path, monkeypatch):
     """The index repeats of one cell ran before as SLURM jobs that completed; --force queues them
     again (an ended job with a record is not a failure to --retry-failed) and nothing else."""
-    import os
-    import stat
-
     from dpr_hpc.ledger import Ledger
 
     layout, plan, grid = run
@@ -296,16 +294,10 @@ def test_a_forced_slurm_submit_queues_the_selected_jobs_only_and_needs_no_retry_
     with Ledger.locked(layout.store) as ledger:
         for number, job in enumerate(jobs_of(plan, cell, "index")):
             ledger.record(job, str(500 + number))
-    bin_dir = tmp_path / "fake-slurm"
-    bin_dir.mkdir()
-    scripts = {"sbatch": 'echo "$@" >> "$FAKE_SLURM/sbatch.args"; echo "Submitted batch job 77"',
-               "sacct": 'printf "500|COMPLETED|0:0|n1|00:01:00|None\\n501|COMPLETED|0:0|n2|00:01:00|None\\n"',
-               "squeue": "exit 0", "sacctmgr": "exit 0", "scontrol": "exit 0"}
-    for name, body in scripts.items():
-        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
-        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_SLURM", str(bin_dir))
+    bin_dir = install_fake_slurm(tmp_path / "fake-slurm", monkeypatch, {
+        "sbatch": 'echo "$@" >> "$FAKE_SLURM/sbatch.args"; echo "Submitted batch job 77"',
+        "sacct": 'printf "500|COMPLETED|0:0|n1|00:01:00|None\\n501|COMPLETED|0:0|n2|00:01:00|None\\n"',
+        "squeue": "exit 0", "sacctmgr": "exit 0", "scontrol": "exit 0"})
     code, out, err = run_cli(capsys, "submit", grid, "--backend", "slurm", "--force", "--stage", "index", "--cell", cell,
                              "--runs-root", layout.runs_root)
     assert code == 0, out + err

@@ -1,6 +1,7 @@
-"""The SLURM backend against a real one-node SLURM (munge, slurmdbd with MariaDB, slurmctld,
-slurmd), which tests/slurm/cluster-up.sh installs and starts. Where it cannot (not root, no
-apt) these tests skip with the reason, unless DPR_HPC_REQUIRE_SLURM=1 (set by .ci/run)."""
+"""The SLURM backend against the real test cluster (munge, slurmdbd with MariaDB, slurmctld, and
+$DPR_HPC_TEST_NODES slurmd nodes), which the slurm_cluster fixture brings up with
+tests/slurm/cluster-up.sh. Where it cannot (not root, no apt) these tests skip with the reason,
+unless DPR_HPC_REQUIRE_SLURM=1 (set by .ci/run)."""
 
 from __future__ import annotations
 
@@ -14,49 +15,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, write_grid
+from conftest import write_grid
+from slurmtools import PROFILE, HeldTraining, cli, records, running_on, status, wait_for, wait_until_settled
 from dpr_hpc.ledger import Ledger
 from dpr_hpc.store import StageStore
 
 pytestmark = pytest.mark.slow
-PROFILE = REPO / "slurm_templates" / "test-cluster.yaml"
-UNSETTLED = {"PENDING", "RUNNING", "REQUEUED"}
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    try:
-        done = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "cluster-up.sh")], capture_output=True, text=True, timeout=1200)
-        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-        up = done.returncode == 0
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        up, reason = False, str(exc)
-    if not up:
-        if os.environ.get("DPR_HPC_REQUIRE_SLURM") == "1":
-            pytest.fail(f"DPR_HPC_REQUIRE_SLURM=1 but no SLURM cluster could be started: {reason}")
-        pytest.skip(f"no SLURM cluster here: {reason}")
-
-
-def cli(*args, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "dpr_hpc", *map(str, args)], capture_output=True, text=True, cwd=cwd)
-    if check:
-        assert done.returncode == 0, done.stdout + done.stderr
-    return done
-
-
-def status(work: Path, grid: Path) -> list[dict]:
-    return json.loads(cli("status", grid, "--json", cwd=work, check=True).stdout)[0]["rows"]
-
-
-def wait_until_settled(work: Path, grid: Path, timeout_s: float = 600) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        jobs = status(work, grid)
-        if not any(j["state"] in UNSETTLED for j in jobs):
-            return jobs
-        if time.monotonic() > deadline:
-            pytest.fail(f"jobs still unsettled after {timeout_s}s: {jobs}")
-        time.sleep(3)
 
 
 def small_grid(folder: Path, demo: Path, train_file: Path | None = None, name: str = "slurm", repeats: int = 2,
@@ -79,16 +43,15 @@ def small_grid(folder: Path, demo: Path, train_file: Path | None = None, name: s
 
 def test_grid_completes_on_the_real_cluster_with_job_ids_and_nodes(slurm_cluster, demo_assets, tmp_path):
     grid = small_grid(tmp_path, demo_assets)
-    started = time.monotonic()
     submitted = cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
-    assert time.monotonic() - started < 30  # returns at once; the scheduler runs the jobs
     assert "7 submitted" in submitted.stdout
+    assert len(records(tmp_path)) < 7  # submit returns with the jobs queued: the scheduler runs them
     jobs = wait_until_settled(tmp_path, grid)
     assert [j["state"] for j in jobs] == ["COMPLETED"] * 7
     assert all(j["job_id"].isdigit() and j["node"] for j in jobs)
-    records = [json.loads(p.read_text()) for p in tmp_path.glob("runs/store/*/*/*/result.json")]
-    assert sorted(r["node"]["slurm_job_id"] for r in records) == sorted(j["job_id"] for j in jobs)
-    assert all(r["node"]["slurm_node"] for r in records)
+    done = records(tmp_path)
+    assert sorted(r["node"]["slurm_job_id"] for r in done) == sorted(j["job_id"] for j in jobs)
+    assert all(r["node"]["slurm_node"] for r in done)
 
     again = cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
     assert "0 submitted, 7 already complete" in again.stdout
@@ -210,41 +173,37 @@ def one_training_grid(folder: Path, demo: Path, name: str, epochs: int, slurm_tr
     """, f"{name}.yaml")
 
 
-def wait_for_training_step(work: Path, name: str, step: int, timeout_s: float = 300) -> None:
-    """Until the running training has taken `step` steps (past its first checkpoint)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = list(work.glob("runs/store/train/*/r0/attempts/*/progress.json"))
-        if found and json.loads(found[0].read_text())["step"] >= step:
-            return
-        assert time.monotonic() < deadline, f"the training never reached step {step}"
-        time.sleep(0.5)
-
-
 def train_record(work: Path, name: str) -> dict:
     (path,) = work.glob("runs/store/train/*/r0/result.json")
     return json.loads(path.read_text())
 
 
+def restarts_shown(progress: str) -> int:
+    """The restart count in status's 'epoch 3/40, step 1200/16000, 2 restarts'."""
+    return int(progress.rsplit(", ", 1)[-1].split()[0])
+
+
 def test_training_past_its_time_limit_is_requeued_until_it_finishes(slurm_cluster, demo_assets, tmp_path):
     """A 2-minute limit with the warning 30 s before it: each run trains until the warning,
-    checkpoints, and submitit requeues it. The warning comes 30-90 s into a run, so the training
-    (~170 s of steps here on an idle machine; 150 epochs once finished inside one run) needs
-    several runs.
+    checkpoints, and submitit requeues it. The training is held at its step boundaries
+    (DPR_HPC_HOLD_TRAINING) until a second run of it has started, so it outlasts a run by
+    construction, however fast the CPU; released, it finishes.
     SLURM may send the warning up to 60 s early: with a 1-minute limit it came as a run started,
     before any handler was installed, and killed it (exit 12, FAILED); here it comes 30 s in at
     the earliest."""
-    grid = one_training_grid(tmp_path, demo_assets, "limit", epochs=300, slurm_train='{time: "2", signal_delay_s: 30}')
-    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
+    held = HeldTraining(tmp_path)
+    grid = one_training_grid(tmp_path, demo_assets, "limit", epochs=3, slurm_train='{time: "2", signal_delay_s: 30}')
+    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True, env=held.env)
     seen_progress = set()
-    deadline = time.monotonic() + 900
-    while True:
+
+    def resumed() -> bool:  # status shows the training running again after its first requeue
         jobs = status(tmp_path, grid)
         seen_progress.update(j["detail"].split("; ")[-1] for j in jobs if j["stage"] == "train" and "restart" in j["detail"])
-        if not any(j["state"] in UNSETTLED for j in jobs):
-            break
-        assert time.monotonic() < deadline, f"still unsettled: {jobs}"
-        time.sleep(3)
+        return any(restarts_shown(p) >= 1 for p in seen_progress)
+
+    wait_for(resumed, 900, "the training to be requeued at its time limit and resumed", every_s=3)
+    held.release()
+    jobs = wait_until_settled(tmp_path, grid)
     assert [j["state"] for j in jobs] == ["COMPLETED"] * 3
     record = train_record(tmp_path, "limit")
     segments = record["details"]["segments"]
@@ -260,24 +219,28 @@ def test_training_past_its_time_limit_is_requeued_until_it_finishes(slurm_cluste
     assert all(b["first_step"] == a["first_step"] + a["steps"] for a, b in zip(segments, segments[1:]))
     assert sum(s["steps"] for s in segments) == record["metrics"]["steps"]
     assert record["timings"]["ttt_s"] == pytest.approx(sum(s["train_s"] for s in segments), rel=1e-12)
-    assert any("1 restart" in p or "restarts" in p for p in seen_progress), seen_progress
+    assert any(restarts_shown(p) >= 1 for p in seen_progress), seen_progress
     history = subprocess.run(["sacct", "-n", "-X", "--duplicates", "-j", jobs[0]["job_id"], "-o", "State"], capture_output=True, text=True).stdout.split()
     assert history.count("REQUEUED") >= len(segments) - 1 and history[-1] == "COMPLETED", history
 
 
 def test_scontrol_requeue_of_a_running_training_resumes_from_its_checkpoint(slurm_cluster, demo_assets, tmp_path):
-    """A simulated node failure: SLURM kills the running job and queues it again."""
-    grid = one_training_grid(tmp_path, demo_assets, "requeue", epochs=30, slurm_train="{}", checkpoint="{every_steps: 100}")
-    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
-    train_job = next(j for j in status(tmp_path, grid) if j["stage"] == "train")
-    wait_for_training_step(tmp_path, "requeue", 150)
+    """A simulated node failure: SLURM kills the running job and queues it again. The training
+    is held (DPR_HPC_HOLD_TRAINING) once it has written a checkpoint, so the requeue finds it
+    running past one, however fast the CPU."""
+    held = HeldTraining(tmp_path)
+    grid = one_training_grid(tmp_path, demo_assets, "requeue", epochs=3, slurm_train="{}", checkpoint="{every_steps: 4}")
+    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True, env=held.env)
+    train_job = wait_for(lambda: running_on(tmp_path, grid, "train"), 600, "the training to run")
+    checkpointed = held.hold_after_a_checkpoint(tmp_path)
     subprocess.run(["scontrol", "requeue", train_job["job_id"]], check=True)
-    jobs = wait_until_settled(tmp_path, grid, timeout_s=600)
+    held.release()
+    jobs = wait_until_settled(tmp_path, grid)
     assert [j["state"] for j in jobs] == ["COMPLETED"] * 3
     segments = train_record(tmp_path, "requeue")["details"]["segments"]
     assert len(segments) == 2
     assert segments[0]["ended_by"] in ("SIGTERM", "killed after its last checkpoint")
-    assert segments[1]["first_step"] >= 100  # resumed from a checkpoint, not from step 0
+    assert segments[1]["first_step"] >= checkpointed["step"] > 0  # resumed from a checkpoint, not from step 0
     assert segments[1]["first_step"] == segments[0]["first_step"] + segments[0]["steps"]
     assert segments[1]["slurm_restart_count"] == 1
 
@@ -285,22 +248,24 @@ def test_scontrol_requeue_of_a_running_training_resumes_from_its_checkpoint(slur
 def test_cancelled_training_resumes_from_its_checkpoint_on_a_plain_resubmit(slurm_cluster, demo_assets, tmp_path):
     """scancel sends SIGTERM: the training checkpoints at the next step and stops; SLURM
     cancels its index and infer jobs. `submit` again (no --retry-failed) resumes the training
-    and resubmits the jobs that never ran."""
-    grid = one_training_grid(tmp_path, demo_assets, "cancelled", epochs=30, slurm_train="{}", checkpoint="{every_steps: 100}")
-    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
-    train_job = next(j for j in status(tmp_path, grid) if j["stage"] == "train")
-    wait_for_training_step(tmp_path, "cancelled", 150)
+    and resubmits the jobs that never ran. The training is held past a checkpoint until then."""
+    held = HeldTraining(tmp_path)
+    grid = one_training_grid(tmp_path, demo_assets, "cancelled", epochs=3, slurm_train="{}", checkpoint="{every_steps: 4}")
+    cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True, env=held.env)
+    train_job = wait_for(lambda: running_on(tmp_path, grid, "train"), 600, "the training to run")
+    checkpointed = held.hold_after_a_checkpoint(tmp_path)
     subprocess.run(["scancel", train_job["job_id"]], check=True)
     jobs = wait_until_settled(tmp_path, grid)
     assert jobs[0]["state"] == "INTERRUPTED" and "submit again to resume" in jobs[0]["detail"], jobs[0]
     assert [j["state"] for j in jobs[1:]] == ["BLOCKED", "BLOCKED"]
 
+    held.release()
     again = cli("submit", grid, "--backend", "slurm", "--profile", PROFILE, cwd=tmp_path, check=True)
     assert "resuming it" in again.stdout and "3 submitted" in again.stdout, again.stdout
     assert [j["state"] for j in wait_until_settled(tmp_path, grid)] == ["COMPLETED"] * 3
     segments = train_record(tmp_path, "cancelled")["details"]["segments"]
     assert [s["ended_by"] for s in segments] == ["SIGTERM", "finished"]
-    assert segments[1]["first_step"] == segments[0]["steps"] >= 150
+    assert segments[1]["first_step"] == segments[0]["steps"] >= checkpointed["step"] > 0
     assert segments[0]["job_id"] != segments[1]["job_id"]
 
 
@@ -308,7 +273,7 @@ def test_placement_keys_reach_the_real_job_and_a_user_comment_keeps_adoption_wor
     """A profile's comment, exclusive and sbatch_extra, and submit's --nodelist, as SLURM records
     them; a submit killed between sbatch and its ledger write is still adopted by the next one,
     found by the tag in front of the user's comment."""
-    node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True, check=True).stdout.split()[0]
+    node = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, check=True).stdout.split()[0]  # one node, not node[1-3]
     profile = tmp_path / "placed.yaml"
     profile.write_text(PROFILE.read_text().replace("defaults:\n", "defaults:\n  comment: paper-run\n  exclusive: true\n  sbatch_extra: {spread-job: true}\n"))
     grid = small_grid(tmp_path, demo_assets)
@@ -324,3 +289,20 @@ def test_placement_keys_reach_the_real_job_and_a_user_comment_keeps_adoption_wor
     assert f"Comment=dpr-hpc:{next(h[0]['tag'] for h in ledger.values() if h[0].get('adopted'))},paper-run" in shown, shown
     assert "OverSubscribe=NO" in shown and f"ReqNodeList={node}" in shown, shown
     cli("cancel", grid, cwd=tmp_path, check=True)
+
+
+def test_cancel_include_shared_cancels_the_jobs_another_grid_plans_too(slurm_cluster, demo_assets, tmp_path):
+    """Two grids under one runs root share the trained cell's five jobs: `cancel --include-shared`
+    of one cancels all seven of its jobs on the real scheduler, and only the other grid's own
+    two stay queued."""
+    grid = small_grid(tmp_path, demo_assets)
+    other = small_grid(tmp_path, demo_assets, name="other", repeats=3, untrained=False)
+    for g in (grid, other):
+        cli("submit", g, "--backend", "slurm", "--profile", PROFILE, "--hold", cwd=tmp_path, check=True)
+    ids = [history[-1]["job_id"] for history in Ledger.read(StageStore.at(tmp_path / "runs")).entries.values()]
+    own = sorted(j["job_id"] for j in status(tmp_path, other) if j["repeat"] == 2)  # index r2, infer r2: only `other` plans them
+    assert len(ids) == 9 and len(own) == 2
+    cancelled = cli("cancel", grid, "--include-shared", cwd=tmp_path, check=True).stdout
+    assert "grid slurm: cancelled 7 SLURM jobs" in cancelled and "plan it too" not in cancelled, cancelled
+    left = subprocess.run(["squeue", "-h", "-t", "PD", "-j", ",".join(ids), "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert sorted(left) == own, left

@@ -24,7 +24,6 @@ from dpr_hpc.store import StageStore
 from dpr_hpc.status import stage_states
 
 FAKES = {
-    "srun": "exit 0",
     # Accepts two submissions, then refuses every one as a QOS limit would. Each accepted job
     # is queued (PENDING) with the tag of its --comment.
     "sbatch": 'n=$(cat "$FAKE_SLURM/count" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "$FAKE_SLURM/count"\n'
@@ -45,9 +44,8 @@ def plan_cell_id(grid) -> str:
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    bin_dir = install(tmp_path / "fake-slurm", monkeypatch, FAKES)
     monkeypatch.setattr(slurm, "BACKOFF_S", 0.0)
-    return bin_dir
+    return install(tmp_path / "fake-slurm", monkeypatch, FAKES)
 
 
 def test_sbatch_failures_are_retried_then_reported_and_earlier_jobs_stay_recorded(fake_slurm, cached_x_y, data_files, tmp_path, capsys):

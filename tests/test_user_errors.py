@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ONE_CELL_GRID, cache_hub_model, run_cli, submitted_run, write_grid
+from fake_slurm import install as install_fake_slurm
 from dpr_hpc.cli import EXIT_DEFERRED
 from dpr_hpc.data import DataFormatError, iter_records
 from dpr_hpc.grid import load_grid
@@ -81,13 +82,8 @@ def test_a_running_local_submit_is_named_by_the_second(data_files, cached_x_y, t
 
 def test_a_submit_that_defers_jobs_exits_with_its_own_code(data_files, cached_x_y, tmp_path, monkeypatch, capsys):
     """The association allows one more job: train is queued, index and infer are deferred."""
-    bin_dir = tmp_path / "fake-slurm"
-    bin_dir.mkdir()
-    for name, body in {"sbatch": 'echo "Submitted batch job 101"', "sacctmgr": "echo 1", "scontrol": "exit 1",
-                       "squeue": "exit 0", "sacct": "exit 0", "srun": "exit 0"}.items():
-        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    install_fake_slurm(tmp_path / "fake-slurm", monkeypatch, {"sbatch": 'echo "Submitted batch job 101"', "sacctmgr": "echo 1",
+                                                              "scontrol": "exit 1", "squeue": "exit 0", "sacct": "exit 0"})
     grid = write_grid(data_files, ONE_CELL_GRID)
     code, out, _ = run_cli(capsys, "submit", grid, "--backend", "slurm", "--runs-root", tmp_path / "runs")
     assert code == EXIT_DEFERRED == 3
