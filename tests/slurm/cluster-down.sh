@@ -35,6 +35,10 @@ stop_pidfile "$RUN/munge/munged.pid"
 for netns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^dprhpc-node[0-9]*$' || true); do
   ip netns delete "$netns"
 done
+# A namespace outlives its name until its last process is reaped; its veth goes with it, or here.
+for veth in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | grep '^dprhpc-n[0-9]*$' || true); do
+  ip link delete "$veth" 2>/dev/null || true
+done
 if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link delete "$BRIDGE"; fi
-rm -f "$MARKER"
+rm -f "$MARKER" "$RUN"/slurmd-*.pid  # the slurmd pid files hold pids inside the node namespaces
 log "cluster $CLUSTER_NAME is down"
