@@ -130,7 +130,6 @@ def test_tokens_are_filed_under_the_content_they_were_made_from(demo_assets, tmp
     """New data moved over dev.json after a job prepared it: the tokens the job makes from the
     prepared questions are keyed by the content those came from, not by what the path holds
     now (which another job would then read as already tokenized)."""
-    import dataclasses
     import os
     from types import SimpleNamespace
 
@@ -152,5 +151,5 @@ def test_tokens_are_filed_under_the_content_they_were_made_from(demo_assets, tmp
     io = StageIO(job=StageJob("infer", "k", 0), out=None, prepared_cache=tmp_path / "prepared", token_cache=tmp_path / "tokens")
     questions = [q.question for q in dev.dev_questions()]
     made = tokenized(io, cell, "dev-questions", dev, tokenizer, lambda: tokenize_questions(tokenizer, questions, 32))
-    first = TokenCache(None).key("dev-questions", sha256_bytes(dev_file("what was asked first?")), tokenizer, dataclasses.asdict(cell.text))
+    first = TokenCache(None).key("dev-questions", sha256_bytes(dev_file("what was asked first?")), tokenizer, cell.text.token_settings())
     assert questions == ["what was asked first?"] and made.key == first
