@@ -12,7 +12,7 @@ import pytest
 
 from datetime import datetime, timedelta, timezone
 
-from conftest import run_cli, submitted_run, write_grid
+from conftest import ONE_CELL_GRID, run_cli, submitted_run, write_grid
 from fake_slurm import install
 from dpr_hpc.backends import scheduler, slurm
 from dpr_hpc.grid import load_grid
@@ -206,3 +206,37 @@ def test_a_record_after_a_cut_last_line_starts_a_line_of_its_own(data_files, tmp
         ledger.record(index, "102")
     read = Ledger.read(layout.store)
     assert read.latest(train)["job_id"] == "101" and read.latest(index)["job_id"] == "102"
+
+
+def test_a_job_stuck_on_a_dead_dependency_is_cancelled_and_submitted_again(cached_x_y, data_files, tmp_path, monkeypatch, capsys):
+    """Training job 500 failed, and its index waits on it for ever (DependencyNeverSatisfied,
+    on a cluster without kill-on-invalid-dep or a job held there by hand), its infer behind it.
+    The training has since been run again and is complete. `submit` cancels the two stuck jobs
+    and queues them again: the index at once, the infer after the new index."""
+    from test_status import complete
+
+    monkeypatch.setattr(slurm, "BACKOFF_S", 0.0)
+    fake = install(tmp_path / "fake-slurm", monkeypatch, {
+        "sbatch": 'n=$(cat "$FAKE_SLURM/count" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "$FAKE_SLURM/count"\n'
+                  'cp "${@: -1}" "$FAKE_SLURM/script-$((600+n))"; echo "Submitted batch job $((600+n))"',
+        "scancel": "exit 0", "sacctmgr": "exit 1", "scontrol": "exit 1"})
+    (fake / "sacct.out").write_text("500|FAILED|1:0|n1|00:01:00|None\n"
+                                    "501|PENDING|0:0|None assigned|00:00:00|DependencyNeverSatisfied\n"
+                                    "502|PENDING|0:0|None assigned|00:00:00|Dependency\n")
+    grid = write_grid(data_files, ONE_CELL_GRID)
+    plan = make_plan(load_grid(grid))
+    layout = RunLayout(tmp_path / "runs" / "g")
+    save_plan(layout, plan, grid)
+    train, index, infer = plan.jobs()
+    with Ledger.locked(layout.store) as ledger:
+        for job, job_id in ((train, "500"), (index, "501"), (infer, "502")):
+            ledger.record(job, job_id)
+    complete(layout, plan, train)
+
+    code, out, err = run_cli(capsys, "submit", grid, "--backend", "slurm", "--runs-root", tmp_path / "runs")
+    assert code == 0, out + err
+    assert "job 501 waited on an upstream job that ended; submitting it again" in out
+    assert set((fake / "scancel.args").read_text().split()) >= {"501", "502"}
+    latest = {key.split("/")[0]: history[-1]["job_id"] for key, history in Ledger.read(layout.store).entries.items()}
+    assert latest == {"train": "500", "index": "601", "infer": "602"}
+    assert "dependency" not in (fake / "script-601").read_text() and "afterok:601" in (fake / "script-602").read_text()
