@@ -52,12 +52,13 @@ FACTS = (
 # weights, and the init scale decides whether they learn to retrieve or only to memorise the
 # training pairs (measured at the demo's settings, Acc@1 on the demo's dev set, one seed):
 #   0.02: the demo's learning rate scrambles the embeddings the towers share; 0.01-0.06 trained;
-#   0.2: attention is so sharp at the start that each first-token vector is a hash of a few
-#        tokens; training drives the loss to ~0.05 and BERT-64 to 0.19-0.51 (by model seed), but
-#        DistilBERT, TinyBERT and ELECTRA to 0.03-0.07: memorised, not learnt;
-#   0.1: every native-size cell 0.93-0.97 (0.91 DistilBERT at 0.1 vs 1.0 at 0.05), projected
-#        cells 0.25-0.79 (their two projections start apart), untrained 0.02.
-# 0.05 learns the native cells as well but leaves BERT-32's projection at chance; 0.1 serves both.
+#   0.2: training drives the loss to ~0.05, but Acc@1 only to 0.03-0.07 for DistilBERT, TinyBERT
+#        and ELECTRA and to 0.19-0.51 for BERT-64 (by model seed): the pairs are memorised, not
+#        learnt (likely because weights this large make attention sharp from the start, so each
+#        first-token vector is a hash of a few tokens rather than a mix of them);
+#   0.1: every native-size cell 0.93-0.98, projected cells 0.29-0.80 (each tower's projection
+#        starts from its own random weights), untrained 0.02;
+#   0.05: the native cells as well (0.87-1.0), but BERT-32's projection stays at chance.
 INIT_RANGE = 0.1
 # The real pre-trained checkpoint: sentence-transformers' all-MiniLM-L6-v2 (a 6-layer, 384-wide
 # BERT), shipped for offline use as a zip inside this package (a dependency).
