@@ -167,15 +167,21 @@ class HeldTraining:
     a training waits at each step boundary (a stop signal still checkpoints it). The training
     runs as long as the test needs by construction, whatever the CPU."""
 
-    def __init__(self, folder: Path) -> None:
-        from dpr_hpc.resume.signals import HOLD_ENV
+    def __init__(self, folder: Path, stages: tuple[str, ...] = ()) -> None:
+        """`stages` (index, infer) are held too, each by a gate of its own, before their work
+        (DPR_HPC_HOLD_STAGE): they then run until released, however short their work."""
+        from dpr_hpc.resume.signals import HOLD_ENV, HOLD_STAGE_ENV
 
         self.gate = folder / "hold-training"
         self.gate.touch()
-        self.env = {**os.environ, HOLD_ENV: str(self.gate)}
+        self.stage_gates = {stage: folder / f"hold-{stage}" for stage in stages}
+        for gate in self.stage_gates.values():
+            gate.touch()
+        held_stages = ",".join(f"{stage}={gate}" for stage, gate in self.stage_gates.items())
+        self.env = {**os.environ, HOLD_ENV: str(self.gate), HOLD_STAGE_ENV: held_stages}
 
-    def release(self) -> None:
-        self.gate.unlink(missing_ok=True)
+    def release(self, stage: str = "train") -> None:
+        (self.gate if stage == "train" else self.stage_gates[stage]).unlink(missing_ok=True)
 
     def hold_after_a_checkpoint(self, work: Path) -> dict:
         """Lets the held training run until it has written a checkpoint, then holds it again

@@ -81,8 +81,10 @@ def test_a_node_failing_under_a_training_requeues_it_onto_another_node_from_its_
 
 def test_index_and_infer_requeued_while_running_restart_on_another_node(three_nodes, demo_assets, tmp_path):
     """scontrol requeue of a running index, then of a running infer (each node drained first, so
-    the job must restart elsewhere): each runs again on another node and completes once."""
-    held = HeldTraining(tmp_path)
+    the job must restart elsewhere): each runs again on another node and completes once. Each is
+    held before its work (DPR_HPC_HOLD_STAGE) until it has been seen running on the second node:
+    an infer's work takes 2 s, less than a status poll may need to see it running at all."""
+    held = HeldTraining(tmp_path, stages=("index", "infer"))
     held.release()
     grid = grid_with_training(tmp_path, demo_assets, "requeue")
     submit(tmp_path, grid, held)
@@ -94,6 +96,7 @@ def test_index_and_infer_requeued_while_running_restart_on_another_node(three_no
         again = wait_for(lambda: (r := running_on(tmp_path, grid, stage)) and r["node"] != first["node"] and r, 900,
                          f"the requeued {stage} job to run on another node")
         three_nodes.resume_nodes()
+        held.release(stage)
         moves[stage] = (first["node"], again["node"], first["job_id"])
     done = assert_every_job_done_once(tmp_path, wait_until_settled(tmp_path, grid))
     for stage, (before, after, job_id) in moves.items():

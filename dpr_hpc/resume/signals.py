@@ -141,3 +141,22 @@ def wait_while_held(stop: Stopper, poll_s: float = 0.1) -> None:
         pass
     while os.path.exists(gate) and not stop.requested():
         time.sleep(poll_s)
+
+
+# The same hook for index and infer, which have no step boundary to wait at: while the file that
+# $DPR_HPC_HOLD_STAGE names for a stage ("index=FILE,infer=FILE") exists, a job of that stage
+# waits once it holds its claim, before its work, so a test can requeue or cancel it while it
+# runs, however short its work is.
+HOLD_STAGE_ENV = "DPR_HPC_HOLD_STAGE"
+
+
+def wait_while_stage_held(stage: str, poll_s: float = 0.1) -> None:
+    """Block while $DPR_HPC_HOLD_STAGE names an existing file for `stage` (FILE.parked says so)."""
+    for entry in os.environ.get(HOLD_STAGE_ENV, "").split(","):
+        name, _, gate = entry.partition("=")
+        if name != stage or not gate or not os.path.exists(gate):
+            continue
+        with open(gate + PARKED_SUFFIX, "a"):
+            pass
+        while os.path.exists(gate):
+            time.sleep(poll_s)

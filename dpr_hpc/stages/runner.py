@@ -18,7 +18,7 @@ from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid.config import cell_from_json
 from dpr_hpc.plan import StageJob
 from dpr_hpc.provenance import node_tags, now_iso
-from dpr_hpc.resume.signals import StopRequest, TrainingInterrupted
+from dpr_hpc.resume.signals import StopRequest, TrainingInterrupted, wait_while_stage_held
 from dpr_hpc.results import Records, describe_artifacts, make_record, promote, write_record
 from dpr_hpc.runstate import mark_failed, mark_interrupted, read_marker
 from dpr_hpc.stage_keys import stage_inputs
@@ -120,6 +120,7 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None, claim: S
     stop = StopRequest().install() if job.stage == "train" else None
     try:
         if stop is None:
+            wait_while_stage_held(job.stage)
             output = _stage_functions()[job.stage](cell, io, job.repeat)
         else:
             output = _stage_functions()[job.stage](cell, io, job.repeat, stop=stop)
