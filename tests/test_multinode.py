@@ -7,14 +7,13 @@ nothing lost and nothing run twice."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
 from slurmtools import (PROFILE, HeldTraining, assert_every_job_done_once, cli, grid_with_training, records, running_on, status,
-                        training_progress, wait_for, wait_until_settled)
+                        wait_for, wait_until_settled)
 
 pytestmark = pytest.mark.slow
 
