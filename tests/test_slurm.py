@@ -136,7 +136,8 @@ def test_concurrent_submits_submit_each_stage_once_and_cancel_clears_them(slurm_
     assert sorted(queued) == sorted(ids)
     assert {j["state"] for j in status(tmp_path, grid)} == {"PENDING"}
     local = cli("submit", grid, "--backend", "local", cwd=tmp_path, check=True)  # one writer: SLURM has them
-    assert local.stdout.count("left alone: queued or running on SLURM as job") == 7 and "0 ran" in local.stdout
+    # Each held job is named with the state SLURM gives it (scheduler.Standing.describe).
+    assert local.stdout.count("left alone: pending on SLURM as job") == 7 and "0 ran" in local.stdout
 
     # A second grid under the same runs root that shares the trained cell's jobs (5 of 7) and
     # has one more index and infer repeat: cancelling either grid keeps what the other plans.
