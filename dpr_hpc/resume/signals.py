@@ -135,7 +135,13 @@ PARKED_SUFFIX = ".parked"
 def wait_while_held(stop: Stopper, poll_s: float = 0.1) -> None:
     """Block while $DPR_HPC_HOLD_TRAINING names an existing file and no stop was requested."""
     gate = os.environ.get(HOLD_ENV)
-    if not gate or not os.path.exists(gate):
+    if gate:
+        _park(gate, stop, poll_s)
+
+
+def _park(gate: str, stop: Stopper, poll_s: float) -> None:
+    """Wait while `gate` exists and no stop was requested, with FILE.parked saying so."""
+    if not os.path.exists(gate):
         return
     with open(gate + PARKED_SUFFIX, "a"):
         pass
@@ -154,9 +160,5 @@ def wait_while_stage_held(stage: str, poll_s: float = 0.1) -> None:
     """Block while $DPR_HPC_HOLD_STAGE names an existing file for `stage` (FILE.parked says so)."""
     for entry in os.environ.get(HOLD_STAGE_ENV, "").split(","):
         name, _, gate = entry.partition("=")
-        if name != stage or not gate or not os.path.exists(gate):
-            continue
-        with open(gate + PARKED_SUFFIX, "a"):
-            pass
-        while os.path.exists(gate):
-            time.sleep(poll_s)
+        if name == stage and gate:
+            _park(gate, NeverStop(), poll_s)
