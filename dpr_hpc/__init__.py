@@ -12,7 +12,7 @@ def __getattr__(name: str) -> Any:
     """`dpr_hpc.load_results` imports pandas and the collector only when first used, so that
     `import dpr_hpc` (every stage job and CLI call does it) stays cheap."""
     if name == "load_results":
-        from dpr_hpc.frame import load_results
+        from dpr_hpc.reporting.frame import load_results
 
         return load_results
     raise AttributeError(f"module 'dpr_hpc' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from dpr_hpc.cli import main
+from dpr_hpc.cli.main import main
 
 raise SystemExit(main())

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from dpr_hpc.cli import main
+from dpr_hpc.cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,9 +148,9 @@ ONE_CELL_GRID = "name: g\ndata: {train: train.json, dev: dev.json}\nblocks: [{na
 def one_cell_run(data_files: Path, tmp_path: Path):
     """A one-cell run folder with its plan saved and nothing submitted (so no backend asks SLURM)."""
     from dpr_hpc.grid import load_grid
-    from dpr_hpc.layout import RunLayout
-    from dpr_hpc.plan import make_plan
-    from dpr_hpc.runstate import save_plan
+    from dpr_hpc.store.layout import RunLayout
+    from dpr_hpc.planning.plan import make_plan
+    from dpr_hpc.store.runs import save_plan
 
     grid = write_grid(data_files, ONE_CELL_GRID)
     plan = make_plan(load_grid(grid))
@@ -161,7 +161,7 @@ def one_cell_run(data_files: Path, tmp_path: Path):
 
 def submitted_run(data_files: Path, tmp_path: Path, train_job_id: str):
     """A one-cell run folder whose train job the ledger says was submitted as `train_job_id`."""
-    from dpr_hpc.ledger import Ledger
+    from dpr_hpc.tracking.ledger import Ledger
 
     layout, plan, train = one_cell_run(data_files, tmp_path)
     with Ledger.locked(layout.store) as ledger:
@@ -208,9 +208,9 @@ class StopAfter:
 def run_folder(tmp_path: Path, demo: Path, name: str, every: int = 0, extra: str = "") -> tuple["RunLayout", str]:
     """A run folder for one demo BERT cell (GRID), ready for stage functions called in-process."""
     from dpr_hpc.grid import load_grid
-    from dpr_hpc.layout import RunLayout
-    from dpr_hpc.plan import make_plan
-    from dpr_hpc.runstate import save_plan
+    from dpr_hpc.store.layout import RunLayout
+    from dpr_hpc.planning.plan import make_plan
+    from dpr_hpc.store.runs import save_plan
 
     text = textwrap.dedent(GRID.format(name=name, demo=demo, every=every)) + extra  # extra: more lines of the block
     grid_file = write_grid(tmp_path, text, f"{name}.yaml")
@@ -223,8 +223,8 @@ def run_folder(tmp_path: Path, demo: Path, name: str, every: int = 0, extra: str
 
 def train_folder(layout, cell_id: str):
     """The store folder of the cell's training job."""
-    from dpr_hpc.plan import StageJob
-    from dpr_hpc.runstate import load_plan
+    from dpr_hpc.planning.plan import StageJob
+    from dpr_hpc.store.runs import load_plan
 
     return layout.store.job(StageJob("train", load_plan(layout).keys[cell_id]["train"], 0))
 
@@ -235,8 +235,8 @@ def train_attempt(layout, cell_id: str):
 
 
 def train_in_process(layout, cell_id: str, stop=None):
-    from dpr_hpc.plan import StageJob
-    from dpr_hpc.runstate import load_plan
+    from dpr_hpc.planning.plan import StageJob
+    from dpr_hpc.store.runs import load_plan
     from dpr_hpc.stages.runner import prepare_io
     from dpr_hpc.stages.train import train
 

@@ -220,8 +220,8 @@ def running_on(work: Path, grid: Path, stage: str) -> dict | None:
 def assert_every_job_done_once(work: Path, jobs: list[dict]) -> list[dict]:
     """Every job COMPLETED with one record, written by the one SLURM job the ledger submitted for
     it (a requeue keeps its id): nothing lost and nothing run twice. The records."""
-    from dpr_hpc.ledger import Ledger
-    from dpr_hpc.store import StageStore
+    from dpr_hpc.tracking.ledger import Ledger
+    from dpr_hpc.store.paths import StageStore
 
     assert [j["state"] for j in jobs] == ["COMPLETED"] * len(jobs), [(j["stage"], j["state"], j["detail"]) for j in jobs]
     ledger = Ledger.read(StageStore.at(work / "runs")).entries

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpr_hpc.bench_control import run_control_benchmark
+from dpr_hpc.bench.control_path import run_control_benchmark
 
 
 def test_control_benchmark_plans_submits_and_reads_status_of_generated_grids():

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from dpr_hpc.bench_scale import NQ_POOL, PhaseRun, hnsw_scaling, phase_runs, summarise
-from dpr_hpc.cli import main
+from dpr_hpc.bench.scale import NQ_POOL, PhaseRun, hnsw_scaling, phase_runs, summarise
+from dpr_hpc.cli.main import main
 
 
 def run(phase: str, wall: float, peak: int, before: int, scale: float | None, **details) -> PhaseRun:

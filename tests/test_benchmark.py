@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpr_hpc.benchmark import BenchSize, encoder_flops, goals, run_benchmark
+from dpr_hpc.bench.stages import BenchSize, encoder_flops, goals, run_benchmark
 
 
 def test_encoder_flops_count_projections_feed_forward_and_attention():

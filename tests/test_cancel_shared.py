@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from conftest import write_grid
 from dpr_hpc.grid import load_grid
-from dpr_hpc.layout import RunLayout
-from dpr_hpc.plan import make_plan
-from dpr_hpc.runstate import grids_sharing, save_plan
+from dpr_hpc.store.layout import RunLayout
+from dpr_hpc.planning.plan import make_plan
+from dpr_hpc.store.runs import grids_sharing, save_plan
 
 GRID = """
     name: {name}

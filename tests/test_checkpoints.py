@@ -62,15 +62,15 @@ def broken_copy(folder: Path, to: Path, weight: str = DELETED_WEIGHT) -> Path:
 
 
 def test_evaluation_only_dpr_cell_gives_the_classes_own_pooler_output(tiny_dpr, demo_assets, tmp_path):
-    from dpr_hpc.data import iter_records
-    from dpr_hpc.prepared import load_dev
+    from dpr_hpc.inputs.data import iter_records
+    from dpr_hpc.inputs.prepared import load_dev
     from dpr_hpc.grid import load_grid
-    from dpr_hpc.layout import RunLayout
+    from dpr_hpc.store.layout import RunLayout
     from dpr_hpc.modeling.batching import tokenize_questions
     from dpr_hpc.modeling.encoding import encode
     from dpr_hpc.modeling.searcher import load_index
-    from dpr_hpc.plan import make_plan
-    from dpr_hpc.runstate import save_plan
+    from dpr_hpc.planning.plan import make_plan
+    from dpr_hpc.store.runs import save_plan
     from dpr_hpc.stages.common import load_trained_tower
     from dpr_hpc.stages.index import index
     from dpr_hpc.stages.runner import prepare_io
@@ -189,7 +189,7 @@ def test_plan_checks_hub_models_in_the_cache_and_skips_others(tiny_dpr, demo_ass
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     script = textwrap.dedent(f"""\
         import sys
-        from dpr_hpc.cli import main
+        from dpr_hpc.cli.main import main
         print("codes", main(["plan", {str(broken)!r}]), main(["plan", {str(absent)!r}]))
         """)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

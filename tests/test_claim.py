@@ -13,13 +13,13 @@ import time
 import pytest
 
 from conftest import held_elsewhere, run_folder, train_folder
-from dpr_hpc.claim import StageClaimedError, claim_stage
+from dpr_hpc.store.claims import StageClaimedError, claim_stage
 from dpr_hpc.locks import LockFile
-from dpr_hpc.plan import StageJob
+from dpr_hpc.planning.plan import StageJob
 from dpr_hpc.resume.signals import HOLD_ENV, PARKED_SUFFIX
-from dpr_hpc.runstate import load_plan
+from dpr_hpc.store.runs import load_plan
 from dpr_hpc.stages.runner import EXIT_CLAIMED
-from dpr_hpc.store import StageStore
+from dpr_hpc.store.paths import StageStore
 
 RUN_ONE = "import sys; from dpr_hpc.stages.runner import run_stage_job; run_stage_job(sys.argv[1], 'train', sys.argv[2], 0)"
 
@@ -143,12 +143,12 @@ def _steal(claim_file) -> None:
 def test_a_lost_claim_stops_the_next_index_shard_and_the_record_before_they_are_written(demo_assets, tmp_path):
     import torch
 
-    from dpr_hpc.claim import ClaimLostError
-    from dpr_hpc.data import Passage
+    from dpr_hpc.store.claims import ClaimLostError
+    from dpr_hpc.inputs.data import Passage
     from dpr_hpc.modeling.batching import tokenize_passages
     from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
     from dpr_hpc.modeling.encoding import encode
-    from dpr_hpc.results import write_record
+    from dpr_hpc.store.records import write_record
 
     job = StageJob("index", "k" * 16, 0)
     folder = StageStore.at(tmp_path).job(job)

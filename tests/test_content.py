@@ -11,8 +11,8 @@ import types
 
 import pytest
 
-import dpr_hpc.content as content
-from dpr_hpc.content import ContentHashes
+import dpr_hpc.inputs.content as content
+from dpr_hpc.inputs.content import ContentHashes
 
 
 def _sha(data: bytes) -> str:

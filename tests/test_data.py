@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from dpr_hpc.data import DataFormatError
-from dpr_hpc.prepared import load_dev, load_train
+from dpr_hpc.inputs.data import DataFormatError
+from dpr_hpc.inputs.prepared import load_dev, load_train
 
 
 def ctx(pid: str) -> dict:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from dpr_hpc.fsutil import append_line, atomic_folder, file_digest, write_bytes_atomic, write_file_atomic, write_json_atomic
-from dpr_hpc.ledger import Ledger
-from dpr_hpc.plan import StageJob
-from dpr_hpc.store import StageStore
+from dpr_hpc.tracking.ledger import Ledger
+from dpr_hpc.planning.plan import StageJob
+from dpr_hpc.store.paths import StageStore
 from dpr_hpc.locks import LockFile
 
 

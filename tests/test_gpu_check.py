@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from dpr_hpc.cli import main
-from dpr_hpc.gpu_check import SHAPES, SMOKE_SHAPES, Budget, build_tower
+from dpr_hpc.cli.main import main
+from dpr_hpc.bench.gpu_check import SHAPES, SMOKE_SHAPES, Budget, build_tower
 
 
 def test_smoke_run_reports_every_measurement_tagged_and_flags_extrapolations(tmp_path, capsys):

@@ -13,7 +13,7 @@ from conftest import REPO, run_cli, write_grid
 from dpr_hpc.errors import GridError
 from dpr_hpc.grid import load_grid
 from dpr_hpc.grid.config import cell_from_json
-from dpr_hpc.plan import StageJob, make_plan
+from dpr_hpc.planning.plan import StageJob, make_plan
 
 TABLE_1 = {
     "bert-base-uncased": ({1536, 768, 704, 640, 512, 384}, 16),

@@ -8,10 +8,10 @@ import pytest
 
 from conftest import write_grid
 from dpr_hpc.grid import load_grid
-from dpr_hpc.layout import RunLayout
-from dpr_hpc.plan import make_plan
-from dpr_hpc.results import Records
-from dpr_hpc.runstate import save_plan
+from dpr_hpc.store.layout import RunLayout
+from dpr_hpc.planning.plan import make_plan
+from dpr_hpc.store.records import Records
+from dpr_hpc.store.runs import save_plan
 from dpr_hpc.stages.runner import run_stage_job
 
 

@@ -10,7 +10,7 @@ import sys
 import threading
 
 from conftest import one_cell_run
-from dpr_hpc.claim import claim_stage
+from dpr_hpc.store.claims import claim_stage
 
 
 class Follower:

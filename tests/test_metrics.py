@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpr_hpc.metrics import answer_accuracy, dpr_tokens, gold_rank, has_answer, retrieval_metrics
+from dpr_hpc.scoring.metrics import answer_accuracy, dpr_tokens, gold_rank, has_answer, retrieval_metrics
 
 
 def ranking_with_gold_at(rank: int, length: int = 100) -> list[str]:

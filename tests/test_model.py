@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpr_hpc.data import Passage
+from dpr_hpc.inputs.data import Passage
 from dpr_hpc.modeling.batching import pad_batch, rows_of, tokenize_passages, tokenize_questions
 from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
@@ -177,7 +177,7 @@ def test_the_papers_padding_gives_every_encoding_batch_max_length_tokens(demo_as
 
 def test_the_papers_padding_gives_every_training_batch_max_length_tokens(demo_assets, tmp_path):
     from dpr_hpc.grid import load_grid
-    from dpr_hpc.prepared import load_train
+    from dpr_hpc.inputs.prepared import load_train
     from dpr_hpc.stages.common import StageIO
     from dpr_hpc.stages.train import _TokenizedExamples
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, cli, run_cli, write_grid
 from dpr_hpc.grid import load_grid
 from dpr_hpc.grid.config import IndexConfig, TextConfig, TimingConfig
-from dpr_hpc.plan import StageJob, make_plan
+from dpr_hpc.planning.plan import StageJob, make_plan
 
 # The settings in which jobs/paper.yaml and jobs/paper-fast.yaml differ: the README's Fidelity
 # rows for padding, precision, de-duplication, FAISS add batches and the PEI and ITA boundaries.
@@ -140,9 +140,9 @@ PAPER_CELL = """\
 @pytest.fixture(scope="module")
 def paper_cell_run(demo_assets, tmp_path_factory):
     """The cell submitted through the local backend, as a user runs it."""
-    from dpr_hpc.layout import RunLayout
-    from dpr_hpc.results import Records
-    from dpr_hpc.runstate import load_plan
+    from dpr_hpc.store.layout import RunLayout
+    from dpr_hpc.store.records import Records
+    from dpr_hpc.store.runs import load_plan
 
     work = tmp_path_factory.mktemp("paper-protocol")
     grid = write_grid(work, PAPER_CELL.format(demo=demo_assets))
@@ -196,7 +196,7 @@ def test_the_paper_cells_pei_includes_its_tokenization(paper_cell_run):
 @pytest.mark.slow
 def test_the_paper_cells_acc_and_mrr_equal_a_count_over_its_ranked_rows(paper_cell_run, demo_assets):
     """Counted here the way the paper's calculate_accuracy_mrr did, row by row over the 100
-    rows of each question (not by dpr_hpc.metrics)."""
+    rows of each question (not by dpr_hpc.scoring.metrics)."""
     records, attempts = paper_cell_run
     gold, _ = dev_gold_and_pool(demo_assets / "dev.json")
     ids = [i.decode() for i in np.load(attempts["index"].passage_ids)]

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import REPO, run_cli, write_grid
 from dpr_hpc.grid import load_grid
-from dpr_hpc.layout import RunLayout
-from dpr_hpc.plan import make_plan
-from dpr_hpc.published import TABLES_FILE, paper_figures
-from dpr_hpc.runstate import save_plan
+from dpr_hpc.store.layout import RunLayout
+from dpr_hpc.planning.plan import make_plan
+from dpr_hpc.reporting.published import TABLES_FILE, paper_figures
+from dpr_hpc.store.runs import save_plan
 from test_status import complete
 
 EXCERPT = REPO / "tests" / "golden" / "paper_tables.md"  # Tables 2-5 as the paper's text prints them

@@ -17,8 +17,8 @@ import pytest
 
 from conftest import FAKE_COMMIT, cache_hub_model, run_cli, write_grid
 from fake_slurm import install as install_fake_slurm
-from dpr_hpc.layout import RunLayout
-from dpr_hpc.modeling import hub
+from dpr_hpc.store.layout import RunLayout
+from dpr_hpc.inputs import hub
 
 OTHER_COMMIT = "f" * 40
 
@@ -183,8 +183,8 @@ def test_a_job_loads_the_commit_its_spec_names_even_when_the_cache_has_moved_on(
     import sys
 
     from dpr_hpc.grid import load_grid
-    from dpr_hpc.plan import make_plan
-    from dpr_hpc.runstate import save_plan
+    from dpr_hpc.planning.plan import make_plan
+    from dpr_hpc.store.runs import save_plan
 
     repo = cache_hub_model(hub_cache, "bert-base-uncased", demo_assets / "models" / "tiny-bert")
     grid = hub_grid(tmp_path, demo_assets)

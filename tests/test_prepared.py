@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import dpr_hpc.prepared as prepared
-from dpr_hpc.data import DataFormatError, iter_records
+import dpr_hpc.inputs.prepared as prepared
+from dpr_hpc.inputs.data import DataFormatError, iter_records
 from dpr_hpc.demo.nq_shape import write_nq_shaped
-from dpr_hpc.prepared import load_dev, load_train
+from dpr_hpc.inputs.prepared import load_dev, load_train
 from dpr_hpc.resume.signals import TrainingInterrupted
 from conftest import REPO, StopAfter, run_folder, train_in_process
 
@@ -182,7 +182,7 @@ def test_without_the_c_parser_the_build_warns_and_records_the_parser(tmp_path, m
 CONCURRENT_LOAD = textwrap.dedent("""
     import sys
     from pathlib import Path
-    import dpr_hpc.prepared as prepared
+    import dpr_hpc.inputs.prepared as prepared
     from waiting import note_lock_waits, wait_for_lock_waiters
 
     waits = Path(sys.argv[3])

@@ -13,8 +13,8 @@ from dpr_hpc.backends.profile import grid_resources, load_profile, time_to_minut
 from dpr_hpc.backends.slurm import SlurmBackend
 from dpr_hpc.grid import load_grid
 from dpr_hpc.grid.resources import SBATCH_SAFE, StageResources
-from dpr_hpc.layout import RunLayout
-from dpr_hpc.plan import make_plan
+from dpr_hpc.store.layout import RunLayout
+from dpr_hpc.planning.plan import make_plan
 
 # Every form sbatch --time takes, as SLURM reads it (seconds round up to a minute).
 TIMES = [

@@ -10,9 +10,9 @@ import os
 import pytest
 
 from conftest import run_folder, train_folder
-from dpr_hpc.plan import StageJob
-from dpr_hpc.results import request_rerun
-from dpr_hpc.runstate import load_plan
+from dpr_hpc.planning.plan import StageJob
+from dpr_hpc.store.records import request_rerun
+from dpr_hpc.store.runs import load_plan
 from dpr_hpc.stages.runner import run_stage_job
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def test_a_training_whose_record_json_was_written_but_not_result_json_is_promote
     """A quota error (or SIGKILL, or a lost node) between attempts/a1/record.json and
     result.json: the next run of the job finds attempt 1 complete and makes it the record,
     rather than training again from step 0 as attempt 2."""
-    import dpr_hpc.results as results
+    import dpr_hpc.store.records as results
 
     layout, cell_id = run_folder(tmp_path, demo_assets, "promote", extra=ONE_EPOCH)
     key = load_plan(layout).keys[cell_id]["train"]
@@ -83,6 +83,6 @@ def test_an_index_continued_after_its_training_was_rerun_encodes_its_old_shards_
 
 
 def results_digest(path) -> str:
-    from dpr_hpc.content import sha256_bytes
+    from dpr_hpc.inputs.content import sha256_bytes
 
     return sha256_bytes(path.read_bytes())

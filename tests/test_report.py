@@ -6,10 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from dpr_hpc.collect import RepeatRecords, markdown, read_table_json, terminal_table, write_table
-from dpr_hpc.report import node_points, variance_rows
-from dpr_hpc.trec import metrics_from_files, write_qrels, write_run
-from dpr_hpc.metrics import retrieval_metrics
+from dpr_hpc.reporting.collect import RepeatRecords, markdown, read_table_json, terminal_table, write_table
+from dpr_hpc.reporting.report import node_points, variance_rows
+from dpr_hpc.scoring.trec import metrics_from_files, write_qrels, write_run
+from dpr_hpc.scoring.metrics import retrieval_metrics
 
 
 def timing_record(node: str, gpu: str, **timings: float) -> dict:
@@ -30,7 +30,7 @@ def two_node_repeats() -> list[RepeatRecords]:
 
 
 def test_variance_flags_the_slow_nodes_repeats_and_the_figure_shows_both_nodes(tmp_path):
-    from dpr_hpc.figures import node_variance
+    from dpr_hpc.reporting.figures import node_variance
 
     variance = variance_rows(two_node_repeats(), factor=1.5)
     flagged = variance[variance["flagged"]]
@@ -103,7 +103,7 @@ def test_metrics_recomputed_from_a_trec_run_file_equal_the_rankings(tmp_path):
 
 
 def test_sacct_accounting_is_read_from_one_call_with_the_steps_peak_rss(monkeypatch):
-    from dpr_hpc.backends import scheduler
+    from dpr_hpc.tracking import slurm_queue
 
     calls = []
     sacct_output = "\n".join([
@@ -112,8 +112,8 @@ def test_sacct_accounting_is_read_from_one_call_with_the_steps_peak_rss(monkeypa
         "81.0|COMPLETED|2026-11-26T10:38:38|2026-11-26T10:38:39|2026-11-26T10:38:50|00:00:11|01:02.490|386080K|||gpu01",
         "82|PENDING|2026-11-26T10:39:00|Unknown|Unknown|00:00:00|00:00:00||2G|billing=1,cpu=1,node=1|None assigned",
     ])
-    monkeypatch.setattr(scheduler, "_run", lambda command: calls.append(command) or sacct_output)
-    found = scheduler.accounting(["81", "82"])
+    monkeypatch.setattr(slurm_queue, "_run", lambda command: calls.append(command) or sacct_output)
+    found = slurm_queue.accounting(["81", "82"])
     assert len(calls) == 1 and "-j" in calls[0] and "81,82" in calls[0]
     done, pending = found["81"], found["82"]
     assert (done.queue_wait_s, done.elapsed_s, done.total_cpu_s) == (38.0, 12.0, 62.5)
@@ -128,7 +128,7 @@ def test_figure_1_draws_no_caption_of_its_own_so_the_html_report_shows_it_once(t
     import numpy as np
     from matplotlib.figure import Figure
 
-    from dpr_hpc.figures import token_lengths
+    from dpr_hpc.reporting.figures import token_lengths
 
     drawn: list[str] = []
     monkeypatch.setattr(Figure, "text", lambda self, x, y, s, *a, **k: drawn.append(s))

@@ -37,7 +37,7 @@ def test_collect_fits_an_80_column_terminal_and_writes_every_format(demo_run):
     done = cli("collect", grid, "--median", "--format", "csv,md,json", "--out", work / "results", cwd=work, env={"COLUMNS": "80"})
     assert done.returncode == 0, done.stderr
     assert max(len(line) for line in (done.stdout + done.stderr).splitlines()) <= 80
-    from dpr_hpc.collect import read_table_json
+    from dpr_hpc.reporting.collect import read_table_json
 
     csv = pd.read_csv(work / "results" / "e2e-median.csv")
     saved = read_table_json(work / "results" / "e2e-median.json")
@@ -46,7 +46,7 @@ def test_collect_fits_an_80_column_terminal_and_writes_every_format(demo_run):
 
 
 def test_every_infer_stage_writes_a_trec_run_whose_metrics_equal_the_record(demo_run):
-    from dpr_hpc.trec import metrics_from_files
+    from dpr_hpc.scoring.trec import metrics_from_files
 
     work, _, _ = demo_run
     infer_records = list(work.glob("runs/store/infer/*/*/result.json"))
@@ -63,7 +63,7 @@ def test_every_infer_stage_writes_a_trec_run_whose_metrics_equal_the_record(demo
 
 def test_load_results_has_the_documented_columns(demo_run):
     import dpr_hpc
-    from dpr_hpc.frame import DOCUMENTED_COLUMNS
+    from dpr_hpc.reporting.frame import DOCUMENTED_COLUMNS
 
     work, grid, _ = demo_run
     frame = dpr_hpc.load_results(grid, runs_root=work / "runs")

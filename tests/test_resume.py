@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from dpr_hpc.grid import load_grid
-from dpr_hpc.layout import RunLayout
-from dpr_hpc.plan import make_plan
+from dpr_hpc.store.layout import RunLayout
+from dpr_hpc.planning.plan import make_plan
 from dpr_hpc.resume.signals import TrainingInterrupted
-from dpr_hpc.resume.store import CheckpointStore
+from dpr_hpc.resume.checkpoints import CheckpointStore
 from conftest import GRID, StopAfter, run_folder as _run_folder, train_attempt, train_folder, train_in_process as _train, write_grid
 
 
@@ -125,7 +125,7 @@ def test_a_full_disk_during_a_periodic_checkpoint_warns_and_the_training_ends_as
 
 
 def test_a_full_disk_at_the_stop_signal_fails_the_stage_saying_so(demo_assets, tmp_path, monkeypatch):
-    from dpr_hpc.resume.store import CheckpointWriteError
+    from dpr_hpc.resume.checkpoints import CheckpointWriteError
 
     layout, cell_id = _run_folder(tmp_path, demo_assets, "enospc-stop")
     monkeypatch.setenv("DPR_HPC_FAULT", "enospc-during-write:1")
@@ -304,8 +304,8 @@ def test_a_training_the_local_controller_stops_resumable_is_started_again_and_a_
     from conftest import ONE_CELL_GRID
     from dpr_hpc.backends.local import LocalBackend
     from dpr_hpc.backends.submit_report import SubmitReport
-    from dpr_hpc.results import Records
-    from dpr_hpc.runstate import mark_failed, mark_interrupted, save_plan
+    from dpr_hpc.store.records import Records
+    from dpr_hpc.store.runs import mark_failed, mark_interrupted, save_plan
     from test_status import complete
 
     grid = write_grid(data_files, ONE_CELL_GRID)

@@ -19,9 +19,9 @@ from dpr_hpc.backends.slurm import SlurmBackend
 from dpr_hpc.errors import GridError, UsageError
 from dpr_hpc.grid.resources import with_nodes
 from dpr_hpc.grid import load_grid
-from dpr_hpc.layout import RunLayout
-from dpr_hpc.modeling.hub import hub_cache_dir
-from dpr_hpc.plan import make_plan
+from dpr_hpc.store.layout import RunLayout
+from dpr_hpc.inputs.hub import hub_cache_dir
+from dpr_hpc.planning.plan import make_plan
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import run_cli, submitted_run
 from fake_slurm import install, queue_line, write_command
-from dpr_hpc.backends import scheduler
-from dpr_hpc.ledger import UNLISTED_GRACE_S, Ledger
-from dpr_hpc.results import Records
-from dpr_hpc.status import stage_states, summary_line
+from dpr_hpc.tracking import slurm_queue
+from dpr_hpc.tracking.ledger import UNLISTED_GRACE_S, Ledger
+from dpr_hpc.store.records import Records
+from dpr_hpc.tracking.status import stage_states, summary_line
 
 # The JOB STATE CODES of SLURM's sacct and squeue documentation, and what each must read as.
 DOCUMENTED = {
@@ -47,7 +47,7 @@ SACCT_COLUMNS = "JobIDRaw,State,ExitCode,NodeList,Elapsed,Reason"
 @pytest.mark.parametrize(("state", "status"), sorted(DOCUMENTED.items()))
 def test_every_documented_slurm_state_has_a_defined_status(fake_slurm, state, status):
     (fake_slurm / "sacct.out").write_text(f"5|{state}|0:0|node3|00:10:00|None\n")
-    info = scheduler.query(["5"]).jobs["5"]
+    info = slurm_queue.query(["5"]).jobs["5"]
     assert (info.status, info.active) == (status, status in ACTIVE)
     assert f"-o {SACCT_COLUMNS}" in (fake_slurm / "sacct.args").read_text()
 
@@ -58,7 +58,7 @@ def test_every_documented_state_read_from_squeue_without_accounting_has_the_same
     the code asks for (squeue -o), as squeue does, so the parser meets squeue's real lines."""
     (fake_slurm / "sacct.fail").write_text("sacct: error: Slurm accounting storage is disabled\n")
     (fake_slurm / "queue").write_text(queue_line("5", state, "node3", "10:00", "Priority" if state == "PENDING" else "None"))
-    view = scheduler.query(["5"])
+    view = slurm_queue.query(["5"])
     info = view.jobs["5"]
     assert view.source.startswith("squeue") and (info.state, info.status, info.active) == (state, status, status in ACTIVE)
     assert (info.node, info.elapsed, info.reason) == ("node3", "10:00", "Priority" if state == "PENDING" else "")
@@ -74,16 +74,16 @@ def test_every_documented_state_read_from_squeue_without_accounting_has_the_same
 ], ids=["cancelled by a user before it ran", "cancelled by root while running", "pending on a dead dependency", "running"])
 def test_raw_sacct_lines_read_as_their_status(fake_slurm, line, expected):
     (fake_slurm / "sacct.out").write_text(line + "\n")
-    info = scheduler.query(["5"]).jobs["5"]
+    info = slurm_queue.query(["5"]).jobs["5"]
     assert (info.state, info.status, info.node, info.never_started) == expected
     assert info.waits_on_a_dead_dependency == ("DependencyNeverSatisfied" in line)
 
 
 def test_the_table_covers_what_slurm_documents_and_held_states_are_not_failures():
-    assert set(DOCUMENTED) <= set(scheduler.SLURM_STATES)
+    assert set(DOCUMENTED) <= set(slurm_queue.SLURM_STATES)
     for held in ("STOPPED", "SPECIAL_EXIT", "RESV_DEL_HOLD"):
-        assert scheduler.JobInfo("1", held).active and scheduler.JobInfo("1", held).status != "FAILED"
-    assert scheduler.JobInfo("1", "SOME_FUTURE_STATE").active  # left alone, not resubmitted
+        assert slurm_queue.JobInfo("1", held).active and slurm_queue.JobInfo("1", held).status != "FAILED"
+    assert slurm_queue.JobInfo("1", "SOME_FUTURE_STATE").active  # left alone, not resubmitted
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_sacct_and_squeue_ask_for_the_ledgers_users_from_its_first_submission(fa
     (fake_slurm / "queue").write_text(queue_line("5", "PENDING", reason="Priority"))
     assert stage_states(layout, plan).states[0].state == "PENDING"
     first = Ledger.read(layout.store).first_submission()
-    since = (first - scheduler.SINCE_MARGIN).astimezone().strftime("%Y-%m-%dT%H:%M:%S")
+    since = (first - slurm_queue.SINCE_MARGIN).astimezone().strftime("%Y-%m-%dT%H:%M:%S")
     sacct_args = (fake_slurm / "sacct.args").read_text().split()
     assert sacct_args[sacct_args.index("-S") + 1] == since and sacct_args[sacct_args.index("-u") + 1] == getpass.getuser()
     assert f"-u {getpass.getuser()}" in (fake_slurm / "squeue.args").read_text()
@@ -118,8 +118,8 @@ def test_an_unreachable_scheduler_is_an_error_not_failed_rows(fake_slurm, run, c
     layout, _ = run
     _fake(fake_slurm, "sacct", 'echo "sacct: error: Problem talking to the database: Connection refused" >&2; exit 1')
     _fake(fake_slurm, "squeue", 'echo "squeue: error: Unable to contact slurm controller (connect failure)" >&2; exit 1')
-    with pytest.raises(scheduler.SchedulerUnreachableError, match="connect failure"):
-        scheduler.query(["5"])
+    with pytest.raises(slurm_queue.SchedulerUnreachableError, match="connect failure"):
+        slurm_queue.query(["5"])
     code, out, err = run_cli(capsys, "status", layout.root)
     assert code == 0 and "FAILED" not in out and "UNKNOWN" in out
     assert "states from the store only: scheduler unreachable: sacct: sacct: error: Problem talking" in out

@@ -16,11 +16,11 @@ from conftest import REPO, cache_hub_model, run_cli, write_grid
 from fake_slurm import install as install_fake_slurm
 from dpr_hpc.backends.submit_report import submit_targets
 from dpr_hpc.grid import load_grid
-from dpr_hpc.layout import RunLayout
-from dpr_hpc.plan import StageJob, make_plan
-from dpr_hpc.results import Records
-from dpr_hpc.runstate import save_plan
-from dpr_hpc.selection import Selection
+from dpr_hpc.store.layout import RunLayout
+from dpr_hpc.planning.plan import StageJob, make_plan
+from dpr_hpc.store.records import Records
+from dpr_hpc.store.runs import save_plan
+from dpr_hpc.planning.selection import Selection
 from test_status import complete
 
 GRID = """
@@ -213,10 +213,10 @@ def test_logs_prints_the_newest_attempts_logs_and_any_attempt_asked_for(run, cap
 HOLDER = """
 import sys
 from pathlib import Path
-from dpr_hpc.claim import claim_stage
+from dpr_hpc.store.claims import claim_stage
 from dpr_hpc.locks import LockFile
-from dpr_hpc.plan import StageJob
-from dpr_hpc.store import JobFolder
+from dpr_hpc.planning.plan import StageJob
+from dpr_hpc.store.paths import JobFolder
 
 run, job_dir, stage, key = sys.argv[1:5]
 submit = LockFile(Path(run) / "submit.lock", purpose="local submit", heartbeat_s=1).acquire()
@@ -260,7 +260,7 @@ def test_status_watch_ends_by_itself_once_nothing_runs(run):
 
 
 def test_a_meter_feeds_a_progress_bar_with_an_eta_where_one_is_wanted(run, monkeypatch, capsys):
-    from dpr_hpc.meter import Meter, MeterBar, bars_wanted
+    from dpr_hpc.tracking.progress import Meter, MeterBar, bars_wanted
     from dpr_hpc.errors import UsageError
 
     layout, plan, _ = run
@@ -286,7 +286,7 @@ def test_a_meter_feeds_a_progress_bar_with_an_eta_where_one_is_wanted(run, monke
 def test_a_forced_slurm_submit_queues_the_selected_jobs_only_and_needs_no_retry_flag(run, capsys, tmp_path, monkeypatch):
     """The index repeats of one cell ran before as SLURM jobs that completed; --force queues them
     again (an ended job with a record is not a failure to --retry-failed) and nothing else."""
-    from dpr_hpc.ledger import Ledger
+    from dpr_hpc.tracking.ledger import Ledger
 
     layout, plan, grid = run
     cell = cell_of(plan, "bert-base-uncased-es64")
@@ -307,7 +307,7 @@ def test_a_forced_slurm_submit_queues_the_selected_jobs_only_and_needs_no_retry_
 
 
 def test_a_forced_rerun_that_failed_or_stopped_shows_as_such_not_stale(run):
-    from dpr_hpc.status import stage_states
+    from dpr_hpc.tracking.status import stage_states
 
     layout, plan, _ = run
     cell = cell_of(plan, "tinybert")
@@ -326,7 +326,7 @@ def test_a_forced_rerun_that_failed_or_stopped_shows_as_such_not_stale(run):
 
 
 def test_watch_waits_on_queued_and_running_slurm_jobs_but_not_on_held_ones(run):
-    from dpr_hpc.status import StageState, StatusReport, still_active
+    from dpr_hpc.tracking.status import StageState, StatusReport, still_active
 
     layout, plan, _ = run
     job = jobs_of(plan, cell_of(plan, "tinybert"), "train")[0]

@@ -17,8 +17,8 @@ import pytest
 
 from conftest import write_grid
 from slurmtools import PROFILE, HeldTraining, cli, records, running_on, status, wait_for, wait_until_settled
-from dpr_hpc.ledger import Ledger
-from dpr_hpc.store import StageStore
+from dpr_hpc.tracking.ledger import Ledger
+from dpr_hpc.store.paths import StageStore
 
 pytestmark = pytest.mark.slow
 
@@ -73,10 +73,10 @@ def test_grid_completes_on_the_real_cluster_with_job_ids_and_nodes(slurm_cluster
 def report_cost_comes_from_sacct(work: Path, grid: Path) -> None:
     """The report's cost table: queue wait, elapsed time and MaxRSS from sacct for every job,
     equal to what sacct says of one of them when asked on its own."""
-    from dpr_hpc.backends.scheduler import duration_s, memory_mb
-    from dpr_hpc.cost import cost_table
-    from dpr_hpc.results import Records
-    from dpr_hpc.runstate import runs_for
+    from dpr_hpc.tracking.slurm_queue import duration_s, memory_mb
+    from dpr_hpc.reporting.cost import cost_table
+    from dpr_hpc.store.records import Records
+    from dpr_hpc.store.runs import runs_for
 
     cli("report", grid, "--out", work / "results", cwd=work, check=True)
     report = (work / "results" / "slurm" / "report.md").read_text()

@@ -14,14 +14,15 @@ from datetime import datetime, timedelta, timezone
 
 from conftest import ONE_CELL_GRID, run_cli, submitted_run, write_grid
 from fake_slurm import install
-from dpr_hpc.backends import scheduler, slurm
+from dpr_hpc.backends import slurm
+from dpr_hpc.tracking import slurm_queue
 from dpr_hpc.grid import load_grid
-from dpr_hpc.layout import RunLayout
-from dpr_hpc.ledger import UNLISTED_GRACE_S, Ledger
-from dpr_hpc.plan import StageJob, make_plan
-from dpr_hpc.runstate import save_plan
-from dpr_hpc.store import StageStore
-from dpr_hpc.status import stage_states
+from dpr_hpc.store.layout import RunLayout
+from dpr_hpc.tracking.ledger import UNLISTED_GRACE_S, Ledger
+from dpr_hpc.planning.plan import StageJob, make_plan
+from dpr_hpc.store.runs import save_plan
+from dpr_hpc.store.paths import StageStore
+from dpr_hpc.tracking.status import stage_states
 
 FAKES = {
     # Accepts two submissions, then refuses every one as a QOS limit would. Each accepted job
@@ -60,12 +61,12 @@ def test_sbatch_failures_are_retried_then_reported_and_earlier_jobs_stay_recorde
 
 def test_status_falls_back_to_squeue_without_accounting_and_says_so(fake_slurm):
     (fake_slurm / "queue").write_text("7|PENDING||0:00|Priority|\n8|PENDING||0:00|Priority|\n9|RUNNING|n1|0:10|None|\n")
-    view = scheduler.query(["7", "8"])
+    view = slurm_queue.query(["7", "8"])
     assert view.source.startswith("squeue (sacct unavailable: sacct: error: Slurm accounting storage is disabled")
     assert {j.state for j in view.jobs.values()} == {"PENDING"} and view.jobs["7"].reason == "Priority"
     assert set(view.jobs) == {"7", "8"}  # only the jobs asked about
     assert f"-u {getpass.getuser()}" in (fake_slurm / "squeue.args").read_text()
-    assert scheduler.submit_capacity() is None
+    assert slurm_queue.submit_capacity() is None
 
 
 def test_a_job_the_scheduler_no_longer_lists_is_pending_only_for_a_grace_period(fake_slurm, data_files, tmp_path):
@@ -112,9 +113,9 @@ def test_a_submit_killed_between_sbatch_and_the_ledger_is_adopted_by_the_next(fa
 
 
 def test_the_tag_is_read_from_a_comment_whatever_the_user_added():
-    assert scheduler.comment_nonce(scheduler.job_comment("0f3a", None)) == "0f3a"
-    assert scheduler.comment_nonce(scheduler.job_comment("0f3a", "dpr-hpc:beef")) == "0f3a"
-    assert scheduler.comment_nonce("paper dpr-hpc:0f3a") is None and scheduler.comment_nonce("dpr-hpc:0f3ax") is None
+    assert slurm_queue.comment_nonce(slurm_queue.job_comment("0f3a", None)) == "0f3a"
+    assert slurm_queue.comment_nonce(slurm_queue.job_comment("0f3a", "dpr-hpc:beef")) == "0f3a"
+    assert slurm_queue.comment_nonce("paper dpr-hpc:0f3a") is None and slurm_queue.comment_nonce("dpr-hpc:0f3ax") is None
 
 
 def test_an_unreachable_scheduler_stops_submit_and_status_says_so(fake_slurm, cached_x_y, data_files, tmp_path, capsys):

@@ -16,12 +16,12 @@ import pytest
 
 from conftest import run_cli, write_grid, cache_hub_model
 from dpr_hpc.grid import load_grid
-from dpr_hpc.layout import RunLayout
-from dpr_hpc.plan import StageJob, make_plan
+from dpr_hpc.store.layout import RunLayout
+from dpr_hpc.planning.plan import StageJob, make_plan
 from dpr_hpc.provenance import node_tags, now_iso
-from dpr_hpc.results import Records, describe_artifacts, make_record, write_record
-from dpr_hpc.runstate import save_plan
-from dpr_hpc.status import stage_states
+from dpr_hpc.store.records import Records, describe_artifacts, make_record, write_record
+from dpr_hpc.store.runs import save_plan
+from dpr_hpc.tracking.status import stage_states
 
 FIGURES = dict(metrics={"epoch_loss": [1.0], "num_passages": 1, "num_questions": 1},
                timings={"ttt_s": 1.0, "encode_s": 1, "index_build_s": 1, "pei_s": 2, "ita_mean_ms": 1, "ita_sd_ms": 0})
@@ -230,7 +230,7 @@ def test_local_jobs_get_one_of_the_visible_gpus(run, monkeypatch, listed, expect
 
 
 def test_collect_flags_a_median_over_repeats_that_ran_in_different_precisions_or_gpus(run):
-    from dpr_hpc.collect import collect_table
+    from dpr_hpc.reporting.collect import collect_table
 
     layout, plan, cell = run
     complete(layout, plan, job_of(plan, "train"))
@@ -249,7 +249,7 @@ def test_collect_flags_a_median_over_repeats_that_ran_in_different_precisions_or
 
 
 def test_collect_names_the_code_of_each_stage_and_flags_repeats_that_ran_different_code(run):
-    from dpr_hpc.collect import collect_table
+    from dpr_hpc.reporting.collect import collect_table
     from dpr_hpc.provenance import code_label, code_tags
 
     layout, plan, cell = run
@@ -293,8 +293,8 @@ def test_the_code_tags_name_a_tracked_checkouts_commit_and_edits_and_nothing_for
 def test_a_local_model_folder_named_by_absolute_path_is_keyed_by_its_content(data_files):
     """An absolute path resolves to itself, so it must not be mistaken for a hub name: its files'
     content enters the train key, and a changed file changes the key."""
-    from dpr_hpc.content import ContentHashes
-    from dpr_hpc.stage_keys import stage_inputs, stage_keys
+    from dpr_hpc.inputs.content import ContentHashes
+    from dpr_hpc.planning.stage_keys import stage_inputs, stage_keys
 
     model = data_files / "models" / "bert"
     model.mkdir(parents=True)
@@ -332,7 +332,7 @@ def test_a_purged_data_file_whose_content_the_prepared_cache_holds_is_not_gone(r
     """A scratch purge deletes the dev file after its first job prepared it: the records that
     read it stay complete, as the store still holds that very content; a file purged before it
     was ever prepared is gone."""
-    from dpr_hpc.prepared import load_dev
+    from dpr_hpc.inputs.prepared import load_dev
 
     layout, plan, cell = run
     every_job_complete(layout, plan)

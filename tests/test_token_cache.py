@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpr_hpc.content import sha256_bytes
+from dpr_hpc.inputs.content import sha256_bytes
 from dpr_hpc.modeling.batching import TokenizedTexts, tokenize_questions
 from dpr_hpc.modeling.encoder import load_tokenizer
 from dpr_hpc.modeling.token_cache import TokenCache, tokenizer_fingerprint
@@ -134,8 +134,8 @@ def test_tokens_are_filed_under_the_content_they_were_made_from(demo_assets, tmp
     from types import SimpleNamespace
 
     from dpr_hpc.grid.config import TextConfig
-    from dpr_hpc.plan import StageJob
-    from dpr_hpc.prepared import load_dev
+    from dpr_hpc.planning.plan import StageJob
+    from dpr_hpc.inputs.prepared import load_dev
     from dpr_hpc.stages.common import StageIO, tokenized
 
     def dev_file(question: str) -> bytes:

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import ONE_CELL_GRID, cache_hub_model, run_cli, submitted_run, write_grid
 from fake_slurm import install as install_fake_slurm
-from dpr_hpc.cli import EXIT_DEFERRED
-from dpr_hpc.data import DataFormatError, iter_records
+from dpr_hpc.cli.main import EXIT_DEFERRED
+from dpr_hpc.inputs.data import DataFormatError, iter_records
 from dpr_hpc.grid import load_grid
 
 
@@ -38,7 +38,7 @@ def test_a_damaged_ledger_line_is_skipped_with_a_warning_naming_it(data_files, t
     code, out, err = run_cli(capsys, "status", layout.root)
     assert code == 0 and "Traceback" not in err
     assert f"{ledger}: line 1 is not a ledger entry; skipped" in caplog.text and caplog.text.count("line 1") == 1
-    from dpr_hpc.ledger import Ledger
+    from dpr_hpc.tracking.ledger import Ledger
 
     assert Ledger.read(layout.store).latest(train)["job_id"] == "101"
 
@@ -55,7 +55,7 @@ def test_a_last_ledger_line_cut_short_by_a_crash_is_ignored(data_files, tmp_path
     layout, plan, train = submitted_run(data_files, tmp_path, "101")
     with layout.store.ledger_file.open("a") as log:
         log.write('{"job": "train/')
-    from dpr_hpc.ledger import Ledger
+    from dpr_hpc.tracking.ledger import Ledger
 
     assert Ledger.read(layout.store).latest(train)["job_id"] == "101"
 
@@ -70,7 +70,7 @@ def test_a_corrupt_plan_is_one_line_naming_it(data_files, tmp_path, capsys, dama
 
 
 def test_a_running_local_submit_is_named_by_the_second(data_files, cached_x_y, tmp_path, capsys):
-    from dpr_hpc.layout import RunLayout
+    from dpr_hpc.store.layout import RunLayout
     from dpr_hpc.locks import LockFile
 
     grid = write_grid(data_files, ONE_CELL_GRID)

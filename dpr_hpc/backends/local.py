@@ -18,20 +18,20 @@ from typing import Callable, Iterator
 
 import submitit
 
-from dpr_hpc.backends import scheduler
+from dpr_hpc.tracking import slurm_queue
 from dpr_hpc.backends.submit_report import SubmitReport, check_records, rerun_reasons
-from dpr_hpc.claim import live_claim
+from dpr_hpc.store.claims import live_claim
 from dpr_hpc.errors import UsageError
-from dpr_hpc.layout import RunLayout
+from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.locks import HEARTBEAT_S, LockFile, LockHeldError, describe_holder
-from dpr_hpc.plan import Plan, StageJob
-from dpr_hpc.ledger import Ledger
-from dpr_hpc.meter import MeterBar, bars_wanted
-from dpr_hpc.modeling.hub import job_environment
-from dpr_hpc.results import Records
-from dpr_hpc.runstate import cell_history, resumable, save_plan
+from dpr_hpc.planning.plan import Plan, StageJob
+from dpr_hpc.tracking.ledger import Ledger
+from dpr_hpc.tracking.progress import MeterBar, bars_wanted
+from dpr_hpc.inputs.hub import job_environment
+from dpr_hpc.store.records import Records
+from dpr_hpc.store.runs import cell_history, resumable, save_plan
 from dpr_hpc.stages.runner import stage_job_entry
-from dpr_hpc.status import headline
+from dpr_hpc.tracking.status import headline
 
 DEFAULT_TIMEOUT_MIN = 48 * 60  # the cluster's job limit, the same bound here
 DEFAULT_SIGNAL_DELAY_S = 300
@@ -129,17 +129,17 @@ class LocalBackend:
         self.echo(f"local: {report.summary()}")
         return report
 
-    def _queued_on_slurm(self, jobs: list[StageJob], checks: dict) -> dict[StageJob, scheduler.Standing]:
-        """Jobs not complete whose latest SLURM job may still run (scheduler.Standing): queued,
+    def _queued_on_slurm(self, jobs: list[StageJob], checks: dict) -> dict[StageJob, slurm_queue.Standing]:
+        """Jobs not complete whose latest SLURM job may still run (slurm_queue.Standing): queued,
         running, just submitted, or of a state the scheduler could not tell."""
         ledger = Ledger.read(self.layout.store)
         on_slurm = [job for job in jobs if not checks[job].complete and (entry := ledger.latest(job)) and entry.get("backend") == "slurm"]
         if not on_slurm:
             return {}
-        if not scheduler.slurm_available():
+        if not slurm_queue.slurm_available():
             raise UsageError(f"{len(on_slurm)} stage job(s) of this grid were submitted to SLURM, but no SLURM commands are here to "
                              "tell whether they still run; submit from the cluster, or cancel them there first")
-        view = scheduler.ask_about(ledger, on_slurm)
+        view = slurm_queue.ask_about(ledger, on_slurm)
         return {job: standing for job, standing in view.standings.items() if standing.may_still_run}
 
     def executor_parameters(self) -> dict:

@@ -21,16 +21,16 @@ import submitit
 from submitit.core import utils as submitit_utils
 from submitit.slurm.slurm import _make_sbatch_string
 
-from dpr_hpc.backends import scheduler
+from dpr_hpc.tracking import slurm_queue
 from dpr_hpc.backends.profile import StageResources
 from dpr_hpc.backends.submit_report import SubmitReport, check_records, rerun_reasons
 from dpr_hpc.errors import DprHpcError, UsageError
-from dpr_hpc.layout import RunLayout
-from dpr_hpc.ledger import Ledger
-from dpr_hpc.modeling.hub import job_environment_lines
-from dpr_hpc.plan import Plan, StageJob
-from dpr_hpc.results import RecordCheck, Records
-from dpr_hpc.runstate import cell_history, resumable, save_plan
+from dpr_hpc.store.layout import RunLayout
+from dpr_hpc.tracking.ledger import Ledger
+from dpr_hpc.inputs.hub import job_environment_lines
+from dpr_hpc.planning.plan import Plan, StageJob
+from dpr_hpc.store.records import RecordCheck, Records
+from dpr_hpc.store.runs import cell_history, resumable, save_plan
 from dpr_hpc.stages.runner import stage_job_entry
 
 SUBMIT_ATTEMPTS = 4
@@ -79,17 +79,17 @@ class SlurmBackend:
         self._reasons = rerun_reasons(self.plan, self._checks, cell_history(self.layout), records)
         with Ledger.locked(store) as ledger:
             jobs = [job for job in self._jobs() if not self._complete(job)]
-            self._adopt_tagged(jobs, ledger, scheduler.queued_by_tag())
-            view = scheduler.ask_about(ledger, jobs)
+            self._adopt_tagged(jobs, ledger, slurm_queue.queued_by_tag())
+            view = slurm_queue.ask_about(ledger, jobs)
             save_plan(self.layout, self.plan, grid_file)
-            self.capacity = scheduler.submit_capacity()
+            self.capacity = slurm_queue.submit_capacity()
             queued: dict[StageJob, str] = {}
             for job in self._jobs():
                 self._place(job, ledger, view, queued, report)
         self.echo(f"slurm: {report.summary('submitted')}")
         return report
 
-    def _place(self, job: StageJob, ledger: Ledger, view: scheduler.StageJobsView, queued: dict[StageJob, str], report: SubmitReport) -> None:
+    def _place(self, job: StageJob, ledger: Ledger, view: slurm_queue.StageJobsView, queued: dict[StageJob, str], report: SubmitReport) -> None:
         if self._complete(job):
             report.skipped.append(job)
             return
@@ -101,7 +101,7 @@ class SlurmBackend:
                 info.waits_on_a_dead_dependency or any(dep in report.ran for dep in self.plan.dependencies(job))
             )
             if orphaned:  # waits on a job that ended without a result (now resubmitted): it can never run
-                scheduler.cancel([latest["job_id"]])
+                slurm_queue.cancel([latest["job_id"]])
                 self.echo(f"{job.id}: job {latest['job_id']} waited on an upstream job that ended; submitting it again")
             elif standing.may_still_run:
                 if standing.unknown:
@@ -161,7 +161,7 @@ class SlurmBackend:
         error: Exception | None = None
         for attempt in range(SUBMIT_ATTEMPTS):
             if attempt:  # the failed sbatch may have queued the job after all: look for its tag first
-                queued = scheduler.queued_by_tag().get(nonce)
+                queued = slurm_queue.queued_by_tag().get(nonce)
                 if queued is not None:
                     self.echo(f"{job.id}: sbatch reported a failure but queued job {queued}; adopting it")
                     return queued
@@ -182,7 +182,7 @@ class SlurmBackend:
         r = self.resources[job.stage]
         params: dict = {
             "job_name": f"dpr-{job.stage}-r{job.repeat}-{self.plan.users(job)[0]}",
-            "comment": scheduler.job_comment(nonce, r.comment),
+            "comment": slurm_queue.job_comment(nonce, r.comment),
             "time": r.time_min,
             "cpus_per_task": r.cpus_per_task,
             # The job acts on the warning this long before its end, however early SLURM sends it.

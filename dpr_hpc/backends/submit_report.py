@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dpr_hpc.errors import DprHpcError
-from dpr_hpc.plan import Plan, StageJob
-from dpr_hpc.results import RecordCheck, Records, promote
+from dpr_hpc.planning.plan import Plan, StageJob
+from dpr_hpc.store.records import RecordCheck, Records, promote
 
 
 class RecordUnreadableError(DprHpcError):
@@ -36,7 +36,7 @@ def check_records(plan: Plan, records: Records) -> dict[StageJob, RecordCheck]:
 def rerun_reasons(plan: Plan, checks: dict[StageJob, RecordCheck], history: dict, records: Records) -> dict[StageJob, str]:
     """Why each job that is not complete runs again, for those that ran before: its own record is
     stale, or it replaces an earlier key's record of the same cell (an input's content changed)."""
-    from dpr_hpc.runstate import superseded
+    from dpr_hpc.store.runs import superseded
 
     reasons = {}
     for job, check in checks.items():
@@ -86,7 +86,7 @@ def submit_targets(plan: Plan, selected: list[StageJob], records: Records, force
     """`force` asks every selected complete job for a rerun (results.request_rerun), except in a
     dry run, which writes nothing; nothing is deleted, the new attempt's record replaces the
     old one once it is complete."""
-    from dpr_hpc.results import request_rerun
+    from dpr_hpc.store.records import request_rerun
 
     forced = tuple(job for job in selected if force and records.check(job).complete)
     if not dry_run:

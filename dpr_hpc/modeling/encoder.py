@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpr_hpc.modeling.hub import checkpoint_here, hub_cache_dir
+from dpr_hpc.inputs.hub import checkpoint_here, hub_cache_dir
 
 ENCODER_META = "dpr_encoder.json"
 PROJECTION_WEIGHTS = "projection.pt"

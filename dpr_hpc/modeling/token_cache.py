@@ -3,7 +3,7 @@
 The paper's 28 cells use 4 tokenizers, so the data is tokenized 4 times, not 28 (and the
 index and infer stages of a trained cell reuse what its training tokenized for the dev set).
 An entry is keyed by what was tokenized (which texts of which data, by the content hash of the
-prepared data the texts come from: dpr_hpc.prepared hashed and parsed the same open file, so
+prepared data the texts come from: dpr_hpc.inputs.prepared hashed and parsed the same open file, so
 the key names the bytes the tokens were made from, whatever lies at the file's path by now),
 the tokenizer (a hash of its full definition) and the settings (maximum length, titles). Jobs
 that need the same entry at once build it once: the first holds a lock file (dpr_hpc.locks,

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from dpr_hpc.grid import CellConfig
-from dpr_hpc.plan import StageJob
-from dpr_hpc.store import AttemptPaths
+from dpr_hpc.planning.plan import StageJob
+from dpr_hpc.store.paths import AttemptPaths
 
 
 @dataclass
@@ -37,7 +37,7 @@ class StageIO:
 
     job: StageJob
     out: AttemptPaths
-    prepared_cache: Path  # the data files' prepared forms (dpr_hpc.prepared)
+    prepared_cache: Path  # the data files' prepared forms (dpr_hpc.inputs.prepared)
     trained: AttemptPaths | None = None  # the train output (index and infer of a trained cell)
     index: AttemptPaths | None = None  # index repeat 0's output (infer)
     token_cache: Path | None = None
@@ -46,7 +46,7 @@ class StageIO:
     # resumed job's partial outputs must have been made from to be kept.
     upstream_digests: dict[str, str] = field(default_factory=dict)
     # Raises once another copy took this job's claim: called before every checkpoint, shard and
-    # output the stage writes (dpr_hpc.claim). In-process calls hold no claim.
+    # output the stage writes (dpr_hpc.store.claims). In-process calls hold no claim.
     check_claim: Callable[[], None] = lambda: None
 
     def revision(self, name_or_path: str) -> str | None:

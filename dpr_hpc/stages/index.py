@@ -18,12 +18,12 @@ import numpy as np
 
 from dpr_hpc.fsutil import save_array, write_file_atomic
 from dpr_hpc.grid import CellConfig
-from dpr_hpc.meter import Meter
+from dpr_hpc.tracking.progress import Meter
 from dpr_hpc.modeling.batching import tokenize_passages
 from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
 from dpr_hpc.modeling.searcher import build_index_from_file, save_index
-from dpr_hpc.prepared import load_dev
+from dpr_hpc.inputs.prepared import load_dev
 from dpr_hpc.stages.common import (StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, prepared_details, progress,
                                    release_memory, tokenized, tokenized_fresh)
 

@@ -12,17 +12,17 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from dpr_hpc.claim import ClaimLostError, StageClaim, StageClaimedError, claim_stage
+from dpr_hpc.store.claims import ClaimLostError, StageClaim, StageClaimedError, claim_stage
 from dpr_hpc.errors import DprHpcError
 from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid.config import cell_from_json
-from dpr_hpc.plan import StageJob
+from dpr_hpc.planning.plan import StageJob
 from dpr_hpc.provenance import node_tags, now_iso
 from dpr_hpc.resume.signals import StopRequest, TrainingInterrupted, wait_while_stage_held
-from dpr_hpc.results import Records, describe_artifacts, make_record, promote, write_record
-from dpr_hpc.runstate import mark_failed, mark_interrupted, read_marker
-from dpr_hpc.stage_keys import stage_inputs
-from dpr_hpc.store import AttemptPaths, StageSpec, StageStore
+from dpr_hpc.store.records import Records, describe_artifacts, make_record, promote, write_record
+from dpr_hpc.store.runs import mark_failed, mark_interrupted, read_marker
+from dpr_hpc.planning.stage_keys import stage_inputs
+from dpr_hpc.store.paths import AttemptPaths, StageSpec, StageStore
 
 # A training stopped by a signal, its checkpoint written, and not requeued by submitit (plain
 # SIGTERM, or no submitit handler): the job ends with this code and a resubmit resumes it.
@@ -194,7 +194,7 @@ def prepare_io(runs_root: Path, job: StageJob) -> tuple["CellConfig", "StageIO"]
 
 
 def _upstream_jobs(upstream: dict[str, str]) -> list[StageJob]:
-    from dpr_hpc.plan import SEARCHED_INDEX_REPEAT
+    from dpr_hpc.planning.plan import SEARCHED_INDEX_REPEAT
 
     repeat_read = {"train": 0, "index": SEARCHED_INDEX_REPEAT}
     return [StageJob(stage, key, repeat_read[stage]) for stage, key in upstream.items()]

@@ -1,6 +1,6 @@
 """Train stage: fine-tune the question and passage towers with DPR's loss and save both.
 
-The training is resumable at any step boundary. Its checkpoints (dpr_hpc.resume.store) hold
+The training is resumable at any step boundary. Its checkpoints (dpr_hpc.resume.checkpoints) hold
 everything the next step depends on: both towers with their projections, optimizer, LR schedule,
 every RNG, this epoch's shuffled order and the next batch in it, the per-step losses and the
 segments so far. A resumed run therefore takes exactly the steps an uninterrupted one takes.
@@ -23,19 +23,19 @@ import torch
 
 from dpr_hpc.fsutil import atomic_folder, read_json, write_json_atomic
 from dpr_hpc.grid import CellConfig
-from dpr_hpc.meter import Meter
+from dpr_hpc.tracking.progress import Meter
 from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device, tokenize_passages, tokenize_questions
 from dpr_hpc.modeling.batch_probe import CPU_FALLBACK, MAX_BATCH, gpu_step_probe, largest_fitting_power_of_two
 from dpr_hpc.modeling.encoding import PAD_MULTIPLE
 from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
 from dpr_hpc.modeling.precision import autocast, grad_scaler, resolve_precision
 from dpr_hpc.modeling.train_step import backward_batch, clip_and_step, linear_schedule
-from dpr_hpc.prepared import PreparedTrain, load_train
+from dpr_hpc.inputs.prepared import PreparedTrain, load_train
 from dpr_hpc.provenance import now_iso
 from dpr_hpc.resume.rng import capture_rng, restore_rng
 from dpr_hpc.resume.segments import FINISHED, Segment, SegmentLog
 from dpr_hpc.resume.signals import NeverStop, Stopper, TrainingInterrupted, wait_while_held
-from dpr_hpc.resume.store import CheckpointStore, CheckpointWriteError
+from dpr_hpc.resume.checkpoints import CheckpointStore, CheckpointWriteError
 from dpr_hpc.stages.common import (StageIO, StageOutput, peak_memory, pick_device, prepared_details, progress, seed_everything,
                                   synchronize, tokenized)
 

@@ -1,0 +1,1 @@
+"""Grid -> plan: stage jobs, their keys, and the selection of cells, groups and stages."""

@@ -1,0 +1,84 @@
+"""One writer per stage job: a job claims its folder before it writes anything.
+
+The claim is a lock file (dpr_hpc.locks) holding host, pid, SLURM job id and a heartbeat that
+a thread refreshes every CLAIM_HEARTBEAT_S. A second copy of the same stage job (a local
+submit while SLURM runs it, an sbatch that was retried after it had in fact queued the job)
+finds the claim held and exits at once, naming the holder, having written nothing. A claim
+whose heartbeat is older than CLAIM_STALE_AFTER_S, or whose process is gone from this host,
+belongs to a job that died: the next copy takes it over, and `status` reads the job as
+INTERRUPTED rather than RUNNING forever. A claim left by an earlier run of the same SLURM job
+(requeued after a node failure or a preemption, maybe onto another node) is the job's own, and
+taken over at once (dpr_hpc.locks.earlier_run_of_this_job).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpr_hpc.errors import DprHpcError
+from dpr_hpc.locks import LockFile, LockHeldError, describe_holder, holder_is_stale
+from dpr_hpc.planning.plan import StageJob
+from dpr_hpc.store.paths import JobFolder
+
+CLAIM_HEARTBEAT_S = 60.0
+CLAIM_STALE_AFTER_S = 600.0
+
+
+class StageClaimedError(DprHpcError):
+    """Another process holds this stage job's claim; this copy did nothing."""
+
+    exit_code = 4
+
+
+class ClaimLostError(DprHpcError):
+    """Another copy took this job's claim while this one ran; this one stops, writing nothing more."""
+
+    exit_code = 4
+
+
+@dataclass(frozen=True)
+class StageClaim:
+    """A stage job's claim while it runs. Each acquisition carries a fresh random token; the job
+    re-reads claim.lock before every write another copy could clash with (a checkpoint, an
+    embedding shard, its record) and stops once the token there is not its own."""
+
+    job: StageJob
+    lock: LockFile
+
+    def check(self) -> None:
+        """Raise ClaimLostError unless this job still holds its claim."""
+        try:
+            self.lock.verify()
+        except LockHeldError as lost:
+            raise ClaimLostError(f"{self.job.id}: its claim was taken over while it ran ({describe_holder(lost.holder)}); "
+                                 "this copy stops here and writes nothing more") from None
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def claim_stage(folder: JobFolder, job: StageJob) -> StageClaim:
+    lock = LockFile(folder.claim, purpose=job.id, stale_after_s=CLAIM_STALE_AFTER_S, heartbeat_s=CLAIM_HEARTBEAT_S)
+    try:
+        return StageClaim(job, lock.acquire(timeout_s=0))
+    except LockHeldError as held:
+        raise StageClaimedError(f"{job.id} is already being written by another job ({describe_holder(held.holder)}); "
+                                "this copy exits without writing anything") from None
+
+
+def live_claim(folder: JobFolder) -> dict | None:
+    """The holder of a claim that is alive, or None (no claim, or a dead one)."""
+    holder = LockFile.read_holder(folder.claim)
+    if holder is None or claim_is_dead(holder):
+        return None
+    return holder
+
+
+def dead_claim(folder: JobFolder) -> dict | None:
+    """The holder of a claim left behind by a job that died, or None."""
+    holder = LockFile.read_holder(folder.claim)
+    return holder if holder is not None and claim_is_dead(holder) else None
+
+
+def claim_is_dead(holder: dict) -> bool:
+    return holder_is_stale(holder, CLAIM_STALE_AFTER_S)
