@@ -41,6 +41,17 @@ class StageJob:
         return {"stage": self.stage, "key": self.key, "repeat": self.repeat}
 
 
+@dataclass(frozen=True)
+class ArrayGroup:
+    """Stage jobs that SLURM runs as one job array (`--array=0-(N-1)%parallel`), task i running
+    `jobs[i]`: the shards of one corpus stage. Each task is still its own stage job in the store
+    (own key, claim, record and resume); the array is only how they are queued."""
+
+    name: str  # unique in the plan, e.g. "encode-shard/<key of the corpus encoding>"
+    jobs: tuple[StageJob, ...]
+    parallel: int  # at most this many tasks run at once (SLURM's %K)
+
+
 @dataclass
 class Plan:
     grid_name: str
@@ -69,6 +80,10 @@ class Plan:
                     if job not in seen:
                         seen.add(job)
                         self._jobs.append(job)
+
+    def array_groups(self) -> list[ArrayGroup]:
+        """The plan's job arrays; a job in none of them is submitted on its own."""
+        return []
 
     def cell(self, cell_id: str) -> CellConfig:
         return self._cells[cell_id]
