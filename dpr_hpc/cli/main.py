@@ -414,6 +414,10 @@ def _submit(args: argparse.Namespace) -> int:
     if args.force and selection.everything:
         raise UsageError("--force reruns complete jobs: pick them with --cell, --group or --stage, or pass --force-all to rerun the whole grid")
     grid = load_grid(args.grid, require_data=not args.dry_run)
+    if not args.dry_run:
+        from dpr_hpc.inputs.sources import grid_values, verify_all
+
+        verify_all(grid_values(grid))  # a named source changed since prefetch verified it is refused here
     _check_checkpoints(grid)
     resources = with_nodes(grid_resources(grid, args.profile), args.exclude_node, args.nodelist, ("--exclude-node", "--nodelist"))
     layout = RunLayout.for_grid(grid.name, args.runs_root)
@@ -460,16 +464,23 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _prefetch(args: argparse.Namespace) -> int:
     from dpr_hpc.grid import load_grid
+    from dpr_hpc.grid.sources import data_dir
+    from dpr_hpc.inputs.sources import DataPins, fetch_all, grid_values
     from dpr_hpc.store.runs import bind_grid, check_binding
 
     grid = load_grid(args.grid, require_data=False)
     layout = RunLayout.for_grid(grid.name, args.runs_root)
     check_binding(layout, args.grid)
     revisions = _fetch_hub_models(grid, layout, update=args.update)
+    data = fetch_all(grid_values(grid), echo=lambda line: print(line, flush=True))
     bind_grid(layout, args.grid)
     print(f"grid {grid.name}: {len(revisions)} hub model(s) pinned in {layout.store.hub_pins_file} and recorded in {layout.hub_models}")
     for model, revision in revisions.items():
         print(f"  {model}  {revision}")
+    if data:
+        print(f"grid {grid.name}: {len(data)} named data source(s) verified and pinned in {DataPins(data_dir()).path}")
+    for name, path in data.items():
+        print(f"  {name}  {path}")
     return 0
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpr_hpc.grid.sources import is_name, local_path
+
 STAGES = ("train", "index", "infer")
 INDEX_TYPES = ("hnsw_flat", "flat")
 INDEX_KEEP = ("first", "all")
@@ -163,8 +165,9 @@ class Repeats:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Paths in DPR's biencoder JSON format, as written in the grid (so they enter the cell id
-    the same way on every machine); `CellConfig.data_path` resolves them."""
+    """Files in DPR's biencoder JSON format, as written in the grid (so they enter the cell id
+    the same way on every machine): paths, or source names such as 'dpr:nq-train';
+    `CellConfig.data_path` resolves them."""
 
     train: str | None
     dev: str
@@ -195,10 +198,13 @@ class CellConfig:
     checkpoint: CheckpointConfig = field(default=CheckpointConfig(), compare=False)
 
     def data_path(self, split: str) -> Path:
-        """The train or dev file on this machine, relative paths taken from the grid's folder."""
+        """The train or dev file on this machine: a named source's file in the data folder
+        (dpr_hpc.grid.sources), or a path, relative ones taken from the grid's folder."""
         written = getattr(self.data, split)
         if written is None:
             raise ValueError(f"cell {self.cell_id} has no {split} data")
+        if is_name(written):
+            return local_path(written)
         return (self.base_dir / Path(written).expanduser()).resolve()
 
     def model_path(self, name: str) -> str:

@@ -49,6 +49,7 @@ from dpr_hpc.grid.config import (
     TrainConfig,
 )
 from dpr_hpc.grid.resources import load_yaml, resolve
+from dpr_hpc.grid.sources import SourceError, is_name, source
 
 SECTIONS: dict[str, type] = {
     "train": TrainConfig,
@@ -251,7 +252,12 @@ def _parse_data(raw: Any, where: str, key_path: str) -> dict[str, str | None]:
     parsed: dict[str, str | None] = {}
     for key, value in raw.items():
         if value is not None and not (isinstance(value, str) and value):
-            raise GridError(where, _join(key_path, key), f"expected a file path, got {_type_name(value)}")
+            raise GridError(where, _join(key_path, key), f"expected a file path or a source name (e.g. dpr:nq-{key}), got {_type_name(value)}")
+        if value is not None and is_name(value):
+            try:
+                source(value)
+            except SourceError as error:
+                raise GridError(where, _join(key_path, key), str(error)) from None
         parsed[key] = value
     return parsed
 
@@ -387,8 +393,10 @@ def _missing_files(cells: list[CellConfig]) -> list[tuple[str, str]]:
     missing = []
     for cell in cells:
         for split in ("train", "dev"):
-            if getattr(cell.data, split) is not None and not cell.data_path(split).is_file():
-                missing.append((f"data.{split}", str(cell.data_path(split))))
+            written = getattr(cell.data, split)
+            if written is not None and not cell.data_path(split).is_file():
+                fetch = f" ({written}: 'dpr-hpc prefetch' downloads it)" if is_name(written) else ""
+                missing.append((f"data.{split}", f"{cell.data_path(split)}{fetch}"))
         for key in ("question_encoder", "passage_encoder"):
             name = getattr(cell, key)
             if cell.local_model(name) is not None and not cell.local_model(name).is_dir():
