@@ -26,6 +26,7 @@ class DataServer:
     def __init__(self, files: Mapping[str, bytes] | None = None, root: Path | None = None, rate: float | None = None,
                  port: int = 0) -> None:
         self.files = dict(files or {})
+        self.ranges = True  # False: answer every request with the whole file (200), as some servers do
         self.root = root
         self.rate = rate
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header) of each request
@@ -87,7 +88,7 @@ def _handler(server: DataServer) -> type[BaseHTTPRequestHandler]:
                 self.send_error(404, "Not Found")
                 return
             start = 0
-            match = re.fullmatch(r"bytes=(\d+)-", wanted or "")
+            match = re.fullmatch(r"bytes=(\d+)-", wanted or "") if server.ranges else None
             if match:
                 start = int(match.group(1))
                 if start >= len(body):

@@ -111,7 +111,7 @@ def test_prefetch_fetches_the_sources_a_grid_names_verifies_them_and_the_grid_re
     pins = json.loads((tmp_path / "data" / "pins.json").read_text())["sources"]
     assert pins["dpr:nq-dev"]["download_sha256"] == sha256(SERVED[URLS["dpr:nq-dev"]])
     assert pins["dpr:nq-dev"]["sha256"] == sha256(PLAIN["dpr:nq-dev"])
-    assert "checked against the published md5" in out
+    assert "matching its listed md5" in out
 
     from dpr_hpc.grid import load_grid
 
@@ -161,6 +161,17 @@ def test_a_prefetch_killed_mid_download_resumes_from_its_part_file(data_env, ser
     assert f"resuming {server.url}{URLS['dpr:nq-train']}" in out
     assert local_path("dpr:nq-train").read_bytes() == PLAIN["dpr:nq-train"]
     assert not part.exists()
+
+
+def test_a_server_that_ignores_range_sends_the_whole_file_again_and_it_is_still_verified(data_env, server):
+    part = part_file("dpr:nq-dev")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"stale bytes of an earlier try")
+    server.ranges = False
+    lines: list[str] = []
+    sources.fetch("dpr:nq-dev", echo=lines.append)
+    assert any("does not resume downloads" in line for line in lines)
+    assert local_path("dpr:nq-dev").read_bytes() == PLAIN["dpr:nq-dev"]
 
 
 def test_a_download_complete_but_not_yet_checked_when_killed_is_checked_without_fetching_it_again(data_env, server):

@@ -134,13 +134,16 @@ def _parser() -> argparse.ArgumentParser:
     submit.set_defaults(handler=_submit)
 
     prefetch = commands.add_parser(
-        "prefetch", parents=[runs_root], help="download every hub model a grid names into the Hugging Face cache, for offline nodes",
+        "prefetch", parents=[runs_root], help="download every hub model and named data file a grid uses, for offline nodes",
         description="Download every hub model and tokenizer the grid's encoders name (local folders are left alone) into "
         "the Hugging Face cache ($HF_HOME/hub, or $HF_HUB_CACHE) and pin each to a commit for every grid under --runs-root "
         "(store/hub-pins.json): the hub's main at the model's first use, or the commit pinned before. Each model's commit "
         "is recorded in the run folder's models.json. Run it on the login node: stage jobs run with HF_HUB_OFFLINE=1 and "
         "load exactly that commit from the same cache. A stage key names a hub model by its commit, so a pin moves only "
-        "with --update.",
+        "with --update. Data the grid names instead of giving a path (dpr:nq-train, dpr:nq-dev, dpr:psgs_w100, "
+        "dpr:nq-test) is downloaded into $DPR_HPC_DATA_DIR (default ~/.cache/dpr-hpc/data), resuming a broken download, "
+        "checked against the published md5 or the sha256 pinned at its first download, and never asked for again once "
+        "there; $DPR_HPC_DATA_MIRROR replaces DPR's server.",
     )
     prefetch.add_argument("grid", type=Path, help="grid file (YAML)")
     prefetch.add_argument("--update", action="store_true",

@@ -136,7 +136,7 @@ def fetch(name: str, echo: Callable[[str], None] = print) -> Path:
                               pin.fetched_at if pin else now_iso()))
         part.unlink(missing_ok=True)
         echo(f"{name}: fetched {url} -> {target} ({_size(digest.size)}, sha256 {digest.sha256[:16]}…, "
-             f"{'checked against the published md5 and ' if found.md5 and pin is None else 'matching its pin; ' if pin else ''}"
+             f"{'matching its listed md5, and ' if found.md5 and pin is None else 'matching its pin; ' if pin else ''}"
              f"pinned in {pins.path})")
         return target
 
@@ -210,19 +210,23 @@ def _download(name: str, url: str, part: Path, echo: Callable[[str], None]) -> N
         # Unbuffered, and each read takes what has arrived (read1): what is on disk is what the
         # next try resumes from, whenever this one is killed.
         with part.open("ab" if resumed else "wb", buffering=0) as handle:
-            try:
-                while chunk := response.read1(CHUNK):
-                    handle.write(chunk)
-                    written += len(chunk)
-                    if time.monotonic() - last > PROGRESS_EVERY_S:
-                        last = time.monotonic()
-                        echo(f"{name}: {_size(written)}" + (f" of {_size(total)}" if total else ""))
-            except OSError as error:
-                raise DataSourceError(f"{name}: the download of {url} broke off at {_size(written)} ({error}); "
-                                      "run prefetch again to resume it") from None
+            while chunk := _read(response, name, url, written):
+                handle.write(chunk)  # a full disk is the file system's error, naming the .part
+                written += len(chunk)
+                if time.monotonic() - last > PROGRESS_EVERY_S:
+                    last = time.monotonic()
+                    echo(f"{name}: {_size(written)}" + (f" of {_size(total)}" if total else ""))
     if total is not None and written != total:
         raise DataSourceError(f"{name}: the download of {url} stopped at {_size(written)} of {_size(total)}; "
                               "run prefetch again to resume it")
+
+
+def _read(response: object, name: str, url: str, written: int) -> bytes:
+    try:
+        return response.read1(CHUNK)  # type: ignore[attr-defined]
+    except OSError as error:  # the connection broke or stalled past TIMEOUT_S
+        raise DataSourceError(f"{name}: the download of {url} broke off at {_size(written)} ({error}); "
+                              "run prefetch again to resume it") from None
 
 
 @dataclass(frozen=True)
