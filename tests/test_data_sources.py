@@ -232,6 +232,19 @@ def test_a_named_file_changed_after_prefetch_is_refused_by_submit_and_fetched_ag
     assert local_path("dpr:nq-dev").read_bytes() == PLAIN["dpr:nq-dev"]
 
 
+def test_a_named_file_copied_over_with_the_same_bytes_is_hashed_once_and_then_trusted_by_its_stat(data_env, server, monkeypatch):
+    sources.fetch("dpr:nq-test", echo=lambda line: None)
+    path = local_path("dpr:nq-test")
+    path.unlink()
+    path.write_bytes(PLAIN["dpr:nq-test"])  # a new inode and mtime, the same content
+    hashed: list[Path] = []
+    digest = sources._digest
+    monkeypatch.setattr(sources, "_digest", lambda p, md5=False: hashed.append(p) or digest(p, md5))
+    assert sources.resolve("dpr:nq-test") == path
+    assert sources.resolve("dpr:nq-test") == path
+    assert hashed == [path]
+
+
 def test_a_grid_naming_an_unknown_source_is_a_grid_error_listing_the_known_ones(data_env, tmp_path, capsys):
     grid = write_grid(tmp_path, """
         name: typo

@@ -21,6 +21,7 @@ their order (the first hard negative is what the paper trains with).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -100,7 +101,7 @@ def resolve(value: str, base_dir: Path | None = None) -> Path:
     if pin is None or not path.is_file():
         raise DataSourceError(f"{value}: not downloaded here (expected {path}); run 'dpr-hpc prefetch GRID' on a machine "
                               f"that reaches {base_url()}")
-    problem = _mismatch(path, pin)
+    problem = _mismatch(value, path, pin)
     if problem:
         raise DataSourceError(f"{value}: {problem}; run 'dpr-hpc prefetch GRID' to download it again")
     return path
@@ -117,7 +118,7 @@ def fetch(name: str, echo: Callable[[str], None] = print) -> Path:
     with LockFile(target.with_name(f".{target.name}.lock"), purpose=f"downloading {name}", timeout_s=0.0):
         pin = pins.read().get(name)
         if pin is not None and target.is_file():
-            problem = _mismatch(target, pin)
+            problem = _mismatch(name, target, pin)
             if not problem:
                 return target
             echo(f"{name}: {problem}; downloading it again")
@@ -280,12 +281,15 @@ def _install(part: Path, target: Path, download: _Digest, gunzip: bool) -> _Dige
     return _digest(target)
 
 
-def _mismatch(path: Path, pin: Pin) -> str | None:
-    """Why the file is not the pinned one (None: it is). Unchanged since last verified: one stat."""
-    if _stat(path) == pin.verified_stat:
+def _mismatch(name: str, path: Path, pin: Pin) -> str | None:
+    """Why the file is not the pinned one (None: it is). Unchanged since last verified: one
+    stat; touched or copied but the same bytes: hashed once, and its new stat remembered."""
+    stat = _stat(path)
+    if stat == pin.verified_stat:
         return None
     got = _digest(path)
     if (got.sha256, got.size) == (pin.sha256, pin.size):
+        DataPins(data_dir()).update(name, dataclasses.replace(pin, verified_stat=stat))
         return None
     return f"{path} has sha256 {got.sha256} ({got.size} bytes), but its pin is sha256 {pin.sha256} ({pin.size} bytes)"
 
