@@ -185,6 +185,9 @@ def test_an_array_group_is_one_sbatch_array_whose_tasks_spread_over_nodes_and_a_
     done = [r for r in records(tmp_path) if r["stage"] == "index"]
     assert sorted(r["node"].get("slurm_array_task_id", "-") for r in done) == ["-", "0", "1", "2"]  # the rerun is a plain job
     assert len({r["node"]["slurm_node"] for r in done}) >= 2
+    # A task's log, written in the array's folder, is its stage job's log (linked from its jobs/).
+    log = array_cli(tmp_path, "logs", "*", "--grid", grid, "--stage", "index", "--repeat", "1", env=held.env)
+    assert f"{array_id}_1_0_log.out" in log.stdout + log.stderr and "submitit INFO" in log.stdout + log.stderr, log.stdout + log.stderr
     print(f"\nsbatch: {next(line for line in script.read_text().splitlines() if line.startswith('#SBATCH --array'))}")
     print(shown.splitlines()[-2] if "done" in shown.splitlines()[-2] else shown)
     print(array_cli(tmp_path, "status", grid, env=held.env).stdout)
