@@ -12,10 +12,13 @@ import sys
 
 import pytest
 
-from slurmtools import (PROFILE, HeldTraining, assert_every_job_done_once, cli, grid_with_training, records, running_on, status,
+from dpr_hpc.store.paths import StageStore
+from dpr_hpc.tracking.ledger import Ledger
+from slurmtools import (PROFILE, REPO, HeldTraining, assert_every_job_done_once, cli, grid_with_training, records, running_on, status,
                         wait_for, wait_until_settled)
 
 pytestmark = pytest.mark.slow
+ARRAY_PLAN = REPO / "tests" / "array_plan.py"
 
 
 @pytest.fixture
@@ -120,3 +123,84 @@ def test_the_controller_restarting_mid_grid_shows_unknown_then_the_grid_complete
         three_nodes.start_controller()
     held.release()
     assert_every_job_done_once(tmp_path, wait_until_settled(tmp_path, grid))
+
+
+def array_cli(work, *args, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """dpr-hpc with each index key's repeats grouped into one job array (tests/array_plan.py)."""
+    done = subprocess.run([sys.executable, str(ARRAY_PLAN), *map(str, args)], capture_output=True, text=True, cwd=work,
+                          env={**env, "DPR_HPC_TEST_ARRAY_PARALLEL": "4"})
+    assert not check or done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_an_array_group_is_one_sbatch_array_whose_tasks_spread_over_nodes_and_a_failed_task_reruns_alone(three_nodes, demo_assets, tmp_path):
+    """A trained cell's four index repeats as one job array (`--array=0-3%4`, afterok on the
+    training): its tasks, held before their work, run on several nodes at once; one is killed on
+    purpose (scancel: CANCELLED while running), the others complete, and `submit --retry-failed` reruns that one alone, as a
+    plain job. Every index repeat then has one record, written once."""
+    from conftest import write_grid
+
+    held = HeldTraining(tmp_path, stages=("index",))
+    held.release()  # the training runs freely; the index tasks wait at their gate
+    grid = write_grid(tmp_path, f"""
+        name: arrays
+        data: {{train: {demo_assets}/train.json, dev: {demo_assets}/dev.json}}
+        defaults:
+          train: {{epochs: 1, learning_rate: 1.0e-3, dropout: 0.1, warmup_steps: 2, batch_size: 16}}
+          text: {{max_length: 64}}
+          encode_batch_size: 128
+          index: {{type: flat}}
+        blocks:
+          - {{name: trained, encoder: {demo_assets}/models/tiny-bert, embedding_sizes: [64], repeats: {{index: 4, infer: 1}}}}
+    """, "arrays.yaml")
+    out = array_cli(tmp_path, "submit", grid, "--backend", "slurm", "--profile", PROFILE, env=held.env).stdout
+    assert "6 submitted" in out and "submitted 4 tasks as job array" in out and "(--array=0-3%4) after" in out, out
+    ledger = Ledger.read(StageStore.at(tmp_path / "runs")).entries
+    tasks = {key: history[0]["job_id"] for key, history in ledger.items() if key.startswith("index/")}
+    array_id = {job_id.split("_")[0] for job_id in tasks.values()}.pop()
+    assert sorted(tasks.values()) == [f"{array_id}_{i}" for i in range(4)]
+    (script,) = (tmp_path / "runs" / "store" / "arrays" / "index").glob(f"*/{array_id}_submission.sh")
+    assert "#SBATCH --array=0-3%4" in script.read_text().splitlines()
+
+    def running_together() -> list[dict] | None:
+        running = [j for j in status(tmp_path, grid) if j["stage"] == "index" and j["state"] == "RUNNING" and j["node"]]
+        return running if len(running) == 4 else None
+
+    running = wait_for(running_together, 900, "all four index tasks to run at once (held at their gate)")
+    assert len({j["node"] for j in running}) >= 2  # four 1-CPU tasks, two CPUs a node
+    killed = next(j for j in running if j["job_id"] == f"{array_id}_3")
+    three_nodes.run("scancel", "--signal=KILL", "--full", killed["job_id"])
+    # SLURM reads a job killed by scancel as CANCELLED: a task that ended without a result, as a failed one.
+    wait_for(lambda: next(j for j in status(tmp_path, grid) if j["job_id"] == killed["job_id"])["state"] == "CANCELLED", 300,
+             "the killed task to read CANCELLED")
+    held.release("index")
+    settled = wait_until_settled(tmp_path, grid)
+    assert sorted(j["state"] for j in settled) == ["CANCELLED"] + ["COMPLETED"] * 5, settled
+    shown = array_cli(tmp_path, "status", grid, env=held.env).stdout
+    assert "3/4 done, 1 cancelled" in shown and f" {array_id}_" not in shown, shown
+
+    again = array_cli(tmp_path, "submit", grid, "--backend", "slurm", "--profile", PROFILE, "--retry-failed", env=held.env).stdout
+    assert "1 submitted" in again and "job array" not in again, again
+    assert_every_job_done_once_but(tmp_path, wait_until_settled(tmp_path, grid), rerun=killed["job_id"])
+    done = [r for r in records(tmp_path) if r["stage"] == "index"]
+    assert sorted(r["node"].get("slurm_array_task_id", "-") for r in done) == ["-", "0", "1", "2"]  # the rerun is a plain job
+    assert len({r["node"]["slurm_node"] for r in done}) >= 2
+    # A task's log, written in the array's folder, is its stage job's log (linked from its jobs/).
+    log = array_cli(tmp_path, "logs", "*", "--grid", grid, "--stage", "index", "--repeat", "1", env=held.env)
+    assert f"{array_id}_1_0_log.out" in log.stdout + log.stderr and "submitit INFO" in log.stdout + log.stderr, log.stdout + log.stderr
+    print(f"\nsbatch: {next(line for line in script.read_text().splitlines() if line.startswith('#SBATCH --array'))}")
+    print(shown.splitlines()[-2] if "done" in shown.splitlines()[-2] else shown)
+    print(array_cli(tmp_path, "status", grid, env=held.env).stdout)
+    print("index nodes:", sorted((r["repeat"], r["node"]["slurm_node"], r["node"]["slurm_job_id"]) for r in done))
+
+
+def assert_every_job_done_once_but(work, jobs: list[dict], rerun: str) -> None:
+    """Every job COMPLETED with one record; each stage job submitted once, but the task `rerun`,
+    which has a second submission, and its record is the second's."""
+    assert [j["state"] for j in jobs] == ["COMPLETED"] * len(jobs), [(j["stage"], j["state"], j["detail"]) for j in jobs]
+    ledger = Ledger.read(StageStore.at(work / "runs")).entries
+    twice = {key: [e["job_id"] for e in history] for key, history in ledger.items() if len(history) > 1}
+    assert len(ledger) == len(jobs) and len(twice) == 1 and [h[0] for h in twice.values()] == [rerun] and len(list(twice.values())[0]) == 2, ledger
+    written_by = sorted(f"{r['node']['slurm_array_job_id']}_{r['node']['slurm_array_task_id']}" if "slurm_array_task_id" in r["node"]
+                        else r["node"]["slurm_job_id"] for r in records(work))
+    assert written_by == sorted(history[-1]["job_id"] for history in ledger.values())

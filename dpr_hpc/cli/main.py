@@ -167,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[runs_root], help="show every cell x stage x repeat with its state")
     status.add_argument("target", nargs="?", help="grid file or run folder (default: every run under --runs-root)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--verbose", "-v", action="store_true", help="a row for each task of a job array too (by default one line per array)")
     add_selection_flags(status, "The summary line counts the selected jobs only.")
     status.add_argument(
         "--watch", nargs="?", type=float, const=DEFAULT_WATCH_S, metavar="SECONDS",
@@ -541,7 +542,7 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dpr_hpc.tracking.status import selected_status, summary_line
+    from dpr_hpc.tracking.status import array_lines, selected_status, summary_line
 
     selection = Selection.from_args(args)
     if args.watch is not None:
@@ -552,26 +553,27 @@ def _status(args: argparse.Namespace) -> int:
     for layout, plan, report in selected_status(_runs(args.target, args.runs_root), selection):
         if args.json:
             everything.append({"grid": plan.grid_name, "run_dir": str(layout.root), "source": report.source,
-                               "rows": [row.to_json() for row in report.rows], "summary": summary_line(report.states),
+                               "rows": [row.to_json() for row in report.rows], "summary": summary_line(report.states), "arrays": array_lines(plan, report),
                                "left_cells": report.left_cells})
             continue
-        print("\n".join(_status_lines(layout, plan, report)))
+        print("\n".join(_status_lines(layout, plan, report, args.verbose)))
     if args.json:
         print(json.dumps(everything, indent=2))
     return 0
 
 
-def _status_lines(layout: RunLayout, plan: "Plan", report) -> list[str]:
-    from dpr_hpc.tracking.status import summary_line
+def _status_lines(layout: RunLayout, plan: "Plan", report, verbose: bool = False) -> list[str]:
+    from dpr_hpc.tracking.status import array_lines, array_members, summary_line
 
+    hidden = frozenset() if verbose else array_members(plan)
     rows = [
         [row.cell_id, s.job.stage, str(s.job.repeat), "" if s.attempt is None else str(s.attempt),
          s.job.key[:8] + ("*" if row.shared_by > 1 else ""), s.state, s.job_id, s.node,
          s.detail + (f"  log: {s.log}" if s.state in ("FAILED", "TIMEOUT") and s.log else "")]
-        for row in report.rows for s in [row.state]
+        for row in report.rows for s in [row.state] if s.job not in hidden
     ]
     lines = [f"grid {plan.grid_name} ({layout.root}); states from the {report.source}",
-             _columns(["CELL", "STAGE", "R", "A", "KEY", "STATE", "JOB", "NODE", "DETAIL"], rows),
+             _columns(["CELL", "STAGE", "R", "A", "KEY", "STATE", "JOB", "NODE", "DETAIL"], rows), *array_lines(plan, report),
              summary_line(report.states) + ("  (KEY*: a job shared by several cells)" if any(r.shared_by > 1 for r in report.rows) else "")]
     return lines + ([report.left_cells] if report.left_cells else [])
 

@@ -8,7 +8,7 @@
             result.json                     the record of the current complete attempt
             rerun.json                      a forced rerun asked for (submit --force): the attempt it replaces
             claim.lock                      the one writer now at work (host, pid, SLURM job, heartbeat)
-            jobs/                           submitit's scripts and logs, of every attempt
+            jobs/                           submitit's scripts and logs, of every attempt (an array task's: links)
             attempts/a<n>/                  one attempt's outputs, never written once complete
                 record.json                 its record, once complete (result.json's twin)
                 jobs.json                   the scheduler jobs that worked on it (their logs are in jobs/)
@@ -17,6 +17,7 @@
                 train:  checkpoint/{question,passage}_encoder/, resume/, progress.json, losses.json, batch_size.json
                 index:  shards/ and embeddings.npy (scratch, removed with the record written), index.faiss, passage_ids.npy
                 infer:  rankings.npy, run.trec (the ranking as a TREC run), qrels.trec (the dev gold)
+        arrays/<group name>/                a job array's script, pickles, logs and <tag>.tasks.json
     <runs root>/cache/tokens/               tokenized data, shared by every grid
     <runs root>/cache/prepared/             data files parsed once into mapped columns (prepared.py)
 
@@ -161,7 +162,10 @@ class JobFolder:
         found = []
         for stdout in self.jobs.glob("*_log.out"):
             job_id = stdout.name[: -len("_log.out")].rsplit("_", 1)[0]
-            found.append((stdout.stat().st_mtime, job_id, stdout, stdout.with_suffix(".err")))
+            try:
+                found.append((stdout.stat().st_mtime, job_id, stdout, stdout.with_suffix(".err")))
+            except FileNotFoundError:  # an array task's link to a log SLURM has not opened yet
+                continue
         return [(job_id, out, err) for _, job_id, out, err in sorted(found)]
 
     def attempt(self, number: int) -> AttemptPaths:
@@ -255,6 +259,13 @@ class StageStore:
 
     def job(self, job: StageJob) -> JobFolder:
         return JobFolder(self.root / job.stage / job.key / f"r{job.repeat}")
+
+    def array_jobs(self, name: str) -> Path:
+        """submitit's folder for one job array (plan.ArrayGroup `name`): its sbatch script, its
+        tasks' pickles and logs (each task's log is linked from its stage job's jobs/ folder),
+        and one <tag>.tasks.json per submitted array naming the stage job each index runs."""
+        parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", part) for part in name.split("/") if part not in ("", ".", "..")]
+        return self.root.joinpath("arrays", *parts or ["_"])
 
     def write_spec(self, spec: StageSpec) -> None:
         """Written by submit before the job is queued; rewritten only when it differs (settings

@@ -141,8 +141,9 @@ def resumable(folder: JobFolder) -> bool:
 
 
 def latest_log(folder: JobFolder) -> Path | None:
-    """The newest job log (submitit names them <job id>_<task>_log.{out,err})."""
-    logs = sorted(folder.jobs.glob("*_log.err"), key=lambda p: p.stat().st_mtime)
+    """The newest job log (submitit names them <job id>_<task>_log.{out,err}); an array task's
+    link to a log its task has not written yet is not one."""
+    logs = sorted((p for p in folder.jobs.glob("*_log.err") if p.exists()), key=lambda p: p.stat().st_mtime)
     return logs[-1] if logs else None
 
 

@@ -91,6 +91,12 @@ class Ledger:
         attempt = len(self.entries.get(job.id, []))
         return hashlib.sha256(f"{self.path.resolve()}|{job.id}|{attempt}".encode()).hexdigest()[:NONCE_LENGTH]
 
+    def array_tag(self, jobs: list[StageJob]) -> str:
+        """The tag a job array carries, made of its tasks' nonces in index order: the same until
+        any of them is recorded, so an array queued by a submit killed before its ledger write is
+        found and adopted as a whole (slurm backend, <tag>.tasks.json)."""
+        return hashlib.sha256("|".join(self.nonce(job) for job in jobs).encode()).hexdigest()[:NONCE_LENGTH]
+
     def recently_submitted(self, job: StageJob, now: datetime | None = None) -> bool:
         latest = self.latest(job)
         if latest is None:

@@ -6,6 +6,10 @@ answers, the caller gets SchedulerUnreachableError, never an empty view (which w
 every job gone). Where sacct answers but leaves jobs out and squeue then fails, those jobs are
 unknown, never gone: a lagging sacct must not turn a pending job into a failed one. Both are asked about the ledger's users only, and sacct only from the ledger's
 first submission on, so that a recycled job id cannot show someone else's or an older job.
+
+A job array's task is known by `<array job id>_<index>` (as the ledger records it, and as squeue's
+%i and sacct's JobID name it); squeue and sacct list a pending array's tasks that have not started
+on one line, `123_[5-9%2]`, which reads here as one PENDING job per task.
 """
 
 from __future__ import annotations
@@ -149,6 +153,29 @@ def ask_about(ledger: "Ledger", jobs: Iterable["StageJob"]) -> StageJobsView:
     }, view.source)
 
 
+_ARRAY_RANGE = re.compile(r"(\d+)_\[([\d,-]+)(?:%\d+)?\]")
+
+
+def array_job_id(job_id: str) -> str:
+    """The job id SLURM knows an array by ('123' for '123_4' and '123_[5-9%2]'); a plain job's own id."""
+    return job_id.split("_", 1)[0]
+
+
+def listed_ids(job_id: str) -> list[str]:
+    """The job ids one squeue %i or sacct JobID stands for: itself, or each task of a pending
+    range ('123_[5-7,9%2]' -> 123_5, 123_6, 123_7, 123_9). An id it cannot read is kept as it is."""
+    match = _ARRAY_RANGE.fullmatch(job_id.strip())
+    if not match:
+        return [job_id.strip()]
+    array, tasks = match.groups()
+    ids = []
+    for part in tasks.split(","):
+        first, _, last = part.partition("-")
+        if first.isdigit() and (not last or last.isdigit()):
+            ids += [f"{array}_{index}" for index in range(int(first), int(last or first) + 1)]
+    return ids
+
+
 def slurm_available() -> bool:
     return shutil.which("sbatch") is not None
 
@@ -177,7 +204,7 @@ def query(job_ids: list[str], since: datetime | None = None, users: Sequence[str
     return SchedulerView(jobs, source)
 
 
-ACCOUNTING_FIELDS = ("JobIDRaw", "State", "Submit", "Start", "End", "Elapsed", "TotalCPU", "MaxRSS", "ReqMem", "AllocTRES", "NodeList")
+ACCOUNTING_FIELDS = ("JobIDRaw", "State", "Submit", "Start", "End", "Elapsed", "TotalCPU", "MaxRSS", "ReqMem", "AllocTRES", "NodeList", "JobID")
 
 
 @dataclass(frozen=True)
@@ -224,7 +251,7 @@ def accounting(job_ids: list[str], since: datetime | None = None, users: Sequenc
     `since` and `users` as for query(). Raises SchedulerError when sacct does not answer."""
     if not job_ids:
         return {}
-    command = ["sacct", "-n", "-P", "-j", ",".join(job_ids), "-o", ",".join(ACCOUNTING_FIELDS)]
+    command = ["sacct", "-n", "-P", "-j", ",".join(dict.fromkeys(array_job_id(j) for j in job_ids)), "-o", ",".join(ACCOUNTING_FIELDS)]
     if users:
         command[1:1] = ["-u", ",".join(users)]
     if since is not None:
@@ -235,9 +262,10 @@ def accounting(job_ids: list[str], since: datetime | None = None, users: Sequenc
     peak_rss: dict[str, float] = {}
     for line in out.splitlines():
         fields = line.split("|")
-        if len(fields) < len(ACCOUNTING_FIELDS):
+        if len(fields) < len(ACCOUNTING_FIELDS) - 1:
             continue
-        job_id, _, step = fields[0].partition(".")
+        shown = fields[11] if len(fields) > 11 and "_" in fields[11] else fields[0]  # an array task: 123_4, 123_4.batch
+        job_id, _, step = shown.partition(".")
         if step:
             rss = memory_mb(fields[7])
             if rss is not None:
@@ -282,7 +310,8 @@ def memory_mb(text: str) -> float | None:
 
 def queued_by_tag() -> dict[str, str]:
     """This user's queued and running jobs by the dpr-hpc tag in their comment: how a submit
-    finds a job it queued but could not record (killed between sbatch and the ledger)."""
+    finds a job (or job array, by its array id) it queued but could not record (killed between
+    sbatch and the ledger)."""
     try:
         out = _run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%k"])
     except SchedulerError as exc:
@@ -291,8 +320,8 @@ def queued_by_tag() -> dict[str, str]:
     for line in out.splitlines():
         job_id, _, comment = line.partition("|")
         nonce = comment_nonce(comment)
-        if nonce is not None:
-            tagged[nonce] = job_id.strip()
+        if nonce is not None:  # an array's tasks carry its one tag: the array's id
+            tagged[nonce] = array_job_id(job_id.strip())
     return tagged
 
 
@@ -343,7 +372,12 @@ class SchedulerError(DprHpcError):
 
 
 def _sacct(job_ids: list[str], since: datetime | None, users: list[str]) -> dict[str, JobInfo]:
-    command = ["sacct", "-X", "-n", "-P", "-u", ",".join(users), "-j", ",".join(job_ids), "-o", "JobIDRaw,State,ExitCode,NodeList,Elapsed,Reason"]
+    """sacct -X: one line per job, per started array task, and per array's pending tasks (its
+    own line, `123_[5-9%2]`). An array is asked for by its array id, which lists all of those
+    (a task's own id would miss it while it is still in the pending range); JobIDRaw is no key for
+    a task (the array's last task takes the array's raw id), so array lines go by JobID."""
+    asked = ",".join(dict.fromkeys(array_job_id(j) for j in job_ids))
+    command = ["sacct", "-X", "-n", "-P", "-u", ",".join(users), "-j", asked, "-o", "JobIDRaw,State,ExitCode,NodeList,Elapsed,Reason,JobID"]
     if since is not None:
         # sacct reads times in the cluster's local time zone.
         command[1:1] = ["-S", (since - SINCE_MARGIN).astimezone().strftime("%Y-%m-%dT%H:%M:%S")]
@@ -353,8 +387,10 @@ def _sacct(job_ids: list[str], since: datetime | None, users: list[str]) -> dict
         fields = line.split("|")
         if len(fields) < 6:
             continue
-        job_id, state, exit_code, node, elapsed, reason = fields[:6]
-        jobs[job_id] = JobInfo(job_id, state.split()[0], exit_code, "" if node == "None assigned" else node, elapsed, "" if reason == "None" else reason)
+        raw, state, exit_code, node, elapsed, reason = fields[:6]
+        shown = fields[6] if len(fields) > 6 and "_" in fields[6] else raw
+        for job_id in listed_ids(shown):
+            jobs[job_id] = JobInfo(job_id, state.split()[0], exit_code, "" if node == "None assigned" else node, elapsed, "" if reason == "None" else reason)
     return jobs
 
 
@@ -364,8 +400,9 @@ def _squeue(users: list[str]) -> dict[str, JobInfo]:
     out = _run(["squeue", "-h", "-u", ",".join(users), "-t", "all", "-o", "%i|%T|%N|%M|%r"])
     jobs = {}
     for line in out.splitlines():
-        job_id, state, node, elapsed, reason = (line.split("|") + [""] * 5)[:5]
-        jobs[job_id] = JobInfo(job_id, state, "", node, elapsed, "" if reason == "None" else reason)
+        shown, state, node, elapsed, reason = (line.split("|") + [""] * 5)[:5]
+        for job_id in listed_ids(shown):
+            jobs[job_id] = JobInfo(job_id, state, "", node, elapsed, "" if reason == "None" else reason)
     return jobs
 
 

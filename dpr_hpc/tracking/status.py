@@ -319,3 +319,23 @@ def summary_line(states: list[StageState]) -> str:
     counts = Counter(s.state for s in states)
     parts = [f"{counts[state]} {state}" for state in STATES if counts[state]]
     return f"{len(states)} stage jobs: " + ", ".join(parts)
+
+
+def array_lines(plan: Plan, report: StatusReport) -> list[str]:
+    """One line per job array of the plan (plan.ArrayGroup), e.g. 'encode-shard 3f2a9c1d 37/50
+    done, 5 running, 8 pending': its tasks' states counted, for the tasks this report covers."""
+    lines = []
+    for group in plan.array_groups():
+        states = [report.jobs[job].state for job in group.jobs if job in report.jobs]
+        if not states:
+            continue
+        counts = Counter(states)
+        others = [f"{counts[state]} {state.lower()}" for state in STATES if state != "COMPLETED" and counts[state]]
+        head, _, key = group.name.partition("/")
+        lines.append(f"{head}{' ' + key[:8] if key else ''} {counts['COMPLETED']}/{len(states)} done" + "".join(f", {part}" for part in others))
+    return lines
+
+
+def array_members(plan: Plan) -> frozenset[StageJob]:
+    """The jobs status shows on their array's line, not a row each (unless asked: --verbose)."""
+    return frozenset(job for group in plan.array_groups() for job in group.jobs)
