@@ -397,8 +397,12 @@ def card_peak(device, precision: str, echo) -> dict[str, Any]:
         gflops = measured
         source = (f"measured: best {precision} matrix multiply in this run ("
                   + (f"{name} is not in PEAK_TFLOPS)" if name else "the CPU, --smoke)"))
-    echo(f"peak {precision}: {gflops / 1000:.2f} TFLOP/s ({source}); measured matmul {measured / 1000:.2f} TFLOP/s")
+    echo(f"peak {precision}: {_rate(gflops)} ({source}); measured matmul {_rate(measured)}")
     return {"gflops": gflops, "source": source, "measured_matmul_gflops": measured, "precision": precision, "datasheet": listed is not None}
+
+
+def _rate(gflops: float) -> str:
+    return f"{gflops / 1000:.1f} TFLOP/s" if gflops >= 1000 else f"{gflops:.2f} GFLOP/s"
 
 
 def fraction_of_peak(report: dict[str, Any], shape: EncoderShape, size: CheckSize, device, precision: str, rng, echo) -> dict[str, Any]:
@@ -421,7 +425,7 @@ def fraction_of_peak(report: dict[str, Any], shape: EncoderShape, size: CheckSiz
         rates["train_paper_way"] = (ttt["paper_way"]["step_flops"] / ttt["paper_way"]["step_s"], PAPER_PRECISION)
     for name, (flops_per_s, fmt) in rates.items():
         result[name] = {"gflops": flops_per_s / 1e9, "precision": fmt, "fraction_of_peak": flops_per_s / 1e9 / peaks[fmt]["gflops"]}
-        echo(f"{name.replace('_', ' ')}: {flops_per_s / 1e12:.2f} TFLOP/s = {result[name]['fraction_of_peak']:.1%} of the {fmt} peak")
+        echo(f"{name.replace('_', ' ')}: {_rate(flops_per_s / 1e9)} = {result[name]['fraction_of_peak']:.1%} of the {fmt} peak")
     encoder = build_tower(shape, device)
     sample = nq_like_texts(rng, min(size.encode_sample, 4096), **_capped(PASSAGE_LENGTHS, size.max_length))
     encode(encoder, sample, 0, OUR_ENCODE_BATCH, device, precision)  # warm, as the timed run was

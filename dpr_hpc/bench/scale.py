@@ -388,7 +388,7 @@ def corpus_summary(report: dict[str, Any]) -> str:
         f"(with bert-base's weights), disk {_gib(enc['disk_bytes']):.2f} GiB (fp32 + fp16 vectors)",
         f"  search-shard task (exact IndexFlatIP, {NQ_TEST_QUESTIONS:,} questions, top-{TOP_K}): {search['wall_s']:.1f} s, "
         f"peak RSS {_gib(search['peak_rss_bytes']):.2f} GiB",
-        f"  all {WIKIPEDIA_SHARDS} shards: vectors {_gib(every['vectors_fp32_bytes']):.1f} GiB in fp32, {_gib(every['vectors_fp16_bytes']):.1f} GiB in fp16; "
+        f"  all {WIKIPEDIA_SHARDS} shards: vectors {_gib(every['vectors_fp32_bytes']):.1f} GiB ({every['vectors_fp32_bytes'] / 1e9:.1f} GB) in fp32, {_gib(every['vectors_fp16_bytes']):.1f} GiB in fp16; "
         f"search {every['search_wall_s'] / 3600:.2f} h of tasks on this node",
         f"  {gpu_words}",
     ]
