@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from dpr_hpc.bench.scale import NQ_POOL, PhaseRun, hnsw_scaling, phase_runs, summarise
+from dpr_hpc.bench.scale import BERT_BASE_BYTES, NQ_POOL, PhaseRun, corpus_summary, gpu_encode_rate, hnsw_scaling, phase_runs, summarise
+from dpr_hpc.errors import UsageError
 from dpr_hpc.cli.main import main
 
 
@@ -51,7 +52,7 @@ def test_a_written_report_gives_back_its_phases_and_their_summary():
 
 
 def test_quick_run_reports_every_phase_with_its_own_figures_and_flags_extrapolations(tmp_path, capsys):
-    assert main(["bench", "--scale", "--quick", "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")]) == 0
+    assert main(["bench", "--scale", "--quick", "--corpus-passages", "0", "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")]) == 0
     (written,) = (tmp_path / "results").glob("bench-scale-*.json")
     report = json.loads(written.read_text())
     assert report["node"]["hostname"] and report["full_nq"] == {"train_questions": 58_880, "pool_passages": 935_159}
@@ -78,7 +79,84 @@ def test_quick_run_reports_every_phase_with_its_own_figures_and_flags_extrapolat
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--scale", "--train-fraction", "0"], "--train-fraction 0.0: expected a fraction in (0, 1]"),
     (["bench", "--dev-fraction", "0.5"], "--train-fraction, --dev-fraction and --work go with --scale"),
+    (["bench", "--corpus-only"], "--corpus-passages, --corpus-only and --gpu-check go with --scale"),
+    (["bench", "--scale", "--corpus-passages", "-5"], "--corpus-passages -5: expected a number of passages"),
+    (["bench", "--scale", "--corpus-only", "--corpus-passages", "0"], "--corpus-passages 0: expected a number of passages"),
 ])
 def test_bad_scale_arguments_are_usage_errors(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def corpus_runs(passages: int = 1000) -> list[PhaseRun]:
+    encode = run("corpus-encode-shard", 10.0, 5000, 400, None, passages=passages, vectors_bytes=passages * 3072, model_bytes=100,
+                 rss_per_passage_bytes=3800, rss_libraries_bytes=300)
+    search = run("corpus-search-shard", 2.0, 4000, 300, None, passages=passages, vectors_bytes=passages * 3072, model_bytes=0,
+                 rss_per_passage_bytes=3072, rss_libraries_bytes=300)
+    merge = run("corpus-merge", 1.5, 900, 800, None, questions=3610, shards=50, k=100)
+    return [encode, search, merge]
+
+
+def test_the_corpus_phase_extrapolates_each_shard_task_to_wikipedia_in_50_shards_and_says_so():
+    corpus = summarise(corpus_runs())["corpus"]
+    assert corpus["extrapolated"] and corpus["corpus"] == {"passages": 21_015_324, "shards": 50, "shard_passages": 420_307, "questions": 3610}
+    assert corpus["factor"] == pytest.approx(420.307)
+    encode = corpus["encode_task"]
+    assert encode["wall_s"] == pytest.approx(4203.07) and encode["disk_bytes"] == int(10 * 420.307)
+    # Only what grows with the passages scales; the tiny encoder's weights give way to bert-base's.
+    assert encode["peak_rss_bytes"] == int(5000 + 3800 * (420_307 - 1000) - 100 + BERT_BASE_BYTES)
+    assert encode["rss_ratio"] == pytest.approx(encode["peak_rss_bytes"] / (420_307 * 3072 + BERT_BASE_BYTES))
+    assert corpus["search_task"]["peak_rss_bytes"] == 4000 + 3072 * (420_307 - 1000)
+    assert corpus["all_shards"]["vectors_fp32_bytes"] == 21_015_324 * 768 * 4 == 2 * corpus["all_shards"]["vectors_fp16_bytes"]
+    assert corpus["merge"] == {"wall_s": 1.5, "questions": 3610, "measured": True}
+    assert corpus["gpu_hours"]["hours"] is None and corpus["gpu_hours"]["note"].startswith("none measured")
+    text = corpus_summary({"corpus": corpus})
+    assert "EXTRAPOLATED x420 from a synthetic shard of 1,000" in text and "GPU-hours: none measured" in text
+
+
+def test_the_corpus_goals_judge_shard_memory_as_run_and_at_a_real_shard_and_the_merge_time():
+    goals = {goal["goal"]: goal for goal in summarise(corpus_runs())["goals"]}
+    assert set(goals) == {"encode-shard peak RSS <= 1.5x vectors + model, real shard", "search-shard peak RSS <= 1.5x vectors + model, real shard",
+                          "encode-shard peak RSS <= 1.5x vectors + model, as run", "search-shard peak RSS <= 1.5x vectors + model, as run",
+                          "merge 3,610 x 50 shards x top-100 <= 60 s"}
+    assert goals["merge 3,610 x 50 shards x top-100 <= 60 s"]["met"] and goals["merge 3,610 x 50 shards x top-100 <= 60 s"]["measured"] == "1.50 s"
+    assert goals["search-shard peak RSS <= 1.5x vectors + model, as run"]["met"] is True  # 4000 <= 1.5 x 3,072,000
+    assert goals["search-shard peak RSS <= 1.5x vectors + model, real shard"]["extrapolated"] is True
+
+
+def test_a_gpu_check_report_prices_encoding_wikipedia_in_gpu_hours(tmp_path):
+    report = tmp_path / "gpu-check-node-1.json"
+    report.write_text(json.dumps({"smoke": False, "node": {"gpu_name": "NVIDIA H100 80GB HBM3"},
+                                  "pei": {"sample": 16384, "ours": {"sample_s": 4.0, "precision": "bf16"}}}))
+    rate = gpu_encode_rate(report)
+    assert rate["passages_per_s"] == 4096 and rate["gpu"] == "NVIDIA H100 80GB HBM3"
+    gpu = summarise(corpus_runs(), rate)["corpus"]["gpu_hours"]
+    assert gpu["hours"] == pytest.approx(21_015_324 / 4096 / 3600) and gpu["per_shard_hours"] == pytest.approx(gpu["hours"] / 50)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "expected a `dpr-hpc gpu-check` report"),
+    (json.dumps({"pei": {"skipped": "--budget-s 1 ran out"}}), "expected a `dpr-hpc gpu-check` report"),
+    (json.dumps({"smoke": True, "pei": {"sample": 64, "ours": {"sample_s": 1.0}}}), "a --smoke report"),
+])
+def test_a_file_that_is_no_gpu_measurement_is_refused_by_name(tmp_path, content, message):
+    report = tmp_path / "report.json"
+    report.write_text(content)
+    with pytest.raises(UsageError, match=message) as refused:
+        gpu_encode_rate(report)
+    assert str(report) in str(refused.value)
+
+
+def test_the_corpus_phase_alone_measures_each_shard_task_in_its_own_process(tmp_path, capsys):
+    assert main(["bench", "--scale", "--quick", "--corpus-only", "--corpus-passages", "300", "--out", str(tmp_path / "results")]) == 0
+    (written,) = (tmp_path / "results").glob("bench-scale-*.json")
+    report = json.loads(written.read_text())
+    assert [row["phase"] for row in report["phases"]] == ["corpus-encode-shard", "corpus-search-shard", "corpus-merge"]
+    encode, search, merge = report["phases"]
+    assert encode["peak_rss_bytes"] > 0 and encode["details"]["passages"] == 300
+    assert encode["details"]["fp16_bytes"] < encode["details"]["fp32_bytes"] < encode["disk_bytes"]  # both written, and the ids
+    assert search["details"]["questions"] == 200 and merge["details"]["shards"] == 50
+    assert report["corpus"]["extrapolated"] and report["corpus"]["gpu_hours"]["hours"] is None
+    assert len(report["goals"]) == 5 and "hnsw_scaling" not in report
+    out = capsys.readouterr().out
+    assert "Wikipedia (21,015,324 passages in 50 shards of 420,307), EXTRAPOLATED" in out and "| phase |" not in out

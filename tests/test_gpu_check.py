@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dpr_hpc.cli.main import main
-from dpr_hpc.bench.gpu_check import SHAPES, SMOKE_SHAPES, Budget, build_tower
+from dpr_hpc.bench.gpu_check import PEAK_TFLOPS, SHAPES, SMOKE_SHAPES, Budget, build_tower, card_peak, datasheet_peak
 
 
 def test_smoke_run_reports_every_measurement_tagged_and_flags_extrapolations(tmp_path, capsys):
@@ -25,7 +25,18 @@ def test_smoke_run_reports_every_measurement_tagged_and_flags_extrapolations(tmp
     assert report["pei"]["extrapolated"] and report["pei"]["paper_way"]["pool_s"] > report["pei"]["paper_way"]["sample_s"] > 0
     assert report["ttt"]["extrapolated"] and report["ttt"]["ours"]["ttt_s"] == pytest.approx(report["ttt"]["ours"]["epoch_s"] * 40)
     assert report["ttt"]["paper_way"]["pad_to"] is not None and report["ttt"]["ours"]["pad_to"] is None
-    assert "extrapolated" in capsys.readouterr().out
+    # The fraction-of-peak path: on the CPU, against the matmul peak this run measured.
+    fractions = report["fraction_of_peak"]
+    peak = fractions["peaks"][report["precision"]]
+    assert peak["source"].startswith("measured") and peak["gflops"] == peak["measured_matmul_gflops"] > 0
+    for name in ("encode", "train", "encode_paper_way", "train_paper_way"):
+        assert fractions[name]["gflops"] > 0 and fractions[name]["fraction_of_peak"] > 0, name
+    assert fractions["train_paper_way"]["precision"] == "fp32"
+    for profile in (fractions["encode_profile"], fractions["train_profile"]):
+        assert sum(profile["shares"].values()) == pytest.approx(1.0) and profile["clock"] == "cpu"
+    assert "optimiser step (AdamW, clipping)" in fractions["train_profile"]["seconds"]
+    out = capsys.readouterr().out
+    assert "extrapolated" in out and "of the fp32 peak" in out and "where the time goes (train" in out
 
 
 def test_gpu_check_without_a_gpu_is_a_usage_error_unless_smoke(monkeypatch, tmp_path, capsys):
@@ -59,3 +70,36 @@ def test_real_shapes_have_the_published_parameter_counts(name, millions):
     with torch.device("meta"):
         tower = build_tower(SHAPES[name], torch.device("meta"))
     assert sum(p.numel() for p in tower.parameters()) / 1e6 == pytest.approx(millions, abs=0.1)
+
+
+@pytest.mark.parametrize("name, precision, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.5), ("NVIDIA H100 NVL", "fp16", 835.5),
+    ("NVIDIA H200", "bf16", 989.4), ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA A100-PCIE-40GB", "fp32", 19.5),
+    ("NVIDIA A10", "bf16", 125.0), ("NVIDIA L4", "bf16", 121.0), ("NVIDIA L40S", "bf16", 366.0), ("Tesla V100-SXM2-32GB", "fp16", 125.0),
+    ("NVIDIA GeForce RTX 4090", "bf16", 165.2), ("NVIDIA GeForce RTX 3090", "fp16", 71.0), ("NVIDIA TITAN RTX", "fp16", 130.5),
+])
+def test_a_known_card_is_held_to_its_dense_datasheet_peak(name, precision, tflops):
+    gflops, source = datasheet_peak(name, precision)
+    assert gflops == pytest.approx(tflops * 1000) and ("datasheet" in source or "whitepaper" in source)
+
+
+def test_a_card_or_precision_the_table_does_not_know_has_no_datasheet_peak():
+    assert datasheet_peak("NVIDIA A10G", "bf16") is None  # not the A10, whose row must not catch it
+    assert datasheet_peak("Tesla V100-SXM2-32GB", "bf16") is None  # Volta has no bf16 tensor cores
+    assert all(source for _, _, source in PEAK_TFLOPS)  # every figure says where it comes from
+
+
+def test_an_unknown_gpu_is_held_to_the_matmul_peak_measured_in_the_run(monkeypatch):
+    from types import SimpleNamespace
+
+    import dpr_hpc.bench.stages as stages
+    import dpr_hpc.provenance as provenance
+
+    monkeypatch.setattr(stages, "_matmul_peak", lambda precision, device: 1234.0)
+    monkeypatch.setattr(provenance, "device_tags", lambda: {"device": "cuda", "gpu_name": "Imaginary GPU 9000"})
+    lines: list[str] = []
+    peak = card_peak(SimpleNamespace(type="cuda"), "bf16", lines.append)
+    assert peak["gflops"] == 1234.0 and not peak["datasheet"] and "Imaginary GPU 9000 is not in PEAK_TFLOPS" in peak["source"]
+    monkeypatch.setattr(provenance, "device_tags", lambda: {"device": "cuda", "gpu_name": "NVIDIA H100 80GB HBM3"})
+    peak = card_peak(SimpleNamespace(type="cuda"), "bf16", lines.append)
+    assert peak["gflops"] == pytest.approx(989_400) and peak["datasheet"] and peak["measured_matmul_gflops"] == 1234.0

@@ -14,14 +14,21 @@ ids with NQ-like lengths. Every figure comes from the stages' own code:
     padded to 256, fp32, batch 512, input order) and ours (length-sorted, per-batch padding,
     precision `auto`), each timed on a fixed sample and extrapolated, and flagged so;
 (d) TTT per epoch of 58,880 questions and for 40 epochs, extrapolated from timed steps, next to
-    the paper's 14 h 42 min.
+    the paper's 14 h 42 min;
+(e) how close (c) and (d) come to the card: our encode and train FLOP rates against the GPU's
+    tensor-core peak for the precision that ran (the vendor's dense figure from PEAK_TFLOPS, or,
+    for a card not in it, the matrix-multiply peak measured in this run), and a profiled run of
+    each that says where the time goes (matmul kernels against softmax, GELU, LayerNorm, the
+    optimiser, the GPU idle), as `dpr-hpc bench` does on a CPU.
 
 `--smoke` runs the same code on tiny shapes on the CPU in seconds: the test suite runs it, so
-the script cannot rot while no GPU is at hand. `--budget-s` skips what would not fit.
+the script cannot rot while no GPU is at hand; its fractions are of the CPU's matrix-multiply
+peak measured in the run. `--budget-s` skips what would not fit.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -29,6 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dpr_hpc.bench.stages import encoder_flops, spread
 from dpr_hpc.errors import UsageError
 
 NQ_TRAIN_QUESTIONS = 58_880
@@ -70,6 +78,43 @@ SMOKE_FIELDS = {"hidden_size": 32, "dim": 32, "num_hidden_layers": 2, "n_layers"
                 "intermediate_size": 64, "hidden_dim": 64, "embedding_size": 16}
 SMOKE_SHAPES = {name: EncoderShape(s.family, {key: SMOKE_FIELDS[key] for key in s.fields}, s.paper_batch) for name, s in SHAPES.items()}
 BASE = "bert-base-uncased"
+
+
+# Dense (no 2:4 sparsity) peak TFLOP/s per precision, from the vendor's datasheet or architecture
+# whitepaper; where a datasheet gives only the sparse figure (marked *), it is halved, as its
+# footnote says ("specifications 1/2 lower without sparsity"). fp32 is the plain CUDA-core
+# figure: PyTorch runs fp32 matmuls without TF32 unless asked (allow_tf32 is off by default),
+# so the paper's fp32 runs are held to it. GeForce cards: tensor cores at fp32 accumulate (what
+# PyTorch's autocast uses), which on them is half the fp16-accumulate rate. First match wins,
+# so a variant (PCIe, NVL) precedes its family's SXM figures.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float], str], ...] = (
+    (r"h100.*nvl", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}, "NVIDIA H100 datasheet (H100 NVL column, *halved)"),
+    (r"h100.*pcie", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5, "fp16": 756.5}, "NVIDIA H100 datasheet (H100 PCIe column, *halved)"),
+    (r"h100", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}, "NVIDIA H100 datasheet (H100 SXM column, *halved)"),
+    (r"h200.*nvl", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}, "NVIDIA H200 datasheet (H200 NVL column, *halved)"),
+    (r"h200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}, "NVIDIA H200 datasheet (H200 SXM column, *halved)"),
+    (r"a100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}, "NVIDIA A100 datasheet (dense figures; 40 and 80 GB alike)"),
+    (r"l40s", {"fp32": 91.6, "tf32": 183.0, "bf16": 366.0, "fp16": 366.0}, "NVIDIA L40S datasheet (*halved)"),
+    (r"\bl4\b", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}, "NVIDIA L4 datasheet (*halved)"),
+    (r"\ba40\b", {"fp32": 37.4, "tf32": 74.8, "bf16": 149.7, "fp16": 149.7}, "NVIDIA A40 datasheet (*halved)"),
+    (r"\ba10\b", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}, "NVIDIA A10 datasheet (*halved)"),
+    (r"a6000", {"fp32": 38.7, "tf32": 77.4, "bf16": 154.8, "fp16": 154.8}, "NVIDIA RTX A6000 datasheet (*halved)"),
+    (r"v100.*pcie", {"fp32": 14.0, "fp16": 112.0}, "NVIDIA V100 datasheet (PCIe column; no bf16 tensor cores)"),
+    (r"v100", {"fp32": 15.7, "fp16": 125.0}, "NVIDIA V100 datasheet (SXM2 column; no bf16 tensor cores)"),
+    (r"\bt4\b", {"fp32": 8.1, "fp16": 65.0}, "NVIDIA T4 datasheet (mixed precision fp16/fp32; no bf16 tensor cores)"),
+    (r"titan rtx", {"fp32": 16.3, "fp16": 130.5}, "NVIDIA Turing architecture whitepaper, Titan RTX (fp16 tensor, fp32 accumulate)"),
+    (r"4090", {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2, "fp16": 165.2}, "NVIDIA Ada Lovelace architecture whitepaper, RTX 4090 (fp32 accumulate, dense)"),
+    (r"3090", {"fp32": 35.6, "tf32": 35.6, "bf16": 71.0, "fp16": 71.0}, "NVIDIA Ampere GA102 architecture whitepaper, RTX 3090 (fp32 accumulate, dense)"),
+)
+
+
+def datasheet_peak(gpu_name: str, precision: str) -> tuple[float, str] | None:
+    """The card's dense peak GFLOP/s for `precision`, and where the figure comes from; None for
+    a card (or a precision on it) the table does not know."""
+    for pattern, peaks, source in PEAK_TFLOPS:
+        if re.search(pattern, gpu_name.lower()):
+            return (peaks[precision] * 1000, source) if precision in peaks else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -129,6 +174,8 @@ def run_gpu_check(smoke: bool = False, budget_s: float = 480.0, echo: Callable[[
     report["grad_cache"] = budget.run("gradient cache", lambda: grad_cache_vs_plain(shapes[BASE], size, largest_plain, device, report["precision"], rng, echo), echo)
     report["pei"] = budget.run("PEI encoding", lambda: pei_encoding(shapes[BASE], size, device, report["precision"], rng, echo), echo)
     report["ttt"] = budget.run("TTT", lambda: ttt_per_epoch(shapes[BASE], size, device, report["precision"], rng, echo), echo)
+    report["fraction_of_peak"] = budget.run(
+        "fraction of peak", lambda: fraction_of_peak(report, shapes[BASE], size, device, report["precision"], rng, echo), echo)
     report["finished_at"] = now_iso()
     return report
 
@@ -218,12 +265,16 @@ def grad_cache_vs_plain(shape: EncoderShape, size: CheckSize, plain_batch: int, 
 
 
 def time_train_steps(shape: EncoderShape, size: CheckSize, batch: int, chunk: int, device, precision: str, rng,
-                     pad_to: int | None = None) -> dict[str, Any]:
+                     pad_to: int | None = None, profile: dict[str, Any] | None = None) -> dict[str, Any]:
     """The train stage's step (backward_batch, clip_and_step) on two towers with AdamW: the
-    median of `train_steps` timed steps after one untimed, and the peak GPU memory."""
+    median of `train_steps` timed steps after one untimed, the peak GPU memory, and the
+    step's FLOPs (3x its forward pass: the backward computes twice the forward's). With
+    `profile`, the timed steps run under the profiler and its breakdown goes into it."""
+    import contextlib
+
     import torch
 
-    from dpr_hpc.bench.stages import nq_like_texts
+    from dpr_hpc.bench.stages import nq_like_texts, optimiser_label, profiling
     from dpr_hpc.grid.config import TrainConfig
     from dpr_hpc.modeling.batch_probe import release_memory
     from dpr_hpc.modeling.batching import rows_of
@@ -239,21 +290,28 @@ def time_train_steps(shape: EncoderShape, size: CheckSize, batch: int, chunk: in
     passages = nq_like_texts(rng, 2 * batch, **_capped(PASSAGE_LENGTHS, size.max_length))  # positives, then hard negatives
     question_chunks = padded_chunks(rows_of(questions, range(batch)), chunk, device, pad_to)
     passage_chunks = padded_chunks(rows_of(passages, range(2 * batch)), chunk, device, pad_to)
+    forward_flops = sum(encoder_flops([tuple(c["input_ids"].shape) for c in chunks], *model_dims(shape)) for chunks in (question_chunks, passage_chunks))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for step in range(size.train_steps + 1):  # the first warms up, untimed
+
+    def step() -> float:
         synchronize(device)
         began = time.perf_counter()
         backward_batch(*towers, question_chunks, passage_chunks, bool(chunk), precision, device, scaler)
-        clip_and_step(parameters, optimizer, scaler, TrainConfig.max_grad_norm)
+        with optimiser_label():
+            clip_and_step(parameters, optimizer, scaler, TrainConfig.max_grad_norm)
         synchronize(device)
-        if step:
-            times.append(time.perf_counter() - began)
+        return time.perf_counter() - began
+
+    step()  # warms up, untimed
+    with profiling(device, profile) if profile is not None else contextlib.nullcontext():
+        times = [step() for _ in range(size.train_steps)]
     peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
     del towers, optimizer, parameters
     release_memory()
     return {"batch": batch, "chunk": chunk or None, "step_s": statistics.median(times), "steps_timed": len(times),
+            "step_s_spread": spread(times), "step_flops": 3 * forward_flops,
             "peak_gpu_gb": peak, "precision": precision, "pad_to": pad_to}
 
 
@@ -274,20 +332,25 @@ def _capped(lengths: dict[str, int], max_length: int) -> dict[str, int]:
 def pei_encoding(shape: EncoderShape, size: CheckSize, device, precision: str, rng, echo) -> dict[str, Any]:
     """Encoding time of the pool, the paper's way and ours, each timed on the same sample of
     `encode_sample` passages and extrapolated linearly to the 935,159 of NQ's dev pool."""
-    from dpr_hpc.bench.stages import nq_like_texts
+    from dpr_hpc.bench.stages import encode_batch_shapes, nq_like_texts
     from dpr_hpc.modeling.batch_probe import release_memory
-    from dpr_hpc.modeling.encoding import encode
+    from dpr_hpc.modeling.encoding import PAD_MULTIPLE, encode
 
     encoder = build_tower(shape, device)
     passages = nq_like_texts(rng, size.encode_sample, **_capped(PASSAGE_LENGTHS, size.max_length))
-    paper = encode(encoder, passages, 0, PAPER_ENCODE_BATCH, device, PAPER_PRECISION, sort=False, pad_to=min(PAPER_PAD, size.max_length))
+    pad_to = min(PAPER_PAD, size.max_length)
+    paper = encode(encoder, passages, 0, PAPER_ENCODE_BATCH, device, PAPER_PRECISION, sort=False, pad_to=pad_to)
     ours = encode(encoder, passages, 0, OUR_ENCODE_BATCH, device, precision)
     del encoder
     release_memory()
     factor = NQ_POOL / size.encode_sample
+    dims = model_dims(shape)
     result = {"sample": size.encode_sample, "factor": factor, "extrapolated": True,
-              "paper_way": {"sample_s": paper.encode_s, "pool_s": paper.encode_s * factor, "batch": PAPER_ENCODE_BATCH, "precision": PAPER_PRECISION, "pad_to": PAPER_PAD},
-              "ours": {"sample_s": ours.encode_s, "pool_s": ours.encode_s * factor, "batch": OUR_ENCODE_BATCH, "precision": precision},
+              "paper_way": {"sample_s": paper.encode_s, "pool_s": paper.encode_s * factor, "batch": PAPER_ENCODE_BATCH, "precision": PAPER_PRECISION, "pad_to": PAPER_PAD,
+                            "sample_flops": encoder_flops([(len(passages), pad_to)], *dims)},
+              "ours": {"sample_s": ours.encode_s, "pool_s": ours.encode_s * factor, "batch": OUR_ENCODE_BATCH, "precision": precision,
+                       "sample_flops": encoder_flops(encode_batch_shapes(passages.lengths, OUR_ENCODE_BATCH, PAD_MULTIPLE), *dims),
+                       "passages_per_s": len(passages) / ours.encode_s},
               "note": "encoding only; PEI adds the HNSW build, on the CPU (see `dpr-hpc bench --scale`)"}
     echo(f"encoding the 935,159-passage pool with bert-base (extrapolated x{factor:.1f} from {size.encode_sample:,}): the paper's way "
          f"{result['paper_way']['pool_s'] / 60:.1f} min, ours {result['ours']['pool_s'] / 60:.1f} min; the paper's PEI (incl. index) 2 h 40 min")
@@ -306,4 +369,76 @@ def ttt_per_epoch(shape: EncoderShape, size: CheckSize, device, precision: str, 
         result[way] = {**timed, "epoch_s": epoch_s, "ttt_s": epoch_s * PAPER_EPOCHS}
     echo(f"TTT, bert-base at batch {shape.paper_batch}, 40 epochs (extrapolated from {size.train_steps} steps): the paper's way "
          f"{result['paper_way']['ttt_s'] / 3600:.1f} h, ours {result['ours']['ttt_s'] / 3600:.1f} h; the paper measured 14 h 42 min")
+    return result
+
+
+def model_dims(shape: EncoderShape) -> tuple[int, int, int]:
+    """(hidden, layers, feed-forward width) of a family's config: what encoder_flops counts.
+    (ELECTRA's small embedding projection is left out: it is under 1% of its FLOPs.)"""
+    f = shape.fields
+    if shape.family == "distilbert":
+        return f["dim"], f["n_layers"], f["hidden_dim"]
+    return f["hidden_size"], f["num_hidden_layers"], f["intermediate_size"]
+
+
+def card_peak(device, precision: str, echo) -> dict[str, Any]:
+    """The peak a FLOP rate is held to: the card's dense datasheet figure for `precision` where
+    PEAK_TFLOPS knows the card, else (an unknown card, or the CPU in --smoke) the best
+    matrix-multiply rate measured here; the measured one is reported beside it either way."""
+    from dpr_hpc.bench.stages import _matmul_peak
+    from dpr_hpc.provenance import device_tags
+
+    measured = _matmul_peak(precision, device)
+    name = device_tags().get("gpu_name") if device.type == "cuda" else None
+    listed = datasheet_peak(name, precision) if name else None
+    if listed is not None:
+        gflops, source = listed
+    else:
+        gflops = measured
+        source = (f"measured: best {precision} matrix multiply in this run ("
+                  + (f"{name} is not in PEAK_TFLOPS)" if name else "the CPU, --smoke)"))
+    echo(f"peak {precision}: {_rate(gflops)} ({source}); measured matmul {_rate(measured)}")
+    return {"gflops": gflops, "source": source, "measured_matmul_gflops": measured, "precision": precision, "datasheet": listed is not None}
+
+
+def _rate(gflops: float) -> str:
+    return f"{gflops / 1000:.1f} TFLOP/s" if gflops >= 1000 else f"{gflops:.2f} GFLOP/s"
+
+
+def fraction_of_peak(report: dict[str, Any], shape: EncoderShape, size: CheckSize, device, precision: str, rng, echo) -> dict[str, Any]:
+    """Our encode and train FLOP rates (from the PEI and TTT measurements above: bert-base, our
+    way) against the card's peak for the precision that ran, the paper's way against the fp32
+    peak, and a profiled run of each saying where the time goes."""
+    from dpr_hpc.bench.stages import encode_batch_shapes, nq_like_texts, profile_call, profile_words, with_peak
+    from dpr_hpc.modeling.batch_probe import release_memory
+    from dpr_hpc.modeling.encoding import PAD_MULTIPLE, encode
+
+    peaks = {p: card_peak(device, p, echo) for p in dict.fromkeys((precision, PAPER_PRECISION))}
+    result: dict[str, Any] = {"peaks": peaks, "precision": precision}
+    rates: dict[str, tuple[float, str]] = {}
+    pei, ttt = report.get("pei", {}), report.get("ttt", {})
+    if "ours" in pei:
+        rates["encode"] = (pei["ours"]["sample_flops"] / pei["ours"]["sample_s"], precision)
+        rates["encode_paper_way"] = (pei["paper_way"]["sample_flops"] / pei["paper_way"]["sample_s"], PAPER_PRECISION)
+    if "ours" in ttt:
+        rates["train"] = (ttt["ours"]["step_flops"] / ttt["ours"]["step_s"], precision)
+        rates["train_paper_way"] = (ttt["paper_way"]["step_flops"] / ttt["paper_way"]["step_s"], PAPER_PRECISION)
+    for name, (flops_per_s, fmt) in rates.items():
+        result[name] = {"gflops": flops_per_s / 1e9, "precision": fmt, "fraction_of_peak": flops_per_s / 1e9 / peaks[fmt]["gflops"]}
+        echo(f"{name.replace('_', ' ')}: {_rate(flops_per_s / 1e9)} = {result[name]['fraction_of_peak']:.1%} of the {fmt} peak")
+    encoder = build_tower(shape, device)
+    sample = nq_like_texts(rng, min(size.encode_sample, 4096), **_capped(PASSAGE_LENGTHS, size.max_length))
+    encode(encoder, sample, 0, OUR_ENCODE_BATCH, device, precision)  # warm, as the timed run was
+    result["encode_profile"] = with_peak(profile_call(lambda: encode(encoder, sample, 0, OUR_ENCODE_BATCH, device, precision), device),
+                                         peaks[precision]["gflops"])
+    del encoder
+    release_memory()
+    result["train_profile"] = {}
+    time_train_steps(shape, size, shape.paper_batch, 0, device, precision, rng, profile=result["train_profile"])
+    result["train_profile"] = with_peak(result["train_profile"], peaks[precision]["gflops"])
+    for name in ("encode", "train"):
+        echo(profile_words(name, result[f"{name}_profile"], precision))
+    result["encode_profile"]["passages"] = len(sample)
+    result["note"] = ("FLOPs are counted from the model's shapes (projections, feed-forward, attention products; a training step "
+                      "3x its forward); the profiles' matmul rate is the profiler's own count over the mm/addmm/bmm kernels")
     return result

@@ -237,11 +237,17 @@ def _parser() -> argparse.ArgumentParser:
         "--scale", action="store_true",
         help="instead: every stage phase (parse, prepare, map, tokenise, encode, HNSW M=512 build, search) on NQ-shaped data, "
         "each in its own process: wall time, peak RSS and disk, extrapolated to full NQ where a fraction ran "
-        "(about 30 min and 7 GB of scratch on 2 CPU cores)",
+        "(about 30 min and 7 GB of scratch on 2 CPU cores), then the corpus phase: a synthetic 1 M-passage Wikipedia shard encoded, "
+        "searched and merged, extrapolated to 21 M passages in 50 shards (about 10 min and 5 GB more)",
     )
     bench.add_argument("--train-fraction", type=float, help="--scale: the share of NQ's 58,880 train questions generated (default 1.0)")
     bench.add_argument("--dev-fraction", type=float, help="--scale: the share of NQ's 935,159-passage dev pool generated (default 1.0)")
     bench.add_argument("--work", type=Path, help="--scale: keep the generated data, caches and indexes in this folder (default: a temporary one)")
+    bench.add_argument("--corpus-passages", type=int,
+                       help="--scale: passages in the synthetic Wikipedia shard of the corpus phase (default 1,000,000; 0 skips the phase)")
+    bench.add_argument("--corpus-only", action="store_true", help="--scale: only the corpus phase (encode-shard, search-shard, merge)")
+    bench.add_argument("--gpu-check", type=Path, metavar="REPORT",
+                       help="--scale: a `dpr-hpc gpu-check` report whose encode rate prices encoding Wikipedia in GPU-hours")
     bench.set_defaults(handler=_bench)
 
     gpu_check = commands.add_parser(
@@ -722,6 +728,8 @@ def _bench(args: argparse.Namespace) -> int:
         return _bench_scale(args)
     if (args.train_fraction, args.dev_fraction, args.work) != (None, None, None):
         raise UsageError("--train-fraction, --dev-fraction and --work go with --scale")
+    if (args.corpus_passages, args.gpu_check) != (None, None) or args.corpus_only:
+        raise UsageError("--corpus-passages, --corpus-only and --gpu-check go with --scale")
     if args.control_path:
         from dpr_hpc.bench.control_path import run_control_benchmark
 
@@ -738,17 +746,23 @@ def _bench(args: argparse.Namespace) -> int:
 def _bench_scale(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from dpr_hpc.bench.scale import FULL_CPU, QUICK, hnsw_summary, run_scale_benchmark, table
+    from dpr_hpc.bench.scale import FULL_CPU, QUICK, corpus_summary, hnsw_summary, run_scale_benchmark, table
 
     size = QUICK if args.quick else FULL_CPU
     for flag, value in (("--train-fraction", args.train_fraction), ("--dev-fraction", args.dev_fraction)):
         if value is not None and not 0 < value <= 1:
             raise UsageError(f"{flag} {value}: expected a fraction in (0, 1]")
-    size = replace(size, train_fraction=args.train_fraction or size.train_fraction, dev_fraction=args.dev_fraction or size.dev_fraction)
-    report = run_scale_benchmark(size, args.work, echo=lambda line: print(line, flush=True))
+    if args.corpus_passages is not None and (args.corpus_passages < 0 or (args.corpus_only and args.corpus_passages == 0)):
+        raise UsageError(f"--corpus-passages {args.corpus_passages}: expected a number of passages (0 skips the corpus phase, so not with --corpus-only)")
+    size = replace(size, train_fraction=args.train_fraction or size.train_fraction, dev_fraction=args.dev_fraction or size.dev_fraction,
+                   corpus_passages=size.corpus_passages if args.corpus_passages is None else args.corpus_passages)
+    report = run_scale_benchmark(size, args.work, echo=lambda line: print(line, flush=True), gpu_check_report=args.gpu_check, nq=not args.corpus_only)
     print()
-    print(table(report))
-    print(hnsw_summary(report))
+    if not args.corpus_only:
+        print(table(report))
+        print(hnsw_summary(report))
+    if report.get("corpus"):
+        print(corpus_summary(report))
     _print_goals(report["goals"])
     _write_report(report, args.out, "bench-scale")
     return 0
