@@ -184,7 +184,7 @@ def test_a_job_loads_the_commit_its_spec_names_even_when_the_cache_has_moved_on(
 
     from dpr_hpc.grid import load_grid
     from dpr_hpc.planning.plan import make_plan
-    from dpr_hpc.store.runs import save_plan
+    from dpr_hpc.store.bindings import save_plan
 
     repo = cache_hub_model(hub_cache, "bert-base-uncased", demo_assets / "models" / "tiny-bert")
     grid = hub_grid(tmp_path, demo_assets)

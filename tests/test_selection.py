@@ -19,7 +19,7 @@ from dpr_hpc.grid import load_grid
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.planning.plan import StageJob, make_plan
 from dpr_hpc.store.records import Records
-from dpr_hpc.store.runs import save_plan
+from dpr_hpc.store.bindings import save_plan
 from dpr_hpc.planning.selection import Selection
 from test_status import complete
 

@@ -36,7 +36,7 @@ def check_records(plan: Plan, records: Records) -> dict[StageJob, RecordCheck]:
 def rerun_reasons(plan: Plan, checks: dict[StageJob, RecordCheck], history: dict, records: Records) -> dict[StageJob, str]:
     """Why each job that is not complete runs again, for those that ran before: its own record is
     stale, or it replaces an earlier key's record of the same cell (an input's content changed)."""
-    from dpr_hpc.store.runs import superseded
+    from dpr_hpc.store.bindings import superseded
 
     reasons = {}
     for job, check in checks.items():

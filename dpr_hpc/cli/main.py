@@ -379,7 +379,7 @@ def _fetch_hub_models(grid, layout: RunLayout, update: bool) -> dict[str, str | 
     folder's models.json. The stage jobs run offline. A model neither cached nor reachable is a
     grid error naming it."""
     from dpr_hpc.inputs.hub import HubPins, HubUnreachableError, hub_cache_dir, sync_pins
-    from dpr_hpc.store.runs import record_hub_models
+    from dpr_hpc.store.bindings import record_hub_models
 
     models = list(dict.fromkeys(model for cell in grid.cells for model in cell.hub_models))
     pins_file = HubPins(layout.store.hub_pins_file)
@@ -430,7 +430,7 @@ def _submit(args: argparse.Namespace) -> int:
     if backend == "slurm" and not slurm_queue.slurm_available():
         raise UsageError("--backend slurm: no sbatch on PATH here")
     local_limits = _local_limits(args) if backend == "local" else {}
-    from dpr_hpc.store.runs import bind_grid, check_binding
+    from dpr_hpc.store.bindings import bind_grid, check_binding
 
     from dpr_hpc.inputs.hub import uncached
 
@@ -460,7 +460,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _prefetch(args: argparse.Namespace) -> int:
     from dpr_hpc.grid import load_grid
-    from dpr_hpc.store.runs import bind_grid, check_binding
+    from dpr_hpc.store.bindings import bind_grid, check_binding
 
     grid = load_grid(args.grid, require_data=False)
     layout = RunLayout.for_grid(grid.name, args.runs_root)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from dpr_hpc.errors import UsageError
-from dpr_hpc.store.runs import read_marker
+from dpr_hpc.store.markers import read_marker
 from dpr_hpc.store.paths import JobFolder
 
 FOLLOW_POLL_S = 0.5
@@ -41,6 +41,12 @@ def job_logs(folder: JobFolder) -> list[JobLog]:
         noted = read_marker(folder.attempt(number).job_ids) or {}
         attempt_of.update({job_id: number for job_id in noted.get("job_ids", [])})
     return [JobLog(job_id, out, err, attempt_of.get(job_id)) for job_id, out, err in folder.logs()]
+
+
+def latest_log(folder: JobFolder) -> Path | None:
+    """The newest job log (submitit names them <job id>_<task>_log.{out,err})."""
+    logs = sorted(folder.jobs.glob("*_log.err"), key=lambda p: p.stat().st_mtime)
+    return logs[-1] if logs else None
 
 
 def chosen_logs(folder: JobFolder, attempt: int | None) -> list[JobLog]:

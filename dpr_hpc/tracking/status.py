@@ -25,7 +25,9 @@ from dpr_hpc.locks import DEFAULT_STALE_AFTER_S, LockFile, holder_is_stale, pid_
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
 from dpr_hpc.store.records import Records, RecordCheck
-from dpr_hpc.store.runs import cell_history, latest_log, read_marker, resumable, superseded
+from dpr_hpc.store.bindings import cell_history, superseded
+from dpr_hpc.store.markers import read_marker, resumable
+from dpr_hpc.tracking.logs import latest_log
 from dpr_hpc.planning.selection import Selection
 from dpr_hpc.store.paths import JobFolder
 
