@@ -71,8 +71,8 @@ class LogPrinter:
     """Prints what each file has that was not printed yet, under a `==> file <==` header
     whenever the file changes, as `tail` does with several files."""
 
-    def __init__(self, out: TextIO = sys.stdout) -> None:
-        self.out = out
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout  # looked up now, not at import: a caller may have redirected it
         self.offsets: dict[Path, int] = {}
         self.current: Path | None = None
 
