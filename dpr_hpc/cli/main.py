@@ -166,10 +166,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.control_path:
         from dpr_hpc.bench.control_path import run_control_benchmark
 
-        report = run_control_benchmark(echo=lambda line: print(line, flush=True))
+        report = run_control_benchmark(echo=render.echo)
         _write_report(report, args.out, "bench-control")
         return 0
-    report = run_benchmark(quick=args.quick, echo=lambda line: print(line, flush=True))
+    report = run_benchmark(quick=args.quick, echo=render.echo)
     report["goals"] = [{"goal": goal, "met": met, "measured": measured} for goal, met, measured in goals(report)]
     render.goals(report["goals"])
     _write_report(report, args.out, "bench")
@@ -186,7 +186,7 @@ def _bench_scale(args: argparse.Namespace) -> int:
         if value is not None and not 0 < value <= 1:
             raise UsageError(f"{flag} {value}: expected a fraction in (0, 1]")
     size = replace(size, train_fraction=args.train_fraction or size.train_fraction, dev_fraction=args.dev_fraction or size.dev_fraction)
-    report = run_scale_benchmark(size, args.work, echo=lambda line: print(line, flush=True))
+    report = run_scale_benchmark(size, args.work, echo=render.echo)
     print()
     print(table(report))
     print(hnsw_summary(report))
@@ -197,8 +197,9 @@ def _bench_scale(args: argparse.Namespace) -> int:
 
 def _gpu_check(args: argparse.Namespace) -> int:
     from dpr_hpc.bench.gpu_check import run_gpu_check
+
     _quiet_libraries()
-    report = run_gpu_check(smoke=args.smoke, budget_s=args.budget_s, echo=lambda line: print(line, flush=True))
+    report = run_gpu_check(smoke=args.smoke, budget_s=args.budget_s, echo=render.echo)
     _write_report(report, args.out, "gpu-check-smoke" if args.smoke else "gpu-check")
     return 0
 
@@ -222,6 +223,7 @@ def _generate_demo(args: argparse.Namespace) -> int:
     if args.fraction is not None:
         raise UsageError("--fraction: only with --scale nq")
     from dpr_hpc.demo.generate import generate_demo
+
     _quiet_libraries()
     summary = generate_demo(args.out or Path("data/demo"))
     print(f"demo data in {args.out}: {summary['train']} training questions, {summary['dev']} dev questions, "
