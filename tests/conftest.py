@@ -150,7 +150,7 @@ def one_cell_run(data_files: Path, tmp_path: Path):
     from dpr_hpc.grid import load_grid
     from dpr_hpc.store.layout import RunLayout
     from dpr_hpc.planning.plan import make_plan
-    from dpr_hpc.store.runs import save_plan
+    from dpr_hpc.store.bindings import save_plan
 
     grid = write_grid(data_files, ONE_CELL_GRID)
     plan = make_plan(load_grid(grid))
@@ -210,7 +210,7 @@ def run_folder(tmp_path: Path, demo: Path, name: str, every: int = 0, extra: str
     from dpr_hpc.grid import load_grid
     from dpr_hpc.store.layout import RunLayout
     from dpr_hpc.planning.plan import make_plan
-    from dpr_hpc.store.runs import save_plan
+    from dpr_hpc.store.bindings import save_plan
 
     text = textwrap.dedent(GRID.format(name=name, demo=demo, every=every)) + extra  # extra: more lines of the block
     grid_file = write_grid(tmp_path, text, f"{name}.yaml")
@@ -224,7 +224,7 @@ def run_folder(tmp_path: Path, demo: Path, name: str, every: int = 0, extra: str
 def train_folder(layout, cell_id: str):
     """The store folder of the cell's training job."""
     from dpr_hpc.planning.plan import StageJob
-    from dpr_hpc.store.runs import load_plan
+    from dpr_hpc.store.bindings import load_plan
 
     return layout.store.job(StageJob("train", load_plan(layout).keys[cell_id]["train"], 0))
 
@@ -236,7 +236,7 @@ def train_attempt(layout, cell_id: str):
 
 def train_in_process(layout, cell_id: str, stop=None):
     from dpr_hpc.planning.plan import StageJob
-    from dpr_hpc.store.runs import load_plan
+    from dpr_hpc.store.bindings import load_plan
     from dpr_hpc.stages.runner import prepare_io
     from dpr_hpc.stages.train import train
 

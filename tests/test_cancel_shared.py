@@ -8,7 +8,8 @@ from conftest import write_grid
 from dpr_hpc.grid import load_grid
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.planning.plan import make_plan
-from dpr_hpc.store.runs import grids_sharing, save_plan
+from dpr_hpc.store.bindings import save_plan
+from dpr_hpc.store.runs import grids_sharing
 
 GRID = """
     name: {name}

@@ -70,7 +70,7 @@ def test_evaluation_only_dpr_cell_gives_the_classes_own_pooler_output(tiny_dpr, 
     from dpr_hpc.modeling.encoding import encode
     from dpr_hpc.modeling.searcher import load_index
     from dpr_hpc.planning.plan import make_plan
-    from dpr_hpc.store.runs import save_plan
+    from dpr_hpc.store.bindings import save_plan
     from dpr_hpc.stages.common import load_trained_tower
     from dpr_hpc.stages.index import index
     from dpr_hpc.stages.runner import prepare_io

@@ -17,7 +17,7 @@ from dpr_hpc.store.claims import StageClaimedError, claim_stage
 from dpr_hpc.locks import LockFile
 from dpr_hpc.planning.plan import StageJob
 from dpr_hpc.resume.signals import HOLD_ENV, PARKED_SUFFIX
-from dpr_hpc.store.runs import load_plan
+from dpr_hpc.store.bindings import load_plan
 from dpr_hpc.stages.runner import EXIT_CLAIMED
 from dpr_hpc.store.paths import StageStore
 

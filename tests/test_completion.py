@@ -11,7 +11,8 @@ import subprocess
 import pytest
 
 from conftest import run_cli
-from dpr_hpc.cli.main import _parser, main
+from dpr_hpc.cli.main import main
+from dpr_hpc.cli.parser import build_parser as _parser
 from dpr_hpc.cli.completion import FUNCTION, command_options
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")

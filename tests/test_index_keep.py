@@ -11,7 +11,7 @@ from dpr_hpc.grid import load_grid
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.planning.plan import make_plan
 from dpr_hpc.store.records import Records
-from dpr_hpc.store.runs import save_plan
+from dpr_hpc.store.bindings import save_plan
 from dpr_hpc.stages.runner import run_stage_job
 
 

@@ -142,7 +142,7 @@ def paper_cell_run(demo_assets, tmp_path_factory):
     """The cell submitted through the local backend, as a user runs it."""
     from dpr_hpc.store.layout import RunLayout
     from dpr_hpc.store.records import Records
-    from dpr_hpc.store.runs import load_plan
+    from dpr_hpc.store.bindings import load_plan
 
     work = tmp_path_factory.mktemp("paper-protocol")
     grid = write_grid(work, PAPER_CELL.format(demo=demo_assets))

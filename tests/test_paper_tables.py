@@ -14,7 +14,7 @@ from dpr_hpc.grid import load_grid
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.planning.plan import make_plan
 from dpr_hpc.reporting.published import TABLES_FILE, paper_figures
-from dpr_hpc.store.runs import save_plan
+from dpr_hpc.store.bindings import save_plan
 from test_status import complete
 
 EXCERPT = REPO / "tests" / "golden" / "paper_tables.md"  # Tables 2-5 as the paper's text prints them

@@ -184,7 +184,7 @@ def test_a_job_loads_the_commit_its_spec_names_even_when_the_cache_has_moved_on(
 
     from dpr_hpc.grid import load_grid
     from dpr_hpc.planning.plan import make_plan
-    from dpr_hpc.store.runs import save_plan
+    from dpr_hpc.store.bindings import save_plan
 
     repo = cache_hub_model(hub_cache, "bert-base-uncased", demo_assets / "models" / "tiny-bert")
     grid = hub_grid(tmp_path, demo_assets)
@@ -199,14 +199,14 @@ def test_a_job_loads_the_commit_its_spec_names_even_when_the_cache_has_moved_on(
     assert layout.store.job(index).result.is_file()
 
 
-def test_local_jobs_start_with_the_hub_offline_and_the_submitter_keeps_its_environment(data_files, tmp_path, monkeypatch):
+def test_local_jobs_start_with_the_hub_offline_and_the_submitter_keeps_its_environment(cached_x_y, data_files, tmp_path, monkeypatch):
     import submitit
 
-    from conftest import one_cell_run
-    from dpr_hpc.backends.local import LocalBackend
+    import dpr_hpc
+    from conftest import ONE_CELL_GRID
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    layout, plan, _ = one_cell_run(data_files, tmp_path)
+    grid = write_grid(data_files, ONE_CELL_GRID)
     seen: dict[str, str] = {}
 
     class Started(Exception):
@@ -218,6 +218,6 @@ def test_local_jobs_start_with_the_hub_offline_and_the_submitter_keeps_its_envir
 
     monkeypatch.setattr(submitit.LocalExecutor, "submit", start)
     with pytest.raises(Started):
-        LocalBackend(layout, plan).submit(data_files / "grid.yaml")
+        dpr_hpc.submit(grid, backend="local", runs_root=tmp_path / "runs")
     assert {k: seen.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")} == {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     assert seen["HF_HUB_CACHE"] == str(hub.hub_cache_dir().resolve()) and "HF_HUB_OFFLINE" not in os.environ

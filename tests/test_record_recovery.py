@@ -12,7 +12,7 @@ import pytest
 from conftest import run_folder, train_folder
 from dpr_hpc.planning.plan import StageJob
 from dpr_hpc.store.records import request_rerun
-from dpr_hpc.store.runs import load_plan
+from dpr_hpc.store.bindings import load_plan
 from dpr_hpc.stages.runner import run_stage_job
 
 pytestmark = pytest.mark.slow

@@ -305,7 +305,8 @@ def test_a_training_the_local_controller_stops_resumable_is_started_again_and_a_
     from dpr_hpc.backends.local import LocalBackend
     from dpr_hpc.backends.submit_report import SubmitReport
     from dpr_hpc.store.records import Records
-    from dpr_hpc.store.runs import mark_failed, mark_interrupted, save_plan
+    from dpr_hpc.store.bindings import save_plan
+    from dpr_hpc.store.markers import mark_failed, mark_interrupted
     from test_status import complete
 
     grid = write_grid(data_files, ONE_CELL_GRID)

@@ -14,12 +14,12 @@ import pytest
 
 from conftest import REPO, cache_hub_model, run_cli, write_grid
 from fake_slurm import install as install_fake_slurm
-from dpr_hpc.backends.submit_report import submit_targets
+from dpr_hpc.api.targets import submit_targets
 from dpr_hpc.grid import load_grid
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.planning.plan import StageJob, make_plan
 from dpr_hpc.store.records import Records
-from dpr_hpc.store.runs import save_plan
+from dpr_hpc.store.bindings import save_plan
 from dpr_hpc.planning.selection import Selection
 from test_status import complete
 

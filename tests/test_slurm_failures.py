@@ -20,7 +20,7 @@ from dpr_hpc.grid import load_grid
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.tracking.ledger import UNLISTED_GRACE_S, Ledger
 from dpr_hpc.planning.plan import StageJob, make_plan
-from dpr_hpc.store.runs import save_plan
+from dpr_hpc.store.bindings import save_plan
 from dpr_hpc.store.paths import StageStore
 from dpr_hpc.tracking.status import stage_states
 

@@ -20,7 +20,7 @@ from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.planning.plan import StageJob, make_plan
 from dpr_hpc.provenance import node_tags, now_iso
 from dpr_hpc.store.records import Records, describe_artifacts, make_record, write_record
-from dpr_hpc.store.runs import save_plan
+from dpr_hpc.store.bindings import save_plan
 from dpr_hpc.tracking.status import stage_states
 
 FIGURES = dict(metrics={"epoch_loss": [1.0], "num_passages": 1, "num_questions": 1},

@@ -29,7 +29,8 @@ from dpr_hpc.tracking.ledger import Ledger
 from dpr_hpc.tracking.progress import MeterBar, bars_wanted
 from dpr_hpc.inputs.hub import job_environment
 from dpr_hpc.store.records import Records
-from dpr_hpc.store.runs import cell_history, resumable, save_plan
+from dpr_hpc.store.bindings import cell_history, save_plan
+from dpr_hpc.store.markers import resumable
 from dpr_hpc.stages.runner import stage_job_entry
 from dpr_hpc.tracking.status import headline
 

@@ -39,7 +39,8 @@ from dpr_hpc.inputs.hub import job_environment_lines
 from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.planning.plan import ArrayGroup, Plan, StageJob
 from dpr_hpc.store.records import RecordCheck, Records
-from dpr_hpc.store.runs import cell_history, resumable, save_plan
+from dpr_hpc.store.bindings import cell_history, save_plan
+from dpr_hpc.store.markers import resumable
 from dpr_hpc.stages.runner import stage_job_entry
 
 SUBMIT_ATTEMPTS = 4

@@ -1,5 +1,6 @@
 """What a submit does, job by job, whichever backend runs it: the records checked first, then
-what ran, what was skipped and why."""
+what ran, what was skipped and why. Which jobs a submit acts on is decided before, by the
+service layer (dpr_hpc.api.targets); a backend is handed them as `only`."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def check_records(plan: Plan, records: Records) -> dict[StageJob, RecordCheck]:
 def rerun_reasons(plan: Plan, checks: dict[StageJob, RecordCheck], history: dict, records: Records) -> dict[StageJob, str]:
     """Why each job that is not complete runs again, for those that ran before: its own record is
     stale, or it replaces an earlier key's record of the same cell (an input's content changed)."""
-    from dpr_hpc.store.runs import superseded
+    from dpr_hpc.store.bindings import superseded
 
     reasons = {}
     for job, check in checks.items():
@@ -68,44 +69,3 @@ class SubmitReport:
             parts.append(f"{len(self.deferred)} deferred (submit limit reached; run submit again later)")
         parts += [f"{len(self.failed)} failed", f"{len(self.blocked)} blocked"]
         return ", ".join(parts)
-
-
-@dataclass(frozen=True)
-class SubmitTargets:
-    """The jobs a submit with a selection acts on: the selected ones, the upstream jobs they
-    need that are not complete (run first, as Snakemake runs a target's inputs), those forced
-    to rerun, and the jobs outside the selection that a forced rerun turns stale."""
-
-    jobs: frozenset[StageJob]
-    upstream: tuple[StageJob, ...]
-    forced: tuple[StageJob, ...]
-    turned_stale: tuple[StageJob, ...]
-
-
-def submit_targets(plan: Plan, selected: list[StageJob], records: Records, force: bool, dry_run: bool = False) -> SubmitTargets:
-    """`force` asks every selected complete job for a rerun (results.request_rerun), except in a
-    dry run, which writes nothing; nothing is deleted, the new attempt's record replaces the
-    old one once it is complete."""
-    from dpr_hpc.store.records import request_rerun
-
-    forced = tuple(job for job in selected if force and records.check(job).complete)
-    if not dry_run:
-        for job in forced:
-            request_rerun(records.store.job(job), records.check(job).attempt)
-        records.forget()
-    chosen = set(selected)
-    upstream: list[StageJob] = []
-    pending = list(selected)
-    while pending:
-        for dep in plan.dependencies(pending.pop()):
-            if dep not in chosen and not records.check(dep).complete:
-                chosen.add(dep)
-                upstream.append(dep)
-                pending.append(dep)
-    turned_stale = tuple(job for job in plan.jobs() if job not in chosen and _reads_any(plan, job, set(forced)))
-    return SubmitTargets(frozenset(chosen), tuple(upstream), forced, turned_stale)
-
-
-def _reads_any(plan: Plan, job: StageJob, forced: set[StageJob]) -> bool:
-    """Whether a job's record is made from a forced job's, directly or through its inputs."""
-    return any(up in forced or _reads_any(plan, up, forced) for up in plan.inputs(job))

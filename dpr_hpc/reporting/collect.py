@@ -26,7 +26,7 @@ from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.provenance import code_label, node_label
 from dpr_hpc.store.records import Records
-from dpr_hpc.store.runs import cell_history, superseded
+from dpr_hpc.store.bindings import cell_history, superseded
 from dpr_hpc.planning.selection import Selection
 from dpr_hpc.tracking.status import left_cells_line
 

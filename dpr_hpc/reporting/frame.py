@@ -13,14 +13,13 @@ lists. Only complete records give values, as in `collect`.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from dpr_hpc.planning.plan import Plan
 from dpr_hpc.reporting.collect import CompleteRecords, collect_table, complete_records
-from dpr_hpc.store.layout import DEFAULT_RUNS_ROOT
+from dpr_hpc.store.layout import RunLayout
 
 # The columns the README promises; a test pins them.
 DOCUMENTED_COLUMNS = (
@@ -31,15 +30,10 @@ DOCUMENTED_COLUMNS = (
 )
 
 
-def load_results(grid_or_run: str | Path, median: bool = False, runs_root: str | Path | None = None) -> pd.DataFrame:
-    """Every complete record of a grid file's or run folder's cells, one row per cell and
-    repeat (or per cell with `median=True`: numeric columns their median over repeats, others
-    their distinct values joined by commas, with `n_index` and `n_infer`)."""
-    from dpr_hpc.store.runs import runs_for
-
-    root = Path(runs_root if runs_root is not None else os.environ.get("DPR_HPC_RUNS", DEFAULT_RUNS_ROOT))  # as the CLI
-    runs = runs_for(grid_or_run, root)
-    layout, plan = runs[0]
+def run_frame(layout: RunLayout, plan: Plan, median: bool = False) -> pd.DataFrame:
+    """Every complete record of a run's cells, one row per cell and repeat (or per cell with
+    `median=True`: numeric columns their median over repeats, others their distinct values
+    joined by commas, with `n_index` and `n_infer`). `dpr_hpc.load_results` finds the run."""
     found = complete_records(layout, plan)
     frame = results_frame(collect_table(layout, plan, found=found), found)
     return median_frame(frame) if median else frame

@@ -20,7 +20,7 @@ from dpr_hpc.planning.plan import StageJob
 from dpr_hpc.provenance import node_tags, now_iso
 from dpr_hpc.resume.signals import StopRequest, TrainingInterrupted, wait_while_stage_held
 from dpr_hpc.store.records import Records, describe_artifacts, make_record, promote, write_record
-from dpr_hpc.store.runs import mark_failed, mark_interrupted, read_marker
+from dpr_hpc.store.markers import mark_failed, mark_interrupted, read_marker
 from dpr_hpc.planning.stage_keys import stage_inputs
 from dpr_hpc.store.paths import AttemptPaths, StageSpec, StageStore
 

@@ -11,12 +11,23 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from dpr_hpc.store.paths import StageStore
 
 DEFAULT_RUNS_ROOT = Path("runs")
+RUNS_ROOT_VARIABLE = "DPR_HPC_RUNS"
+
+
+def runs_root_or_default(runs_root: "str | Path | None" = None) -> Path:
+    """The runs root a command or a Python caller acts on: the one given, else $DPR_HPC_RUNS,
+    else ./runs. The one place that default is decided, so `load_results` in a notebook finds
+    what `dpr-hpc submit` wrote."""
+    if runs_root is not None:
+        return Path(runs_root)
+    return Path(os.environ.get(RUNS_ROOT_VARIABLE, DEFAULT_RUNS_ROOT))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from dpr_hpc.errors import UsageError
-from dpr_hpc.store.runs import read_marker
+from dpr_hpc.store.markers import read_marker
 from dpr_hpc.store.paths import JobFolder
 
 FOLLOW_POLL_S = 0.5
@@ -43,6 +43,13 @@ def job_logs(folder: JobFolder) -> list[JobLog]:
     return [JobLog(job_id, out, err, attempt_of.get(job_id)) for job_id, out, err in folder.logs()]
 
 
+def latest_log(folder: JobFolder) -> Path | None:
+    """The newest job log (submitit names them <job id>_<task>_log.{out,err}); an array task's
+    link to a log its task has not written yet is not one."""
+    logs = sorted((p for p in folder.jobs.glob("*_log.err") if p.exists()), key=lambda p: p.stat().st_mtime)
+    return logs[-1] if logs else None
+
+
 def chosen_logs(folder: JobFolder, attempt: int | None) -> list[JobLog]:
     """The logs of `attempt`, or by default of the newest job's attempt (every job that worked
     on it); the newest log alone when that job wrote no attempt."""
@@ -65,8 +72,8 @@ class LogPrinter:
     """Prints what each file has that was not printed yet, under a `==> file <==` header
     whenever the file changes, as `tail` does with several files."""
 
-    def __init__(self, out: TextIO = sys.stdout) -> None:
-        self.out = out
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout  # looked up now, not at import: a caller may have redirected it
         self.offsets: dict[Path, int] = {}
         self.current: Path | None = None
 

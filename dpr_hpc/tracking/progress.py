@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from dpr_hpc.errors import UsageError
 from dpr_hpc.fsutil import write_json_atomic
-from dpr_hpc.store.runs import read_marker
+from dpr_hpc.store.markers import read_marker
 from dpr_hpc.store.paths import JobFolder
 
 PROGRESS_ENV = "DPR_HPC_PROGRESS"

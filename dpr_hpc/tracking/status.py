@@ -25,7 +25,9 @@ from dpr_hpc.locks import DEFAULT_STALE_AFTER_S, LockFile, holder_is_stale, pid_
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
 from dpr_hpc.store.records import Records, RecordCheck
-from dpr_hpc.store.runs import cell_history, latest_log, read_marker, resumable, superseded
+from dpr_hpc.store.bindings import cell_history, superseded
+from dpr_hpc.store.markers import read_marker, resumable
+from dpr_hpc.tracking.logs import latest_log
 from dpr_hpc.planning.selection import Selection
 from dpr_hpc.store.paths import JobFolder
 
@@ -79,10 +81,36 @@ class StatusReport:
 
 def stage_states(layout: RunLayout, plan: Plan, records: Records | None = None) -> StatusReport:
     """Every stage job's state, the scheduler asked once for all of them."""
+    records = records or Records(layout.store, plan=plan)
+    states, source = _states_of(layout, plan, list(plan.jobs()), records)
+    return _report(layout, plan, records, states, source)
+
+
+def job_state(layout: RunLayout, plan: Plan, job: StageJob) -> StageState:
+    """One stage job's state, as `status` shows it, worked out from that job and the jobs it
+    waits on only (`logs -f` asks it every half second, so it must not cost a whole status)."""
+    needed, pending = {job}, [job]
+    while pending:
+        for dep in plan.dependencies(pending.pop()):
+            if dep not in needed:
+                needed.add(dep)
+                pending.append(dep)
+    in_order = [j for j in plan.jobs() if j in needed]  # the plan's order puts each job after those it waits on
+    states, _ = _states_of(layout, plan, in_order, Records(layout.store, plan=plan))
+    return states[job]
+
+
+def queued_or_running(state: StageState) -> bool:
+    """Whether a job may still write to its log: it runs, or a scheduler holds it queued (held
+    included: a person may release it), or the scheduler cannot say whether it still runs."""
+    return state.state in ("RUNNING", "REQUEUED", "HELD", "UNKNOWN") or (state.state == "PENDING" and bool(state.job_id))
+
+
+def _states_of(layout: RunLayout, plan: Plan, jobs: list[StageJob], records: Records) -> tuple[dict[StageJob, StageState], str]:
+    """The states of `jobs` (each after the jobs it depends on) and where they came from; the
+    scheduler is asked once, for all of them."""
     store = layout.store
-    records = records or Records(store, plan=plan)
     ledger = Ledger.read(store)
-    jobs = list(plan.jobs())
     ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
     standings: dict[StageJob, slurm_queue.Standing] = {}
     source = "store"
@@ -91,8 +119,7 @@ def stage_states(layout: RunLayout, plan: Plan, records: Records | None = None) 
             view = slurm_queue.ask_about(ledger, jobs)
             standings, source = view.standings, f"store and {view.source}"
         except slurm_queue.SchedulerUnreachableError as unreachable:
-            source = f"store only: {unreachable}"
-            return _report(layout, plan, records, {job: _unknown(job, records, ids.get(job), str(unreachable)) for job in jobs}, source)
+            return {job: _unknown(job, records, ids.get(job), str(unreachable)) for job in jobs}, f"store only: {unreachable}"
     elif ids:
         source += " (SLURM jobs in the ledger, but no SLURM commands here)"
     states: dict[StageJob, StageState] = {}
@@ -102,7 +129,7 @@ def stage_states(layout: RunLayout, plan: Plan, records: Records | None = None) 
         if check.state == "missing" and (why := superseded(history, plan, job, records)):
             check = RecordCheck("stale", why)
         states[job] = _state_of(store.job(job), plan, job, check, states, ids.get(job), standings.get(job))
-    return _report(layout, plan, records, states, source)
+    return states, source
 
 
 def selected_status(runs: list[tuple[RunLayout, Plan]], selection: Selection) -> Iterator[tuple[RunLayout, Plan, StatusReport]]:
