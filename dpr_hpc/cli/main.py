@@ -779,7 +779,8 @@ def _generate_demo(args: argparse.Namespace) -> int:
     quiet_libraries()
     summary = generate_demo(args.out or Path("data/demo"))
     print(f"demo data in {args.out}: {summary['train']} training questions, {summary['dev']} dev questions, "
-          f"{summary['passages']} passages; models: {', '.join(summary['models'])}")
+          f"{summary['passages']} passages; models: {', '.join(summary['models'])}; corpus (jobs/demo-corpus.yaml): "
+          f"{summary['corpus_passages']} passages, {summary['corpus_questions']} questions")
     return 0
 
 

@@ -311,6 +311,13 @@ def headline(record: dict[str, Any]) -> str:
         return f"TTT {t['ttt_s']:.1f}s, final loss {m.get('final_loss', float('nan')):.3f}"
     if record["stage"] == "index":
         return f"PEI {t['pei_s']:.2f}s ({m['num_passages']} passages)"
+    if record["stage"] == "encode-shard":
+        return f"shard {m['shard'] + 1}/{m.get('shards', '?')}: {m['num_passages']} passages encoded in {t['encode_s']:.2f}s"
+    if record["stage"] == "search-shard":
+        return f"shard {m['shard'] + 1}/{m.get('shards', '?')}: {m['num_questions']} questions searched in {t['search_s']:.2f}s"
+    if record["stage"] == "merge":
+        acc = "  ".join(f"{k.replace('answer_', '')} {v:.3f}" for k, v in m.items() if k.startswith(("answer_acc@", "mrr@")))
+        return f"{m.get('corpus', 'corpus')}, {m['shards']} shards: {acc}"
     acc = "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith(("acc@", "mrr@")))
     return f"ITA {t['ita_mean_ms']:.3f}ms  {acc}"
 
