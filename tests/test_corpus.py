@@ -306,3 +306,28 @@ def test_a_corpus_evaluation_runs_through_the_store_and_a_failed_shard_reruns_al
     row = dict(zip(header, table[1].split(",")))
     assert row["corpus"] == "passages" and row["corpus_shards"] == "3"
     assert float(row["corpus_acc@20"]) == pytest.approx(merged["answer_acc@20"])
+
+
+@pytest.mark.slow
+def test_the_demo_corpus_grid_runs_on_the_local_backend(demo_assets, tmp_path):
+    """jobs/demo-corpus.yaml as a checkout has it, reading the demo generate-demo wrote: the
+    BERT-64 cell trains once and is evaluated on the dev pool and on the 3-shard corpus."""
+    import shutil
+
+    from conftest import REPO, cli
+
+    (tmp_path / "jobs").mkdir()
+    shutil.copy(REPO / "jobs" / "demo-corpus.yaml", tmp_path / "jobs")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo").symlink_to(demo_assets)
+    done = cli("submit", "jobs/demo-corpus.yaml", "--backend", "local", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "grid demo-corpus: 2 cells, 17 stage jobs" in done.stdout and "17 ran, 0 already complete" in done.stdout
+    status = cli("status", "jobs/demo-corpus.yaml", cwd=tmp_path)
+    assert status.returncode == 0 and "17 stage jobs: 17 COMPLETED" in status.stdout
+    assert cli("collect", "jobs/demo-corpus.yaml", cwd=tmp_path).returncode == 0
+    table = (tmp_path / "results" / "demo-corpus.csv").read_text().splitlines()
+    header = table[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in table[1:]]
+    assert sorted(r["corpus_vectors"] for r in rows) == ["fp16", "fp32"] and {r["corpus_shards"] for r in rows} == {"3"}
+    assert all(0 <= float(r["corpus_acc@100"]) <= 1 for r in rows)

@@ -280,7 +280,7 @@ def _plan(args: argparse.Namespace) -> int:
         [c.cell_id, c.group, c.encoder_label, str(c.embedding_size),
          str(c.batch_size or "-") + (f" (chunks of {c.grad_cache.chunk_size})" if c.train and c.grad_cache.chunk_size else ""),
          f"{c.precision.train if c.train else '-'}/{c.precision.encode}",
-         " ".join(f"{s}x{c.repeats.of(s)}" for s in c.stages)]
+         " ".join(f"{s}x{len(plan.cell_jobs(c.cell_id, s))}" for s in c.stages)]
         for c in plan.cells
     ]
     print(_columns(["CELL", "GROUP", "ENCODER", "ES", "BS", "PRECISION TRAIN/ENCODE", "STAGE JOBS"], rows))
