@@ -306,6 +306,11 @@ def test_a_corpus_evaluation_runs_through_the_store_and_a_failed_shard_reruns_al
     row = dict(zip(header, table[1].split(",")))
     assert row["corpus"] == "passages" and row["corpus_shards"] == "3"
     assert float(row["corpus_acc@20"]) == pytest.approx(merged["answer_acc@20"])
+    code, _, err = run_cli(capsys, "report", "--runs-root", layout.runs_root, "--out", tmp_path / "results", "--no-html")
+    report = (tmp_path / "results" / "corpus-eval" / "report.md").read_text()
+    assert code == 0, err
+    section = report.split("## Retrieval over the corpus", 1)[1]
+    assert f"| passages | 3 | fp32 | flat | {merged['answer_acc@1']:.3f} |" in section
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.tracking.ledger import Ledger
 from dpr_hpc.locks import DEFAULT_STALE_AFTER_S, LockFile, holder_is_stale, pid_alive
 from dpr_hpc.planning.plan import Plan, StageJob
+from dpr_hpc.planning.stage_keys import stage_of
 from dpr_hpc.provenance import node_label
 from dpr_hpc.store.records import Records, RecordCheck
 from dpr_hpc.store.runs import cell_history, latest_log, read_marker, resumable, superseded
@@ -297,7 +298,8 @@ def left_cells_line(layout: RunLayout, plan: Plan, records: Records) -> str:
     ledger = Ledger.read(layout.store)
     with_results = with_jobs = 0
     for entry in gone.values():
-        jobs = [StageJob(stage, key, r) for stage, key in entry["keys"].items() for r in range(entry.get("repeats", {}).get(stage, 1) if stage != "train" else 1)]
+        jobs = [StageJob(stage_of(slot), key, r) for slot, key in entry["keys"].items()
+                for r in range(entry.get("repeats", {}).get(slot, 1) if slot != "train" else 1)]
         with_results += any(records.check(j).complete for j in jobs)
         with_jobs += any(ledger.latest(j) for j in jobs if not records.check(j).complete)
     return (f"{len(gone)} cell(s) left the grid since an earlier submit: {with_results} with results, "
