@@ -211,6 +211,8 @@ JSON_SCHEMA_VERSION = 1
 # What the terminal shows first, in this order, as far as the width allows; the files keep every column.
 TERMINAL_COLUMNS = ["cell_id", "encoder", "embedding_size", "batch_size", "ttt_s", "pei_s", "ita_mean_ms",
                     "acc@1", "acc@20", "acc@100", "mrr@100", "nodes"]
+# A grid with a corpus shows its figures too (its table has these columns only then).
+TERMINAL_CORPUS_COLUMNS = ["corpus_acc@20", "corpus_acc@100"]
 COLUMN_GAP = "  "
 # Short headers for the terminal's sake; `--columns` takes the table's own names.
 TERMINAL_HEADERS = {"embedding_size": "ES", "batch_size": "BS", "ttt_s": "TTT_s", "pei_s": "PEI_s", "ita_mean_ms": "ITA_ms"}
@@ -285,7 +287,8 @@ def terminal_table(table: pd.DataFrame, width: int, columns: Sequence[str] | Non
     """The chosen columns (default TERMINAL_COLUMNS) that fit `width`, in order; a column that
     does not fit is left out (the files have it) and the last line names what was left out."""
     shown = _for_terminal(table)
-    wanted = list(columns) if columns else [c for c in TERMINAL_COLUMNS if c in shown.columns]
+    default = TERMINAL_COLUMNS[:-1] + TERMINAL_CORPUS_COLUMNS + TERMINAL_COLUMNS[-1:]  # a corpus's figures before the nodes
+    wanted = list(columns) if columns else [c for c in default if c in shown.columns]
     unknown = [c for c in wanted if c not in shown.columns]
     if unknown:
         raise UsageError(f"--columns: no column {', '.join(unknown)}; the table has {', '.join(map(str, shown.columns))}")

@@ -318,7 +318,8 @@ def headline(record: dict[str, Any]) -> str:
     if record["stage"] == "search-shard":
         return f"shard {m['shard'] + 1}/{m.get('shards', '?')}: {m['num_questions']} questions searched in {t['search_s']:.2f}s"
     if record["stage"] == "merge":
-        acc = "  ".join(f"{k.replace('answer_', '')} {v:.3f}" for k, v in m.items() if k.startswith(("answer_acc@", "mrr@")))
+        figures = sorted((k for k in m if k.startswith(("answer_acc@", "mrr@"))), key=lambda k: (k.startswith("mrr"), int(k.split("@")[1])))
+        acc = "  ".join(f"{k.replace('answer_', '')} {m[k]:.3f}" for k in figures)
         return f"{m.get('corpus', 'corpus')}, {m['shards']} shards: {acc}"
     acc = "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith(("acc@", "mrr@")))
     return f"ITA {t['ita_mean_ms']:.3f}ms  {acc}"
