@@ -200,7 +200,7 @@ def test_no_profile_value_escapes_its_sbatch_line(data_files, tmp_path, key):
 
 def test_the_shipped_profiles_load(tmp_path):
     for profile in sorted((REPO / "slurm_templates").glob("*.yaml")):
-        assert set(load_profile(profile)) == {"train", "index", "infer"}
+        assert set(load_profile(profile)) == {"train", "index", "infer", "encode-shard", "search-shard", "merge"}
 
 
 def test_a_run_folder_path_that_would_break_sbatch_lines_is_refused(data_files, tmp_path):

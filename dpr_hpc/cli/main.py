@@ -237,9 +237,11 @@ def _generate_demo(args: argparse.Namespace) -> int:
     from dpr_hpc.demo.generate import generate_demo
 
     _quiet_libraries()
-    summary = generate_demo(args.out or Path("data/demo"))
-    print(f"demo data in {args.out}: {summary['train']} training questions, {summary['dev']} dev questions, "
-          f"{summary['passages']} passages; models: {', '.join(summary['models'])}")
+    out = args.out or Path("data/demo")
+    summary = generate_demo(out)
+    print(f"demo data in {out}: {summary['train']} training questions, {summary['dev']} dev questions, "
+          f"{summary['passages']} passages; models: {', '.join(summary['models'])}; corpus (jobs/demo-corpus.yaml): "
+          f"{summary['corpus_passages']} passages, {summary['corpus_questions']} questions")
     return 0
 
 

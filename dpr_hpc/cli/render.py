@@ -41,7 +41,7 @@ def plan_text(planned: "PlanReport", shown_as: Path) -> str:
         [c.cell_id, c.group, c.encoder_label, str(c.embedding_size),
          str(c.batch_size or "-") + (f" (chunks of {c.grad_cache.chunk_size})" if c.train and c.grad_cache.chunk_size else ""),
          f"{c.precision.train if c.train else '-'}/{c.precision.encode}",
-         " ".join(f"{s}x{c.repeats.of(s)}" for s in c.stages)]
+         " ".join(f"{s}x{len(plan.cell_jobs(c.cell_id, s))}" for s in c.stages)]
         for c in plan.cells
     ]
     job_rows = [[j.stage, str(j.repeat), j.key, plan.users(j)[0] + (f" +{len(plan.users(j)) - 1} more" if len(plan.users(j)) > 1 else ""),

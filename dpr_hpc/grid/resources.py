@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from dpr_hpc.errors import GridError, UsageError
-from dpr_hpc.grid.config import STAGES
+from dpr_hpc.grid.config import ALL_STAGES as STAGES  # the corpus stages have resources of their own too
 
 # Partition lists ("gpu,gpu-long"), GRES ("gpu:a100:1"), account, QOS and reservation names.
 SBATCH_SAFE = re.compile(r"[A-Za-z0-9_.,:=+@%/-]+")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,3 +124,22 @@ def search_one_at_a_time(index: faiss.Index, queries: np.ndarray, k: int,
         ids[row] = found[0]
         scores[row] = found_scores[0]
     return SearchResult(ids, scores, times_ms)
+
+
+def shard_index(vectors: np.ndarray, kind: str, config: IndexConfig) -> faiss.Index:
+    """One corpus shard's index over its vectors (fp16 on disk are widened here: FAISS's flat
+    and HNSW indexes hold float32): exact IndexFlatIP, or HNSW-Flat with the cell's settings,
+    added `config.add_batch_size` rows a call as the index stage adds them."""
+    config = dataclasses.replace(config, type="flat" if kind == "flat" else "hnsw_flat")
+    index = _empty_index(config, int(vectors.shape[1]))
+    for start in range(0, len(vectors), config.add_batch_size):
+        index.add(np.ascontiguousarray(vectors[start : start + config.add_batch_size], dtype=np.float32))
+    configure_search(index, config)
+    return index
+
+
+def search_batch(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every query at once (a corpus shard's throughput, not the paper's per-query ITA):
+    (scores, row ids), row id -1 where the index holds fewer than k rows."""
+    scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return scores.astype(np.float32), rows.astype(np.int64)

@@ -1,6 +1,7 @@
 """What a command acts on: every cell and stage of a grid, or the part picked by
 `--cell PATTERN` (a shell glob on cell ids, repeatable), `--group NAME` (a block of the grid
-file, by its `name:`; repeatable) and `--stage train|index|infer` (repeatable, or a comma list).
+file, by its `name:`; repeatable) and `--stage train|index|infer` (or a corpus stage,
+encode-shard|search-shard|merge; repeatable, or a comma list). A shard stage selects every shard.
 
 Patterns of one flag add up; the flags narrow each other: `--cell 'tiny-bert*' --stage infer`
 is the infer repeats of the cells whose id starts with tiny-bert. A stage job is selected when
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from dpr_hpc.errors import UsageError
-from dpr_hpc.grid.config import STAGES
+from dpr_hpc.grid.config import ALL_STAGES
+
+STAGES = ALL_STAGES  # what --stage accepts: the dev-pool stages, then the corpus stages
 
 if TYPE_CHECKING:  # the command line builds its parser from this module without loading the plan
     from dpr_hpc.planning.plan import Plan, StageJob
@@ -106,7 +109,8 @@ def add_selection_flags(parser: argparse.ArgumentParser, note: str) -> None:
     group.add_argument("--group", action="append", default=[], metavar="NAME",
                        help="only the cells of this block of the grid file (its name:); repeatable")
     group.add_argument("--stage", action="append", default=[], metavar="STAGE",
-                       help="only these stages: train, index, infer (repeatable, or a comma list)")
+                       help="only these stages: train, index, infer, or a corpus's encode-shard, search-shard, merge "
+                            "(repeatable, or a comma list)")
 
 
 def _listed(ids: Iterable[str]) -> str:

@@ -8,6 +8,16 @@
            (de-duplication and add batch size too), the PEI timer's boundary, dev file content
     infer  the index key, the search settings (ef_search, top_k) and the ITA timer's boundary
 
+A cell with a `corpus:` also has, per shard i of N, and once for the corpus:
+    encode-shard   the train key (the trained passage tower; for an evaluation-only cell the
+                   encoders), text settings, encoding precision and batch size, the passages
+                   file's content, N and i, the vectors' format on disk
+    search-shard   that shard's encode key, the train key (the question tower), the questions
+                   file's content, the corpus's top_k and per-shard index (with HNSW its settings)
+    merge          every search-shard key, in shard order
+None of them enters the train, index or infer keys: a cell evaluated on the dev pool and on a
+corpus trains once, and so does a second grid that evaluates the same cell on the dev pool only.
+
 Settings added after stages had keys (text.padding, index.deduplicate, index.add_batch_size,
 timing.*) enter a key only when they differ from their defaults, so existing outputs keep theirs.
 
@@ -26,7 +36,11 @@ from typing import Any
 
 from dpr_hpc.inputs.content import ContentHashes, model_identity
 from dpr_hpc.grid import CellConfig
+from dpr_hpc.grid.config import ALL_STAGES
 
+# A plan names each of a cell's stage jobs by a slot: the stage itself, or for a shard stage the
+# stage and the shard ("encode-shard#3"), since each shard has its own key.
+SLOT_MARK = "#"
 KEY_LENGTH = 20  # hex digits: 80 bits, no collision among any number of grids a person runs
 # Index settings applied at search time (infer's identity); `keep` (disk use only) is never identity.
 NOT_INDEX_BUILD = ("ef_search",)
@@ -97,14 +111,82 @@ def infer_identity(cell: CellConfig, index_key: str) -> dict[str, Any]:
     return identity
 
 
+def slot(stage: str, shard: int | None = None) -> str:
+    return stage if shard is None else f"{stage}{SLOT_MARK}{shard}"
+
+
+def stage_of(slot_name: str) -> str:
+    """'encode-shard#3' -> 'encode-shard'; a plain stage is its own slot."""
+    return slot_name.split(SLOT_MARK, 1)[0]
+
+
+def slot_order(slot_name: str) -> tuple[int, int]:
+    """Slots in dependency order (train, index, infer, then the corpus stages), shards in
+    shard order: how a plan lists them whatever order a saved plan's JSON holds them in."""
+    return ALL_STAGES.index(stage_of(slot_name)), shard_of(slot_name) or 0
+
+
+def shard_of(slot_name: str) -> int | None:
+    """'encode-shard#3' -> 3; None for a plain stage."""
+    _, mark, shard = slot_name.partition(SLOT_MARK)
+    return int(shard) if mark else None
+
+
+def corpus_identity(cell: CellConfig, part: str, hashes: ContentHashes) -> str:
+    def identity() -> str:
+        path = cell.corpus_path(part)
+        return hashes.file(path) if path.is_file() else f"missing:{path}"
+
+    return hashes.once(("corpus", str(cell.base_dir), getattr(cell.corpus, part)), identity)
+
+
+def encode_shard_identity(cell: CellConfig, train_key: str | None, shard: int, hashes: ContentHashes) -> dict[str, Any]:
+    corpus = cell.corpus
+    upstream: dict[str, Any] = {"train": train_key} if train_key else {**encoder_identities(cell, hashes), "embedding_size": cell.embedding_size}
+    return {
+        "stage": "encode-shard", **upstream, "text": cell.text.identity(), "precision": cell.precision.encode,
+        "encode_batch_size": cell.encode_batch_size, "passages": corpus_identity(cell, "passages", hashes),
+        "shards": corpus.shards, "shard": shard, "vectors": corpus.vectors,
+    }
+
+
+def search_shard_identity(cell: CellConfig, train_key: str | None, encode_key: str, hashes: ContentHashes) -> dict[str, Any]:
+    corpus = cell.corpus
+    identity: dict[str, Any] = {
+        "stage": "search-shard", "encode_shard": encode_key, "questions": corpus_identity(cell, "questions", hashes),
+        "top_k": corpus.top_k, "index": corpus.index,
+    }
+    identity.update({"train": train_key} if train_key else {"question_encoder": encoder_identities(cell, hashes)["question_encoder"]})
+    if corpus.index == "hnsw":
+        identity["hnsw"] = {"m": cell.index.hnsw_m, "ef_construction": cell.index.ef_construction, "ef_search": cell.index.ef_search,
+                            "add_batch_size": cell.index.add_batch_size}
+    return identity
+
+
+def corpus_keys(cell: CellConfig, train_key: str | None, hashes: ContentHashes) -> dict[str, str]:
+    """The slots and keys of a cell's corpus stages, in dependency order."""
+    keys: dict[str, str] = {}
+    shards = range(cell.corpus.shards)
+    for shard in shards:
+        keys[slot("encode-shard", shard)] = key_of(encode_shard_identity(cell, train_key, shard, hashes))
+    for shard in shards:
+        keys[slot("search-shard", shard)] = key_of(search_shard_identity(cell, train_key, keys[slot("encode-shard", shard)], hashes))
+    keys["merge"] = key_of({"stage": "merge", "search_shards": [keys[slot("search-shard", shard)] for shard in shards]})
+    return keys
+
+
 def stage_inputs(cell: CellConfig, stage: str) -> dict[str, tuple[str, Path]]:
     """The files and local folders a stage reads, by role, with their kind: what its record's
     provenance hashes, and what makes the record stale when their content changes."""
     inputs: dict[str, tuple[str, Path]] = {}
     if stage == "train":
         inputs["train_data"] = ("file", cell.data_path("train"))
-    else:
+    elif stage in ("index", "infer"):
         inputs["dev_data"] = ("file", cell.data_path("dev"))
+    if stage in ("encode-shard", "merge"):
+        inputs["corpus_passages"] = ("file", cell.corpus_path("passages"))
+    if stage in ("search-shard", "merge"):
+        inputs["corpus_questions"] = ("file", cell.corpus_path("questions"))
     if stage == "train" or cell.evaluate_only:
         for role in ("question_encoder", "passage_encoder"):
             name = getattr(cell, role)
@@ -114,10 +196,12 @@ def stage_inputs(cell: CellConfig, stage: str) -> dict[str, tuple[str, Path]]:
 
 
 def stage_keys(cell: CellConfig, hashes: ContentHashes) -> dict[str, str]:
-    """The key of each of the cell's stages."""
+    """The key of each of the cell's stage slots, in dependency order."""
     keys: dict[str, str] = {}
     if not cell.evaluate_only:
         keys["train"] = key_of(train_identity(cell, hashes))
     keys["index"] = key_of(index_identity(cell, keys.get("train"), hashes))
     keys["infer"] = key_of(infer_identity(cell, keys["index"]))
+    if cell.corpus is not None:
+        keys.update(corpus_keys(cell, keys.get("train"), hashes))
     return keys

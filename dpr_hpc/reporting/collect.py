@@ -47,6 +47,13 @@ ATTEMPT_COLUMN = "attempt"
 # repeats whose index or infer ran different code is flagged like one over different GPUs.
 CODE_COLUMN = "code"
 SPREAD_OF = {"pei_s": "pei_spread_s", "ita_mean_ms": "ita_mean_spread_ms"}
+# A corpus evaluation's figures (the merge record), added only to the tables of a grid with a
+# corpus: DPR's answer-matching top-k accuracy over the whole corpus, and MRR@100 against the
+# gold passages where the questions file names them. Like the training's, they repeat along
+# every repeat's row of their cell.
+CORPUS_COLUMNS = ["corpus", "corpus_shards", "corpus_vectors", "corpus_acc@1", "corpus_acc@5", "corpus_acc@20", "corpus_acc@100",
+                  "corpus_mrr@100"]
+CORPUS_FIGURES = {f"corpus_acc@{k}": f"answer_acc@{k}" for k in (1, 5, 20, 100)} | {"corpus_mrr@100": "mrr@100"}
 
 
 @dataclass(frozen=True)
@@ -59,9 +66,10 @@ class RepeatRecords:
     train: dict[str, Any] | None
     index: dict[str, Any] | None
     infer: dict[str, Any] | None
+    merge: dict[str, Any] | None = None  # the corpus evaluation's, shared by every repeat
 
     def by_stage(self) -> dict[str, dict[str, Any]]:
-        return {stage: r for stage, r in (("train", self.train), ("index", self.index), ("infer", self.infer)) if r}
+        return {stage: r for stage, r in (("train", self.train), ("index", self.index), ("infer", self.infer), ("merge", self.merge)) if r}
 
 
 @dataclass
@@ -100,7 +108,8 @@ def collect_table(layout: RunLayout, plan: Plan, median: bool = False, found: Co
                   selection: Selection | None = None) -> pd.DataFrame:
     found = found or complete_records(layout, plan, selection)
     rows = [_row(plan, r) for r in found.repeats]
-    table = pd.DataFrame(rows, columns=CELL_COLUMNS + ["repeat"] + FIGURE_COLUMNS + NODE_COLUMNS + RAN_ON_COLUMNS + [ATTEMPT_COLUMN, CODE_COLUMN])
+    corpus = CORPUS_COLUMNS if any(cell.corpus is not None for cell in plan.cells) else []
+    table = pd.DataFrame(rows, columns=CELL_COLUMNS + ["repeat"] + FIGURE_COLUMNS + NODE_COLUMNS + RAN_ON_COLUMNS + [ATTEMPT_COLUMN, CODE_COLUMN] + corpus)
     table = _median_per_cell(table) if median else table
     table.attrs["left_out"] = list(found.left_out)
     table.attrs["left_cells"] = found.left_cells
@@ -114,10 +123,11 @@ def _cell_records(read: Callable[[str, StageJob], dict[str, Any] | None], plan: 
         return read(cell_id, StageJob(stage, plan.keys[cell_id][stage], repeat))
 
     train = record("train", 0) if not cell.evaluate_only else None
+    merged = read(cell_id, plan.cell_jobs(cell_id, "merge")[0]) if cell.corpus is not None else None
     return [
         RepeatRecords(cell_id, repeat, train,
                       record("index", repeat) if repeat < cell.repeats.index else None,
-                      record("infer", repeat) if repeat < cell.repeats.infer else None)
+                      record("infer", repeat) if repeat < cell.repeats.infer else None, merged)
         for repeat in range(max(cell.repeats.index, cell.repeats.infer))
     ]
 
@@ -146,6 +156,10 @@ def _row(plan: Plan, found: RepeatRecords) -> dict[str, Any]:
     row["gpu"] = _ran_on(index, infer, lambda r: r.get("node", {}).get("gpu_name") or "cpu")
     row[ATTEMPT_COLUMN] = "/".join(str(r["attempt"]) if r else "-" for r in (train, index, infer))
     row[CODE_COLUMN] = "/".join((code_label(r["node"]) or "?") if r else "-" for r in (train, index, infer))
+    if cell.corpus is not None:
+        row.update({"corpus": cell.corpus.label, "corpus_shards": cell.corpus.shards, "corpus_vectors": cell.corpus.vectors})
+        merged = (found.merge or {}).get("metrics", {})
+        row.update({column: merged.get(metric) for column, metric in CORPUS_FIGURES.items()})
     return row
 
 
@@ -173,6 +187,7 @@ def _median_per_cell(table: pd.DataFrame) -> pd.DataFrame:
         row["mixed"] = _mixed_repeats(group)
         row["attempts"] = ",".join(dict.fromkeys(str(v) for v in group[ATTEMPT_COLUMN].dropna())) or None
         row["codes"] = ",".join(dict.fromkeys(str(v) for v in group[CODE_COLUMN].dropna())) or None
+        row.update({column: group[column].iloc[0] for column in CORPUS_COLUMNS if column in group.columns})  # once per cell
         out.append(row)
     return pd.DataFrame(out)
 
@@ -196,6 +211,8 @@ JSON_SCHEMA_VERSION = 1
 # What the terminal shows first, in this order, as far as the width allows; the files keep every column.
 TERMINAL_COLUMNS = ["cell_id", "encoder", "embedding_size", "batch_size", "ttt_s", "pei_s", "ita_mean_ms",
                     "acc@1", "acc@20", "acc@100", "mrr@100", "nodes"]
+# A grid with a corpus shows its figures too (its table has these columns only then).
+TERMINAL_CORPUS_COLUMNS = ["corpus_acc@20", "corpus_acc@100"]
 COLUMN_GAP = "  "
 # Short headers for the terminal's sake; `--columns` takes the table's own names.
 TERMINAL_HEADERS = {"embedding_size": "ES", "batch_size": "BS", "ttt_s": "TTT_s", "pei_s": "PEI_s", "ita_mean_ms": "ITA_ms"}
@@ -270,7 +287,8 @@ def terminal_table(table: pd.DataFrame, width: int, columns: Sequence[str] | Non
     """The chosen columns (default TERMINAL_COLUMNS) that fit `width`, in order; a column that
     does not fit is left out (the files have it) and the last line names what was left out."""
     shown = _for_terminal(table)
-    wanted = list(columns) if columns else [c for c in TERMINAL_COLUMNS if c in shown.columns]
+    default = TERMINAL_COLUMNS[:-1] + TERMINAL_CORPUS_COLUMNS + TERMINAL_COLUMNS[-1:]  # a corpus's figures before the nodes
+    wanted = list(columns) if columns else [c for c in default if c in shown.columns]
     unknown = [c for c in wanted if c not in shown.columns]
     if unknown:
         raise UsageError(f"--columns: no column {', '.join(unknown)}; the table has {', '.join(map(str, shown.columns))}")

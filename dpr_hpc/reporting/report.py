@@ -84,6 +84,8 @@ def write_report(layout: RunLayout, plan: Plan, out_dir: Path, options: ReportOp
     picked = selection.picks_stage
     sections += [efficiency_table(shown, table, baseline, picked), retrieval_table(shown, table, baseline, picked),
                  evaluation_only_table(shown, table, baseline, picked), batch_size_table(shown, table, picked)]
+    if any(cell.corpus is not None for cell in shown.cells):
+        sections.append(corpus_table(shown, table, picked))
     if options.paper:
         sections += beside_the_paper(shown, table, picked)
     pngs += _token_length_figure(layout, shown, found, out_dir, sections) if picked("index") else _not_selected(sections, TOKEN_LENGTH_TITLE, "index")
@@ -219,6 +221,31 @@ def evaluation_only_table(plan: Plan, table: pd.DataFrame, baseline: Baseline, p
     rows = _rows(plan, table, baseline, RETRIEVAL, cells)
     rows.insert(0, "model", ["evaluated as given: " + plan.cell(c).encoder_label if plan.cell(c).evaluate_only else "trained here" for c in rows["cell"]])
     return "## Table 4: evaluation-only models against trained cells of the same size\n\n" + markdown(rows)
+
+
+def corpus_table(plan: Plan, table: pd.DataFrame, picked: StagePicked = _every_stage) -> str:
+    """Retrieval over each cell's corpus (issue 24): DPR's answer-matching top-k accuracy over
+    every passage of the corpus, merged from its shards, and MRR@100 against gold passages
+    where the questions file names them; beside the dev pool's Acc@k of Table 3."""
+    title = "## Retrieval over the corpus"
+    if not picked("merge"):
+        return _not_selected_table(title, "merge")
+    rows = []
+    for cell in _sorted_cells(plan) + _sorted_cells(plan, trained=False):
+        if cell.corpus is None:
+            continue
+        figures = table[table["cell_id"] == cell.cell_id].head(1)
+        row: dict[str, Any] = {"encoder": family_of(cell), "ES": cell.embedding_size, "BS": cell.batch_size or "eval", "cell": cell.cell_id,
+                               "corpus": cell.corpus.label, "shards": cell.corpus.shards, "vectors": cell.corpus.vectors,
+                               "index": cell.corpus.index}
+        for column, label in (("corpus_acc@1", "Acc@1"), ("corpus_acc@5", "Acc@5"), ("corpus_acc@20", "Acc@20"),
+                              ("corpus_acc@100", "Acc@100"), ("corpus_mrr@100", "MRR@100 (gold)")):
+            value = figures[column].iloc[0] if len(figures) and column in figures else None
+            row[label] = MISSING if value is None or pd.isna(value) else f"{value:.3f}"
+        rows.append(row)
+    return (f"{title}\n\nTop-k accuracy as DPR scores it over all of a corpus (a passage among the top k contains an answer, "
+            "DPR's has_answer on the passage text), each question's top k merged over the shards by score; MRR@100 against "
+            "the gold passages the questions file names (missing where it names none).\n\n" + markdown(pd.DataFrame(rows)))
 
 
 def batch_size_table(plan: Plan, table: pd.DataFrame, picked: StagePicked = _every_stage) -> str:

@@ -10,11 +10,13 @@ it: a duplicate ranked above the gold pushes the gold down.
 from __future__ import annotations
 
 import unicodedata
-from typing import Sequence
+from typing import Collection, Sequence
 
 import regex
 
 PAPER_KS = (1, 20, 100)
+# DPR's table 2 reports top-5 as well, over all of Wikipedia.
+CORPUS_KS = (1, 5, 20, 100)
 
 
 def distinct(ranking: Sequence[str]) -> list[str]:
@@ -22,33 +24,36 @@ def distinct(ranking: Sequence[str]) -> list[str]:
     return [pid for pid in ranking if not (pid in seen or seen.add(pid))]
 
 
-def gold_rank(ranking: Sequence[str], gold_id: str, by_row: bool = False) -> int | None:
-    """1-based rank of the gold passage among distinct passages (or the first row holding it,
-    `by_row`), None when it is absent."""
+def gold_rank(ranking: Sequence[str], gold_id: str | Collection[str], by_row: bool = False) -> int | None:
+    """1-based rank of the gold passage (or the first of several, a corpus question's gold
+    ids) among distinct passages (or the first row holding it, `by_row`), None when absent."""
+    golds = {gold_id} if isinstance(gold_id, str) else set(gold_id)
     for rank, pid in enumerate(ranking if by_row else distinct(ranking), start=1):
-        if pid == gold_id:
+        if pid in golds:
             return rank
     return None
 
 
-def retrieval_metrics(rankings: Sequence[Sequence[str]], gold_ids: Sequence[str], top_k: int, by_row: bool = False) -> dict[str, float]:
-    """Acc@k for the paper's k up to top_k, and MRR@top_k (reciprocal rank 0 when not retrieved)."""
+def retrieval_metrics(rankings: Sequence[Sequence[str]], gold_ids: Sequence[str | Collection[str]], top_k: int, by_row: bool = False,
+                      ks: Sequence[int] = PAPER_KS) -> dict[str, float]:
+    """Acc@k for the paper's k (or `ks`) up to top_k, and MRR@top_k (reciprocal rank 0 when not retrieved)."""
     if len(rankings) != len(gold_ids):
         raise ValueError("one ranking per gold id expected")
     if not rankings:
         raise ValueError("no questions to score")
     ranks = [gold_rank(list(r)[:top_k], g, by_row) for r, g in zip(rankings, gold_ids)]
     n = len(ranks)
-    metrics = {f"acc@{k}": sum(1 for r in ranks if r is not None and r <= k) / n for k in PAPER_KS if k <= top_k}
+    metrics = {f"acc@{k}": sum(1 for r in ranks if r is not None and r <= k) / n for k in ks if k <= top_k}
     metrics[f"mrr@{top_k}"] = sum(1.0 / r for r in ranks if r is not None) / n
     return metrics
 
 
-def answer_accuracy(ranked_texts: Sequence[Sequence[str]], answers: Sequence[Sequence[str]], top_k: int) -> dict[str, float]:
+def answer_accuracy(ranked_texts: Sequence[Sequence[str]], answers: Sequence[Sequence[str]], top_k: int,
+                    ks: Sequence[int] = PAPER_KS) -> dict[str, float]:
     """DPR's top-k accuracy: a question counts when a top-k passage contains one of its answers."""
     hits = [_first_hit(texts[:top_k], ans) for texts, ans in zip(ranked_texts, answers)]
     n = len(hits)
-    return {f"answer_acc@{k}": sum(1 for h in hits if h is not None and h <= k) / n for k in PAPER_KS if k <= top_k}
+    return {f"answer_acc@{k}": sum(1 for h in hits if h is not None and h <= k) / n for k in ks if k <= top_k}
 
 
 def has_answer(text: str, answers: Sequence[str]) -> bool:

@@ -48,6 +48,10 @@ class StageIO:
     # Raises once another copy took this job's claim: called before every checkpoint, shard and
     # output the stage writes (dpr_hpc.store.claims). In-process calls hold no claim.
     check_claim: Callable[[], None] = lambda: None
+    # Every upstream output by slot (planning.stage_keys.slot): how a search shard finds its
+    # encoded shard ("encode-shard#3") and the merge every search shard.
+    upstream: dict[str, AttemptPaths] = field(default_factory=dict)
+    shard: int | None = None  # which shard of the corpus a shard stage's job is
 
     def revision(self, name_or_path: str) -> str | None:
         """The commit to load a hub model at (None for a local folder)."""

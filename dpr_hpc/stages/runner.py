@@ -41,11 +41,12 @@ class StageInputError(DprHpcError):
 
 
 def _stage_functions() -> dict[str, Callable[..., "StageOutput"]]:
+    from dpr_hpc.stages.corpus import encode_shard, merge, search_shard
     from dpr_hpc.stages.index import index
     from dpr_hpc.stages.infer import infer
     from dpr_hpc.stages.train import train
 
-    return {"train": train, "index": index, "infer": infer}
+    return {"train": train, "index": index, "infer": infer, "encode-shard": encode_shard, "search-shard": search_shard, "merge": merge}
 
 
 class StageJobEntry:
@@ -141,7 +142,7 @@ def _run_claimed(store: StageStore, job: StageJob, threads: int | None, claim: S
     finally:
         if stop is not None:
             stop.restore()
-    upstream = {up.id: records.check(up).digest for up in _upstream_jobs(spec.upstream)}
+    upstream = {up.id: records.check(up).digest for up in _upstream_jobs(spec.upstream).values()}
     record = make_record(
         cell, job, attempt=paths.number, inputs=inputs, upstream=upstream,
         metrics=output.metrics, timings=output.timings, node=node, started_at=started_at, finished_at=now_iso(),
@@ -193,32 +194,37 @@ def prepare_io(runs_root: Path, job: StageJob) -> tuple["CellConfig", "StageIO"]
     return cell_from_json(spec.cell), _stage_io(store, records, job, spec, records.check(job).attempt)
 
 
-def _upstream_jobs(upstream: dict[str, str]) -> list[StageJob]:
-    from dpr_hpc.planning.plan import SEARCHED_INDEX_REPEAT
+def _upstream_jobs(upstream: dict[str, str]) -> dict[str, StageJob]:
+    """The upstream jobs a spec names, by slot (its stage, or a shard stage and its shard)."""
+    from dpr_hpc.planning.plan import upstream_repeat
+    from dpr_hpc.planning.stage_keys import stage_of
 
-    repeat_read = {"train": 0, "index": SEARCHED_INDEX_REPEAT}
-    return [StageJob(stage, key, repeat_read[stage]) for stage, key in upstream.items()]
+    return {name: StageJob(stage_of(name), key, upstream_repeat(name)) for name, key in upstream.items()}
 
 
 def _stage_io(store: StageStore, records: Records, job: StageJob, spec: StageSpec, complete_attempt: int | None,
               check_claim: Callable[[], None] | None = None) -> "StageIO":
     """The job's working attempt, the complete upstream outputs it reads and the hub commits it
     loads; an upstream that is not complete stops the job before it writes anything."""
+    from dpr_hpc.planning.stage_keys import shard_of
     from dpr_hpc.stages.common import StageIO
 
     read: dict[str, Any] = {}
     digests: dict[str, str] = {}
-    for up in _upstream_jobs(spec.upstream):
+    attempts: dict[str, AttemptPaths] = {}
+    for name, up in _upstream_jobs(spec.upstream).items():
         check = records.check(up)
         if not check.complete:
             raise StageInputError(f"{job.id}: its input {up.id} is {check.state}" + (f": {check.reason}" if check.reason else ""))
-        read["trained" if up.stage == "train" else "index"] = records.attempt_of(up)
+        attempts[name] = records.attempt_of(up)
+        if up.stage in ("train", "index"):
+            read["trained" if up.stage == "train" else "index"] = attempts[name]
         digests[up.id] = check.digest
     out = store.job(job).working_attempt(complete_attempt)
     if check_claim is not None:
         read["check_claim"] = check_claim
     return StageIO(job=job, out=out, prepared_cache=store.prepared_cache, token_cache=store.token_cache,
-                   hub_revisions=spec.hub_revisions, upstream_digests=digests, **read)
+                   hub_revisions=spec.hub_revisions, upstream_digests=digests, upstream=attempts, shard=shard_of(spec.slot), **read)
 
 
 def _input_provenance(cell, stage: str, records: Records) -> dict[str, Any]:

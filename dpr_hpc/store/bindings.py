@@ -49,7 +49,7 @@ def save_plan(layout: RunLayout, plan: Plan, grid_file: Path) -> None:
         if job.repeat == 0:
             cell = plan.spec_cell(job)
             revisions = {model: revision for model in cell.hub_models if (revision := revision_for(model, pins))}
-            store.write_spec(StageSpec(job.stage, job.key, as_json[cell.cell_id], plan.upstream_keys(job), revisions))
+            store.write_spec(StageSpec(job.stage, job.key, as_json[cell.cell_id], plan.upstream_keys(job), revisions, plan.slot(job)))
     history = cell_history(layout)
     stamp = now_iso()
     for cell in plan.cells:

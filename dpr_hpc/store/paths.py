@@ -17,6 +17,10 @@
                 train:  checkpoint/{question,passage}_encoder/, resume/, progress.json, losses.json, batch_size.json
                 index:  shards/ and embeddings.npy (scratch, removed with the record written), index.faiss, passage_ids.npy
                 infer:  rankings.npy, run.trec (the ranking as a TREC run), qrels.trec (the dev gold)
+                encode-shard:  vectors.npy (fp32 or fp16), offsets.npy (each passage's byte offset
+                               in the passages file: its global id), passage_ids.npy; shards/ (scratch)
+                search-shard:  hit_scores.npy, hit_offsets.npy (each question's top-k in the shard)
+                merge:  merged_scores.npy, merged_offsets.npy, run.trec (the corpus ranking)
         arrays/<group name>/                a job array's script, pickles, logs and <tag>.tasks.json
     <runs root>/cache/tokens/               tokenized data, shared by every grid
     <runs root>/cache/prepared/             data files parsed once into mapped columns (prepared.py)
@@ -118,6 +122,34 @@ class AttemptPaths:
         return self.dir / "passage_ids.npy"
 
     @property
+    def vectors(self) -> Path:
+        """A corpus shard's passage vectors (encode-shard), fp32 or fp16 as the corpus asks."""
+        return self.dir / "vectors.npy"
+
+    @property
+    def offsets(self) -> Path:
+        """A corpus shard's passages by their byte offset in the passages file (their global ids)."""
+        return self.dir / "offsets.npy"
+
+    @property
+    def hit_scores(self) -> Path:
+        """Each question's top-k inner products in one corpus shard (search-shard)."""
+        return self.dir / "hit_scores.npy"
+
+    @property
+    def hit_offsets(self) -> Path:
+        """The passages (byte offsets; -1: none) behind `hit_scores`."""
+        return self.dir / "hit_offsets.npy"
+
+    @property
+    def merged_scores(self) -> Path:
+        return self.dir / "merged_scores.npy"
+
+    @property
+    def merged_offsets(self) -> Path:
+        return self.dir / "merged_offsets.npy"
+
+    @property
     def rankings(self) -> Path:
         return self.dir / "rankings.npy"
 
@@ -206,9 +238,15 @@ class StageSpec:
     # The commit of each hub model the stage loads, as its key names it (modeling/hub.py):
     # the job, offline, loads exactly that one.
     hub_revisions: dict[str, str] = field(default_factory=dict)
+    # The job's slot in its cell's keys: its stage, or a shard stage and the shard it is
+    # ("encode-shard#3"); the cell's settings name the corpus, this names the shard.
+    slot: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": self.stage, "key": self.key, "cell": self.cell, "upstream": self.upstream, "hub_revisions": self.hub_revisions}
+        saved = {"stage": self.stage, "key": self.key, "cell": self.cell, "upstream": self.upstream, "hub_revisions": self.hub_revisions}
+        if self.slot and self.slot != self.stage:  # absent for plain stages, so their spec.json stands
+            saved["slot"] = self.slot
+        return saved
 
 
 @dataclass(frozen=True)
@@ -280,4 +318,5 @@ class StageStore:
 
     def read_spec(self, stage: str, key: str) -> StageSpec:
         saved = read_json(self.spec_file(stage, key))
-        return StageSpec(saved["stage"], saved["key"], saved["cell"], dict(saved["upstream"]), dict(saved.get("hub_revisions", {})))
+        return StageSpec(saved["stage"], saved["key"], saved["cell"], dict(saved["upstream"]), dict(saved.get("hub_revisions", {})),
+                         saved.get("slot", saved["stage"]))

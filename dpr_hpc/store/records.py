@@ -47,6 +47,9 @@ REQUIRED_FIGURES: dict[str, dict[str, tuple[str, ...]]] = {
     "train": {"timings": ("ttt_s",), "metrics": ("epoch_loss",)},
     "index": {"timings": ("encode_s", "index_build_s", "pei_s"), "metrics": ("num_passages",)},
     "infer": {"timings": ("ita_mean_ms", "ita_sd_ms"), "metrics": ("num_questions",)},
+    "encode-shard": {"timings": ("encode_s",), "metrics": ("num_passages", "shard")},
+    "search-shard": {"timings": ("search_s",), "metrics": ("num_questions", "num_passages", "shard")},
+    "merge": {"timings": ("merge_s",), "metrics": ("num_questions", "shards")},
 }
 # Artifacts up to this size are hashed when recorded and when checked; larger ones are checked
 # by size (a checkpoint or a FAISS index of several GB would make `status` slow).

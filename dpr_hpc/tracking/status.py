@@ -23,6 +23,7 @@ from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.tracking.ledger import Ledger
 from dpr_hpc.locks import DEFAULT_STALE_AFTER_S, LockFile, holder_is_stale, pid_alive
 from dpr_hpc.planning.plan import Plan, StageJob
+from dpr_hpc.planning.stage_keys import stage_of
 from dpr_hpc.provenance import node_label
 from dpr_hpc.store.records import Records, RecordCheck
 from dpr_hpc.store.bindings import cell_history, superseded
@@ -324,7 +325,8 @@ def left_cells_line(layout: RunLayout, plan: Plan, records: Records) -> str:
     ledger = Ledger.read(layout.store)
     with_results = with_jobs = 0
     for entry in gone.values():
-        jobs = [StageJob(stage, key, r) for stage, key in entry["keys"].items() for r in range(entry.get("repeats", {}).get(stage, 1) if stage != "train" else 1)]
+        jobs = [StageJob(stage_of(slot), key, r) for slot, key in entry["keys"].items()
+                for r in range(entry.get("repeats", {}).get(slot, 1) if slot != "train" else 1)]
         with_results += any(records.check(j).complete for j in jobs)
         with_jobs += any(ledger.latest(j) for j in jobs if not records.check(j).complete)
     return (f"{len(gone)} cell(s) left the grid since an earlier submit: {with_results} with results, "
@@ -338,6 +340,14 @@ def headline(record: dict[str, Any]) -> str:
         return f"TTT {t['ttt_s']:.1f}s, final loss {m.get('final_loss', float('nan')):.3f}"
     if record["stage"] == "index":
         return f"PEI {t['pei_s']:.2f}s ({m['num_passages']} passages)"
+    if record["stage"] == "encode-shard":
+        return f"shard {m['shard'] + 1}/{m.get('shards', '?')}: {m['num_passages']} passages encoded in {t['encode_s']:.2f}s"
+    if record["stage"] == "search-shard":
+        return f"shard {m['shard'] + 1}/{m.get('shards', '?')}: {m['num_questions']} questions searched in {t['search_s']:.2f}s"
+    if record["stage"] == "merge":
+        figures = sorted((k for k in m if k.startswith(("answer_acc@", "mrr@"))), key=lambda k: (k.startswith("mrr"), int(k.split("@")[1])))
+        acc = "  ".join(f"{k.replace('answer_', '')} {m[k]:.3f}" for k in figures)
+        return f"{m.get('corpus', 'corpus')}, {m['shards']} shards: {acc}"
     acc = "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith(("acc@", "mrr@")))
     return f"ITA {t['ita_mean_ms']:.3f}ms  {acc}"
 
