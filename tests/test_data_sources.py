@@ -261,3 +261,37 @@ def test_before_prefetch_plan_notes_the_named_files_and_submit_names_the_command
     code, out, err = run_cli(capsys, "submit", grid, "--backend", "local", "--runs-root", tmp_path / "runs")
     assert code == 2
     assert f"{local_path('dpr:nq-train')} (dpr:nq-train: 'dpr-hpc prefetch' downloads it)" in err
+
+
+def test_a_corpus_named_by_its_sources_is_fetched_by_prefetch_and_read_from_the_data_folder(data_env, server, tmp_path, capsys):
+    (tmp_path / "local-model").mkdir()
+    grid = write_grid(tmp_path, """
+        name: wiki
+        data: {train: "dpr:nq-train", dev: "dpr:nq-dev"}
+        defaults:
+          corpus: {passages: "dpr:psgs_w100", questions: "dpr:nq-test", shards: 50, parallel: 8}
+        blocks:
+          - {name: b, encoder: ./local-model, embedding_sizes: [8]}
+    """)
+    code, out, err = run_cli(capsys, "prefetch", grid, "--runs-root", tmp_path / "runs")
+    assert code == 0, err
+    assert f"  dpr:psgs_w100  {local_path('dpr:psgs_w100')}" in out and f"  dpr:nq-test  {local_path('dpr:nq-test')}" in out
+
+    from dpr_hpc.grid import load_grid
+
+    [cell] = load_grid(grid).cells
+    assert cell.corpus_path("passages") == local_path("dpr:psgs_w100") and cell.corpus.passages == "dpr:psgs_w100"
+    assert cell.corpus_path("questions") == local_path("dpr:nq-test")
+
+
+def test_a_corpus_naming_an_unknown_source_is_a_grid_error_naming_the_key(data_env, tmp_path, capsys):
+    grid = write_grid(tmp_path, """
+        name: typo
+        data: {train: "dpr:nq-train", dev: "dpr:nq-dev"}
+        defaults:
+          corpus: {passages: "dpr:psgs_w1000", questions: "dpr:nq-test", shards: 2}
+        blocks: [{name: b, encoder: ./m, embedding_sizes: [8]}]
+    """)
+    code, out, err = run_cli(capsys, "plan", grid)
+    assert code == 2
+    assert "defaults.corpus.passages" in err and "'dpr:psgs_w1000'" in err and "dpr:psgs_w100" in err

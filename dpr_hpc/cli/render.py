@@ -32,10 +32,12 @@ def columns(header: list[str], rows: list[list[str]]) -> str:
 def plan_text(planned: "PlanReport", shown_as: Path) -> str:
     """`dpr-hpc plan`: a summary line, the cells, then the stage jobs with their store state."""
     jobs, plan = planned.jobs, planned.plan
-    counts = {stage: sum(1 for j in jobs if j.stage == stage) for stage in ("train", "index", "infer")}
+    counts = dict.fromkeys(("train", "index", "infer"), 0)  # always named; corpus stages only where planned
+    for job in jobs:
+        counts[job.stage] = counts.get(job.stage, 0) + 1
     shared = sum(1 for j in jobs if len(plan.users(j)) > 1)
     head = (f"grid {planned.name} ({shown_as}): {len(plan.cells)} cells, {len(jobs)} stage jobs "
-            f"({counts['train']} train, {counts['index']} index, {counts['infer']} infer); "
+            f"({', '.join(f'{n} {stage}' for stage, n in counts.items())}); "
             f"{shared} shared by several cells, {len(planned.existing)} already in the store")
     rows = [
         [c.cell_id, c.group, c.encoder_label, str(c.embedding_size),

@@ -245,15 +245,18 @@ class CellConfig:
         written = getattr(self.data, split)
         if written is None:
             raise ValueError(f"cell {self.cell_id} has no {split} data")
-        if is_name(written):
-            return local_path(written)
-        return (self.base_dir / Path(written).expanduser()).resolve()
+        return self._local_file(written)
 
     def corpus_path(self, part: str) -> Path:
         """The corpus's passages or questions file on this machine, as `data_path` resolves."""
         if self.corpus is None:
             raise ValueError(f"cell {self.cell_id} has no corpus")
-        return (self.base_dir / Path(getattr(self.corpus, part)).expanduser()).resolve()
+        return self._local_file(getattr(self.corpus, part))
+
+    def _local_file(self, written: str) -> Path:
+        if is_name(written):
+            return local_path(written)
+        return (self.base_dir / Path(written).expanduser()).resolve()
 
     def model_path(self, name: str) -> str:
         """A local folder's resolved path, or a hub name as it is."""

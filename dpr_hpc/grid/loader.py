@@ -245,7 +245,8 @@ def _parse_corpus(raw: Any, where: str, key_path: str) -> dict[str, Any] | None:
     for key, value in raw.items():
         if key in CORPUS_FILES:
             if not (isinstance(value, str) and value):
-                raise GridError(where, _join(key_path, key), f"expected a file path, got {_type_name(value)}")
+                raise GridError(where, _join(key_path, key), f"expected a file path or a source name (e.g. dpr:psgs_w100), got {_type_name(value)}")
+            _check_source_name(value, where, _join(key_path, key))
             parsed[key] = value
         else:
             parsed[key] = _typed(value, type(CORPUS_FIELDS[key].default), f"corpus.{key}", where, _join(key_path, key))
@@ -285,13 +286,19 @@ def _parse_data(raw: Any, where: str, key_path: str) -> dict[str, str | None]:
     for key, value in raw.items():
         if value is not None and not (isinstance(value, str) and value):
             raise GridError(where, _join(key_path, key), f"expected a file path or a source name (e.g. dpr:nq-{key}), got {_type_name(value)}")
-        if value is not None and is_name(value):
-            try:
-                source(value)
-            except SourceError as error:
-                raise GridError(where, _join(key_path, key), str(error)) from None
+        if value is not None:
+            _check_source_name(value, where, _join(key_path, key))
         parsed[key] = value
     return parsed
+
+
+def _check_source_name(value: str, where: str, key_path: str) -> None:
+    """A value written as a source name (dpr:...) must name a source the catalog knows."""
+    if is_name(value):
+        try:
+            source(value)
+        except SourceError as error:
+            raise GridError(where, key_path, str(error)) from None
 
 
 def _expand_block(
