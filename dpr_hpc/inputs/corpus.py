@@ -13,8 +13,9 @@ file, and every line lands in exactly one shard however N is chosen. A passage's
 the byte offset of its line: unique, ordered as the file is, the same however the corpus was
 cut, and enough to read the passage back at merge time with one seek.
 
-DPR's generate_dense_embeddings.py instead cuts `int(rows / num_shards)` rows per shard, which
-drops the last `rows mod num_shards` passages; byte ranges drop none.
+DPR's generate_dense_embeddings.py instead loads every passage and cuts `ceil(rows / num_shards)`
+rows per shard: equal row counts, where byte ranges give near-equal bytes (row counts differ a
+little between shards).
 """
 
 from __future__ import annotations
