@@ -27,6 +27,7 @@ from dpr_hpc.backends.submit_report import SubmitReport, check_records, rerun_re
 from dpr_hpc.errors import DprHpcError, UsageError
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.tracking.ledger import Ledger
+from dpr_hpc.tracking.live import LiveView, ask
 from dpr_hpc.inputs.hub import job_environment_lines
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.store.records import RecordCheck, Records
@@ -80,7 +81,7 @@ class SlurmBackend:
         with Ledger.locked(store) as ledger:
             jobs = [job for job in self._jobs() if not self._complete(job)]
             self._adopt_tagged(jobs, ledger, slurm_queue.queued_by_tag())
-            view = slurm_queue.ask_about(ledger, jobs)
+            view = ask(ledger, jobs).require()
             save_plan(self.layout, self.plan, grid_file)
             self.capacity = slurm_queue.submit_capacity()
             queued: dict[StageJob, str] = {}
@@ -89,7 +90,7 @@ class SlurmBackend:
         self.echo(f"slurm: {report.summary('submitted')}")
         return report
 
-    def _place(self, job: StageJob, ledger: Ledger, view: slurm_queue.StageJobsView, queued: dict[StageJob, str], report: SubmitReport) -> None:
+    def _place(self, job: StageJob, ledger: Ledger, view: LiveView, queued: dict[StageJob, str], report: SubmitReport) -> None:
         if self._complete(job):
             report.skipped.append(job)
             return

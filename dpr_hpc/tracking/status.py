@@ -21,6 +21,7 @@ from dpr_hpc.tracking import slurm_queue
 from dpr_hpc.store.claims import dead_claim, live_claim
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.tracking.ledger import Ledger
+from dpr_hpc.tracking.live import ask
 from dpr_hpc.locks import DEFAULT_STALE_AFTER_S, LockFile, holder_is_stale, pid_alive
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
@@ -83,18 +84,15 @@ def stage_states(layout: RunLayout, plan: Plan, records: Records | None = None) 
     records = records or Records(store, plan=plan)
     ledger = Ledger.read(store)
     jobs = list(plan.jobs())
-    ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
-    standings: dict[StageJob, slurm_queue.Standing] = {}
-    source = "store"
-    if ids and slurm_queue.slurm_available():
-        try:
-            view = slurm_queue.ask_about(ledger, jobs)
-            standings, source = view.standings, f"store and {view.source}"
-        except slurm_queue.SchedulerUnreachableError as unreachable:
-            source = f"store only: {unreachable}"
-            return _report(layout, plan, records, {job: _unknown(job, records, ids.get(job), str(unreachable)) for job in jobs}, source)
+    live = ask(ledger, jobs)
+    ids, standings, source = live.job_ids, live.standings, "store"
+    if live.no_slurm_here:
+        source += f" ({live.unanswered})"
+    elif live.unanswered:
+        source = f"store only: {live.unanswered}"
+        return _report(layout, plan, records, {job: _unknown(job, records, ids.get(job), live.unanswered) for job in jobs}, source)
     elif ids:
-        source += " (SLURM jobs in the ledger, but no SLURM commands here)"
+        source = f"store and {live.source}"
     states: dict[StageJob, StageState] = {}
     history = cell_history(layout)
     for job in jobs:
