@@ -226,8 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("results"), help="where the JSON report goes (default: results/)")
     bench.add_argument(
         "--control-path", action="store_true",
-        help="instead: wall time of plan, status and a submit with every job already queued, on generated grids of "
-        "100 and 2,000 cells (the scheduler's answers simulated); about a minute",
+        help="instead: wall time of the commands plan, submit --dry-run, submit with every job already queued, and status, "
+        "each in its own process, on generated grids of 100 and 2,000 cells (a fake squeue/sacct on PATH lists every job pending)",
     )
     bench.add_argument(
         "--scale", action="store_true",
@@ -294,28 +294,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _check_checkpoints(grid) -> None:
-    """Load every encoder checkpoint of the grid that is here (a local folder, or a hub model in
-    the Hugging Face cache) as its stage will, so a weight that does not load stops the grid
-    before the queue wait, not in the stage job."""
-    from dpr_hpc.inputs.hub import checkpoint_here
-
-    here: dict[str, tuple[str, str]] = {}  # each checkpoint once, with the first place that names it
-    for cell in grid.cells:
-        for key in ("question_encoder", "passage_encoder"):
-            path = cell.model_path(getattr(cell, key))
-            if path not in here and checkpoint_here(path):  # absent local folders are listed as missing data
-                here[path] = (cell.group, key)
-    if not here:
-        return  # nothing to load: plan stays free of torch's import time
-    from dpr_hpc.modeling.encoder import CheckpointError, check_checkpoint
+    """Load every encoder checkpoint of the grid that is here (once per content: it is remembered),
+    so a weight that does not load stops the grid before the queue wait, not in the stage job."""
+    from dpr_hpc.modeling.checked_weights import check_grid_checkpoints
     from dpr_hpc.stages.runner import quiet_libraries
 
-    quiet_libraries()
-    for path, (group, key) in here.items():
-        try:
-            check_checkpoint(path)
-        except CheckpointError as error:
-            raise GridError(str(grid.path), f"block {group}, {key}", f"expected a checkpoint whose every weight loads; {error}") from None
+    check_grid_checkpoints(grid, before_loading=quiet_libraries)
 
 
 def _local_limits(args: argparse.Namespace) -> dict[str, float]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,13 +386,15 @@ def _reject_duplicates(cells: list[tuple[str, CellConfig]], where: str) -> None:
 def _missing_files(cells: list[CellConfig]) -> list[tuple[str, str]]:
     """Data files and local model folders (hub names cannot be checked offline) absent here."""
     missing = []
+    is_file = functools.lru_cache(maxsize=None)(Path.is_file)  # 2,000 cells name the same few paths
+    is_dir = functools.lru_cache(maxsize=None)(Path.is_dir)
     for cell in cells:
         for split in ("train", "dev"):
-            if getattr(cell.data, split) is not None and not cell.data_path(split).is_file():
+            if getattr(cell.data, split) is not None and not is_file(cell.data_path(split)):
                 missing.append((f"data.{split}", str(cell.data_path(split))))
         for key in ("question_encoder", "passage_encoder"):
             name = getattr(cell, key)
-            if cell.local_model(name) is not None and not cell.local_model(name).is_dir():
+            if cell.local_model(name) is not None and not is_dir(cell.local_model(name)):
                 missing.append((key, f"{cell.model_path(name)} (a local model folder)"))
     return missing
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from dpr_hpc.inputs.content import ContentHashes, model_identity
 from dpr_hpc.grid import CellConfig
+from dpr_hpc.grid.config import settings_dict
 
 KEY_LENGTH = 20  # hex digits: 80 bits, no collision among any number of grids a person runs
 # Index settings applied at search time (infer's identity); `keep` (disk use only) is never identity.
@@ -38,7 +39,7 @@ def key_of(identity: dict[str, Any]) -> str:
 
 
 def _section(value: Any) -> Any:
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return settings_dict(value) if dataclasses.is_dataclass(value) else value
 
 
 def encoder_identities(cell: CellConfig, hashes: ContentHashes) -> dict[str, Any]:
