@@ -71,6 +71,7 @@ class SlurmBackend:
         self._checks: dict[StageJob, RecordCheck] = {}  # read once per submit: dependants ask again
         self._reasons: dict[StageJob, str] = {}
         self._sbatch_count = 0
+        self._environment = job_environment_lines()  # the same for every job of this submit
 
     def submit(self, grid_file: Path) -> SubmitReport:
         report = SubmitReport()
@@ -187,7 +188,7 @@ class SlurmBackend:
             "time": r.time_min,
             "cpus_per_task": r.cpus_per_task,
             # The job acts on the warning this long before its end, however early SLURM sends it.
-            "setup": list(r.setup) + [f"export DPR_HPC_SIGNAL_DELAY_S={r.signal_delay_s}"] + job_environment_lines(),
+            "setup": list(r.setup) + [f"export DPR_HPC_SIGNAL_DELAY_S={r.signal_delay_s}"] + self._environment,
             "signal_delay_s": r.signal_delay_s,
         }
         optional = {"partition": r.partition, "gres": r.gres, "account": r.account, "qos": r.qos,

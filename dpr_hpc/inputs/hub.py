@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from dpr_hpc.errors import UsageError
-from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.fsutil import read_json, resolved, write_json_atomic
 from dpr_hpc.locks import LockFile
 from dpr_hpc.provenance import now_iso
 
@@ -193,7 +193,7 @@ def files_to_fetch(listed: Iterable[str]) -> list[str]:
 def job_environment() -> dict[str, str]:
     """The variables every stage job runs with: the hub offline, and this machine's cache,
     where prefetch put the models (SLURM passes the submitter's other variables on)."""
-    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache_dir().resolve())}
+    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(resolved(hub_cache_dir()))}
 
 
 def job_environment_lines() -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dpr_hpc.errors import DprHpcError, UsageError
-from dpr_hpc.fsutil import append_line
+from dpr_hpc.fsutil import append_line, resolved
 from dpr_hpc.store.paths import StageStore
 from dpr_hpc.locks import HEARTBEAT_S, LockFile
 from dpr_hpc.planning.plan import StageJob
@@ -89,7 +89,7 @@ class Ledger:
         recorded, so a submit killed between sbatch and this ledger's write finds the job it
         queued by its tag, and adopts it instead of queueing a second copy."""
         attempt = len(self.entries.get(job.id, []))
-        return hashlib.sha256(f"{self.path.resolve()}|{job.id}|{attempt}".encode()).hexdigest()[:NONCE_LENGTH]
+        return hashlib.sha256(f"{resolved(self.path)}|{job.id}|{attempt}".encode()).hexdigest()[:NONCE_LENGTH]
 
     def recently_submitted(self, job: StageJob, now: datetime | None = None) -> bool:
         latest = self.latest(job)
