@@ -13,7 +13,8 @@ import torch
 
 from conftest import run_cli, write_grid
 from dpr_hpc.demo import generate
-from dpr_hpc.modeling.encoder import CheckpointError, DprEncoder, check_checkpoint
+from dpr_hpc.modeling.encoder import DprEncoder, check_checkpoint
+from dpr_hpc.errors import CheckpointError
 from test_checkpoints import broken_copy
 
 # One attention weight in the middle of the 6-layer encoder: a tower without it would run with

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import run_cli, submitted_run
 from fake_slurm import install, queue_line, write_command
+from dpr_hpc.errors import SchedulerUnreachableError
 from dpr_hpc.tracking import live, slurm_queue
 from dpr_hpc.tracking.ledger import UNLISTED_GRACE_S, Ledger
 from dpr_hpc.store.records import Records
@@ -118,7 +119,7 @@ def test_an_unreachable_scheduler_is_an_error_not_failed_rows(fake_slurm, run, c
     layout, _ = run
     _fake(fake_slurm, "sacct", 'echo "sacct: error: Problem talking to the database: Connection refused" >&2; exit 1')
     _fake(fake_slurm, "squeue", 'echo "squeue: error: Unable to contact slurm controller (connect failure)" >&2; exit 1')
-    with pytest.raises(slurm_queue.SchedulerUnreachableError, match="connect failure"):
+    with pytest.raises(SchedulerUnreachableError, match="connect failure"):
         slurm_queue.query(["5"])
     code, out, err = run_cli(capsys, "status", layout.root)
     assert code == 0 and "FAILED" not in out and "UNKNOWN" in out
@@ -206,7 +207,7 @@ def test_the_live_view_of_an_unreachable_scheduler_holds_no_standing_and_refuses
     view = live.ask(Ledger.read(layout.store), plan.jobs())
     assert list(view.job_ids.values()) == ["5"] and view.standings == {} and view.may_still_run() == {}
     assert "Unable to contact slurm controller" in view.unanswered
-    with pytest.raises(slurm_queue.SchedulerUnreachableError, match="Unable to contact"):
+    with pytest.raises(SchedulerUnreachableError, match="Unable to contact"):
         view.require()
 
 

@@ -21,9 +21,9 @@ import submitit
 from dpr_hpc.tracking import slurm_queue
 from dpr_hpc.backends.submit_report import SubmitReport, check_records, rerun_reasons
 from dpr_hpc.store.claims import live_claim
-from dpr_hpc.errors import UsageError
+from dpr_hpc.errors import LockHeldError, UsageError
 from dpr_hpc.store.layout import RunLayout
-from dpr_hpc.locks import HEARTBEAT_S, LockFile, LockHeldError, describe_holder
+from dpr_hpc.locks import HEARTBEAT_S, LockFile, describe_holder
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.tracking.ledger import Ledger
 from dpr_hpc.tracking.live import ask

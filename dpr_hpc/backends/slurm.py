@@ -24,7 +24,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 from dpr_hpc.tracking import slurm_queue
 from dpr_hpc.backends.profile import StageResources
 from dpr_hpc.backends.submit_report import SubmitReport, check_records, rerun_reasons
-from dpr_hpc.errors import DprHpcError, UsageError
+from dpr_hpc.errors import SubmissionError, UsageError
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.tracking.ledger import Ledger
 from dpr_hpc.tracking.live import LiveView, ask
@@ -36,10 +36,6 @@ from dpr_hpc.stages.runner import stage_job_entry
 
 SUBMIT_ATTEMPTS = 4
 BACKOFF_S = 2.0
-
-
-class SubmissionError(DprHpcError):
-    """sbatch kept failing; what was submitted before it stays in the ledger."""
 
 
 class SlurmBackend:

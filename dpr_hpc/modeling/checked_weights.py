@@ -97,7 +97,8 @@ def check_grid_checkpoints(grid, before_loading: Callable[[], None] = lambda: No
     unchecked = {path: where for path, where in here.items() if not memo.passed(keys[path])}
     if not unchecked:
         return
-    from dpr_hpc.modeling.encoder import CheckpointError, check_checkpoint
+    from dpr_hpc.modeling.encoder import check_checkpoint
+    from dpr_hpc.errors import CheckpointError
 
     before_loading()
     for path, (group, key) in unchecked.items():

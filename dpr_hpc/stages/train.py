@@ -35,7 +35,8 @@ from dpr_hpc.provenance import now_iso
 from dpr_hpc.resume.rng import capture_rng, restore_rng
 from dpr_hpc.resume.segments import FINISHED, Segment, SegmentLog
 from dpr_hpc.resume.signals import NeverStop, Stopper, TrainingInterrupted, wait_while_held
-from dpr_hpc.resume.checkpoints import CheckpointStore, CheckpointWriteError
+from dpr_hpc.resume.checkpoints import CheckpointStore
+from dpr_hpc.errors import CheckpointWriteError
 from dpr_hpc.stages.common import StageIO, StageOutput, prepared_details, progress, seed_everything, tokenized
 
 # What the record lists (a folder stands for every file in it) and index and infer read.

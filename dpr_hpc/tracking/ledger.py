@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from dpr_hpc.errors import DprHpcError, UsageError
+from dpr_hpc.errors import LedgerWriteError, UsageError
 from dpr_hpc.fsutil import append_line, resolved
 from dpr_hpc.store.paths import StageStore
 from dpr_hpc.locks import HEARTBEAT_S, LockFile
@@ -123,10 +123,6 @@ class Ledger:
                 f"{self.path}: could not record {backend} job {job_id} of {job.id} ({exc.strerror or exc}); nothing half-written "
                 "was left, and the next submit finds the queued job by its tag and records it") from None
         self.entries.setdefault(job.id, []).append(entry)
-
-
-class LedgerWriteError(DprHpcError):
-    """A submission could not be recorded (ENOSPC, EDQUOT, EIO): the submit stops (exit 1)."""
 
 
 # (ledger file, line) already warned about by this process: status --watch reads it every redraw.

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 from dpr_hpc.tracking import slurm_queue
-from dpr_hpc.tracking.slurm_queue import JobAccounting, SchedulerError, SchedulerUnreachableError, Standing
+from dpr_hpc.tracking.slurm_queue import JobAccounting, Standing
+from dpr_hpc.errors import SchedulerError, SchedulerUnreachableError
 
 if TYPE_CHECKING:
     from dpr_hpc.planning.plan import StageJob
