@@ -10,6 +10,7 @@ writable) by the group. `tempfile` alone would create them 0600 and 0700 whateve
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -190,3 +191,17 @@ def save_array(path: Path, array: Any) -> None:
 
     with Path(path).open("wb") as handle:
         np.save(handle, array)
+
+
+def resolved(path: str | Path) -> Path:
+    """`Path(path).resolve()`, worked out once per distinct path in a process: a grid of 2,000
+    cells names the same model folder and data files in every cell, and each resolve walks
+    every component with a system call. A relative path is keyed with the working directory
+    it is resolved from."""
+    text = os.fspath(path)
+    return _resolved(text if os.path.isabs(text) else os.path.join(os.getcwd(), text))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _resolved(absolute: str) -> Path:
+    return Path(absolute).resolve()

@@ -41,7 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from dpr_hpc.errors import DprHpcError
+from dpr_hpc.errors import LockHeldError
 
 log = logging.getLogger(__name__)
 # For locks held longer than a few seconds: a beat every 30 s against the default stale bound
@@ -51,15 +51,6 @@ HEARTBEAT_S = 30.0
 
 # A lock whose holder set no other bound (the local submit's, the ledger's) is stale after this.
 DEFAULT_STALE_AFTER_S = 300.0
-
-
-class LockHeldError(DprHpcError):
-    """The lock stayed held by someone else until the timeout; says who."""
-
-    def __init__(self, path: Path, purpose: str, holder: dict | None, waited_s: float) -> None:
-        self.path = path
-        self.holder = holder
-        super().__init__(f"{path}: cannot take the lock for {purpose} after {waited_s:.0f}s: {describe_holder(holder)}")
 
 
 class LockFile:
@@ -106,7 +97,7 @@ class LockFile:
             waited = time.monotonic() - started
             if waited >= timeout_s:
                 if verdict == ALIVE:
-                    raise LockHeldError(self.path, self.purpose, holder, waited)
+                    raise LockHeldError(self.path, self.purpose, holder, waited, describe_holder(holder))
                 if watch.note_undecided():  # a holder elsewhere not yet seen to beat: watch on
                     log.warning("%s: watching the heartbeat of the lock for %s (%s) for up to %gs before deciding it is dead",
                                 self.path, self.purpose, describe_holder(holder), self.stale_after_s)
@@ -137,7 +128,7 @@ class LockFile:
             with self.path.open("r+") as handle:
                 holder = _parse(handle.read())
                 if holder is None or holder.get("token") != self._token:
-                    raise LockHeldError(self.path, self.purpose, holder, 0.0)
+                    raise LockHeldError(self.path, self.purpose, holder, 0.0, describe_holder(holder))
                 self._beats += 1
                 handle.seek(0)
                 handle.write(self._content(time.time()))
@@ -145,7 +136,7 @@ class LockFile:
                 handle.flush()
                 os.fsync(handle.fileno())
         except FileNotFoundError:
-            raise LockHeldError(self.path, self.purpose, None, 0.0) from None
+            raise LockHeldError(self.path, self.purpose, None, 0.0, describe_holder(None)) from None
 
     def verify(self) -> None:
         """Raise LockHeldError, naming who holds it now, unless the lock file still carries this
@@ -155,7 +146,7 @@ class LockFile:
             raise RuntimeError(f"{self.path}: verify of a lock not held")
         holder = self.read_holder(self.path)
         if holder is None or holder.get("token") != self._token:
-            raise LockHeldError(self.path, self.purpose, holder, 0.0)
+            raise LockHeldError(self.path, self.purpose, holder, 0.0, describe_holder(holder))
 
     def __enter__(self) -> "LockFile":
         return self.acquire(self.timeout_s)

@@ -16,6 +16,15 @@ from dpr_hpc.cli.main import main
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def checked_weights_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test starts with no checkpoint remembered as checked (dpr_hpc.modeling.checked_weights),
+    in a folder apart from its tmp_path, and never reads or fills the user's own."""
+    folder = tmp_path_factory.mktemp("dpr-hpc-cache")
+    monkeypatch.setenv("DPR_HPC_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster_session():
     """The test SLURM cluster (tests/slurm/cluster-up.sh, $DPR_HPC_TEST_NODES nodes, default 1),

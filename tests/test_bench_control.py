@@ -1,11 +1,34 @@
-"""The control-path benchmark runs (small sizes here; its figures come from `dpr-hpc bench --control-path`)."""
+"""The control-path benchmark times the real commands (small sizes here; its figures come from
+`dpr-hpc bench --control-path`): no timed assertion, only that each command ran and did what it is
+timed for, and that the report has the shape the lead's comparison reads."""
 
 from __future__ import annotations
 
-from dpr_hpc.bench.control_path import run_control_benchmark
+import json
+
+from dpr_hpc.bench.control_path import COMMANDS, run_control_benchmark
 
 
-def test_control_benchmark_plans_submits_and_reads_status_of_generated_grids():
-    report = run_control_benchmark((5, 20), echo=lambda line: None)
-    assert [(row["cells"], row["jobs"]) for row in report["rows"]] == [(5, 15), (20, 60)]
-    assert all(row[phase] > 0 for row in report["rows"] for phase in ("plan_s", "submit_queued_s", "status_s"))
+def test_control_benchmark_runs_each_command_on_generated_grids_and_reports_growth(demo_assets):
+    lines: list[str] = []
+    report = run_control_benchmark((2, 4), echo=lines.append, demo=demo_assets)
+    assert [(row["cells"], row["jobs"]) for row in report["rows"]] == [(2, 6), (4, 12)]
+    assert all(row[phase] > 0 for row in report["rows"] for phase in (*COMMANDS, "first_plan_s", "setup_s"))
+    assert report["cells_ratio"] == 2 and set(report["growth"]) == set(COMMANDS) == set(report["ms_per_cell"])
+    assert report["goal"]["cells"] == 4 and isinstance(report["goal"]["met"], bool)
+    assert "fake squeue/sacct" in report["scheduler"]
+    assert len(lines) == 3 and lines[-1].startswith("growth 2 -> 4 cells")
+    json.dumps(report)  # written as the JSON report as it is
+
+
+def test_a_command_that_does_not_do_its_work_stops_the_benchmark(demo_assets, tmp_path, monkeypatch):
+    """A figure is never the time of a command that failed early: here the grid's data file is
+    missing, so the set-up submit fails and the benchmark says which step and why."""
+    import pytest
+
+    from dpr_hpc.bench import control_path
+
+    real_grid = control_path._grid
+    monkeypatch.setattr(control_path, "_grid", lambda folder, cells, demo: real_grid(folder, cells, tmp_path / "nowhere"))
+    with pytest.raises(RuntimeError, match="did not do what it is timed for"):
+        run_control_benchmark((2, 4), echo=lambda line: None, demo=demo_assets)

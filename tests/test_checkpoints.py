@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli, write_grid
-from dpr_hpc.modeling.encoder import CheckpointError, DprEncoder, load_tokenizer
+from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
+from dpr_hpc.errors import CheckpointError
 
 DELETED_WEIGHT = "ctx_encoder.bert_model.encoder.layer.1.attention.self.query.weight"
 

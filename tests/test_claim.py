@@ -13,7 +13,8 @@ import time
 import pytest
 
 from conftest import held_elsewhere, run_folder, train_folder
-from dpr_hpc.store.claims import StageClaimedError, claim_stage
+from dpr_hpc.store.claims import claim_stage
+from dpr_hpc.errors import StageClaimedError
 from dpr_hpc.locks import LockFile
 from dpr_hpc.planning.plan import StageJob
 from dpr_hpc.resume.signals import HOLD_ENV, PARKED_SUFFIX
@@ -143,7 +144,7 @@ def _steal(claim_file) -> None:
 def test_a_lost_claim_stops_the_next_index_shard_and_the_record_before_they_are_written(demo_assets, tmp_path):
     import torch
 
-    from dpr_hpc.store.claims import ClaimLostError
+    from dpr_hpc.errors import ClaimLostError
     from dpr_hpc.inputs.data import Passage
     from dpr_hpc.modeling.batching import tokenize_passages
     from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer

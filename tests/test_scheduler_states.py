@@ -11,7 +11,8 @@ import pytest
 
 from conftest import run_cli, submitted_run
 from fake_slurm import install, queue_line, write_command
-from dpr_hpc.tracking import slurm_queue
+from dpr_hpc.errors import SchedulerUnreachableError
+from dpr_hpc.tracking import live, slurm_queue
 from dpr_hpc.tracking.ledger import UNLISTED_GRACE_S, Ledger
 from dpr_hpc.store.records import Records
 from dpr_hpc.tracking.status import stage_states, summary_line
@@ -118,7 +119,7 @@ def test_an_unreachable_scheduler_is_an_error_not_failed_rows(fake_slurm, run, c
     layout, _ = run
     _fake(fake_slurm, "sacct", 'echo "sacct: error: Problem talking to the database: Connection refused" >&2; exit 1')
     _fake(fake_slurm, "squeue", 'echo "squeue: error: Unable to contact slurm controller (connect failure)" >&2; exit 1')
-    with pytest.raises(slurm_queue.SchedulerUnreachableError, match="connect failure"):
+    with pytest.raises(SchedulerUnreachableError, match="connect failure"):
         slurm_queue.query(["5"])
     code, out, err = run_cli(capsys, "status", layout.root)
     assert code == 0 and "FAILED" not in out and "UNKNOWN" in out
@@ -195,3 +196,31 @@ def test_a_local_submit_does_not_run_a_slurm_job_of_unknown_state(cached_x_y, fa
     code, out, err = run_cli(capsys, "submit", layout.root.parent.parent / "grid.yaml", "--backend", "local", "--runs-root", layout.root.parent)
     assert "left alone: SLURM job 5's state is unknown" in out, out + err
     assert not any(check.complete for check in (Records(layout.store).check(job) for job in plan.jobs()))
+
+
+def test_the_live_view_of_an_unreachable_scheduler_holds_no_standing_and_refuses_to_be_acted_on(fake_slurm, run):
+    """One policy for every caller: no standing (so no job reads as gone), the reason, and an
+    error for a caller that would act on the answer (submit)."""
+    layout, plan = run
+    _fake(fake_slurm, "sacct", 'echo "sacct: error: Connection refused" >&2; exit 1')
+    _fake(fake_slurm, "squeue", 'echo "squeue: error: Unable to contact slurm controller" >&2; exit 1')
+    view = live.ask(Ledger.read(layout.store), plan.jobs())
+    assert list(view.job_ids.values()) == ["5"] and view.standings == {} and view.may_still_run() == {}
+    assert "Unable to contact slurm controller" in view.unanswered
+    with pytest.raises(SchedulerUnreachableError, match="Unable to contact"):
+        view.require()
+
+
+def test_the_live_view_keeps_a_job_sacct_has_not_listed_as_one_that_may_still_run(fake_slurm, lagging_sacct_and_failing_squeue):
+    layout, plan = lagging_sacct_and_failing_squeue
+    view = live.ask(Ledger.read(layout.store), plan.jobs()).require()
+    (job, standing), = view.standings.items()
+    assert standing.unknown and view.may_still_run() == {job: standing} and "sacct" in view.source
+
+
+def test_the_live_view_without_slurm_commands_says_so_and_asks_nothing(run, monkeypatch):
+    layout, plan = run
+    monkeypatch.setattr(slurm_queue, "slurm_available", lambda: False)
+    view = live.ask(Ledger.read(layout.store), plan.jobs())
+    assert view.no_slurm_here and view.standings == {} and list(view.job_ids.values()) == ["5"]
+    assert live.ask(Ledger.read(layout.store), []).job_ids == {}  # no submission asked about: nothing to say

@@ -13,7 +13,8 @@ import pytest
 from conftest import ONE_CELL_GRID, cache_hub_model, run_cli, submitted_run, write_grid
 from fake_slurm import install as install_fake_slurm
 from dpr_hpc.cli.main import EXIT_DEFERRED
-from dpr_hpc.inputs.data import DataFormatError, iter_records
+from dpr_hpc.inputs.data import iter_records
+from dpr_hpc.errors import DataFormatError
 from dpr_hpc.grid import load_grid
 
 

@@ -94,13 +94,14 @@ def cancel(target: Target = None, *, runs_root: "str | Path | None" = None, cell
     from dpr_hpc.store.runs import grids_sharing
     from dpr_hpc.tracking import slurm_queue
     from dpr_hpc.tracking.ledger import Ledger
+    from dpr_hpc.tracking.live import ask
 
     runs = find_runs(target, runs_root)
     selected = selection_of(cells, groups, stages).apply([plan for _, plan in runs])
     shared, unreadable = ({}, []) if include_shared else grids_sharing(runs)
     done = []
     for (layout, plan), jobs in zip(runs, selected):
-        standings = slurm_queue.ask_about(Ledger.read(layout.store), jobs).standings
+        standings = ask(Ledger.read(layout.store), jobs).require().standings
         active = {job: s.job_id for job, s in standings.items() if s.info is not None and s.info.active}
         unknown = sorted({s.job_id for s in standings.values() if s.unknown})
         kept = {job: job_id for job, job_id in active.items() if job in shared}

@@ -210,28 +210,12 @@ class PrefetchReport:
 
 
 def check_checkpoints(grid: "Grid") -> None:
-    """Load every encoder checkpoint of the grid that is here (a local folder, or a hub model in
-    the Hugging Face cache) as its stage will, so a weight that does not load stops the grid
-    before the queue wait, not in the stage job."""
-    from dpr_hpc.inputs.hub import checkpoint_here
-
-    here: dict[str, tuple[str, str]] = {}  # each checkpoint once, with the first place that names it
-    for cell in grid.cells:
-        for key in ("question_encoder", "passage_encoder"):
-            path = cell.model_path(getattr(cell, key))
-            if path not in here and checkpoint_here(path):  # absent local folders are listed as missing data
-                here[path] = (cell.group, key)
-    if not here:
-        return  # nothing to load: plan stays free of torch's import time
-    from dpr_hpc.modeling.encoder import CheckpointError, check_checkpoint
+    """Load every encoder checkpoint of the grid that is here (once per content: it is remembered),
+    so a weight that does not load stops the grid before the queue wait, not in the stage job."""
+    from dpr_hpc.modeling.checked_weights import check_grid_checkpoints
     from dpr_hpc.stages.runner import quiet_libraries
 
-    quiet_libraries()
-    for path, (group, key) in here.items():
-        try:
-            check_checkpoint(path)
-        except CheckpointError as error:
-            raise GridError(str(grid.path), f"block {group}, {key}", f"expected a checkpoint whose every weight loads; {error}") from None
+    check_grid_checkpoints(grid, before_loading=quiet_libraries)
 
 
 def fetch_hub_models(grid: "Grid", layout: RunLayout, update: bool, progress: Progress) -> dict[str, str | None]:

@@ -21,11 +21,12 @@ import submitit
 from dpr_hpc.tracking import slurm_queue
 from dpr_hpc.backends.submit_report import SubmitReport, check_records, rerun_reasons
 from dpr_hpc.store.claims import live_claim
-from dpr_hpc.errors import UsageError
+from dpr_hpc.errors import LockHeldError, UsageError
 from dpr_hpc.store.layout import RunLayout
-from dpr_hpc.locks import HEARTBEAT_S, LockFile, LockHeldError, describe_holder
+from dpr_hpc.locks import HEARTBEAT_S, LockFile, describe_holder
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.tracking.ledger import Ledger
+from dpr_hpc.tracking.live import ask
 from dpr_hpc.tracking.progress import MeterBar, bars_wanted
 from dpr_hpc.inputs.hub import job_environment
 from dpr_hpc.store.records import Records
@@ -133,15 +134,11 @@ class LocalBackend:
     def _queued_on_slurm(self, jobs: list[StageJob], checks: dict) -> dict[StageJob, slurm_queue.Standing]:
         """Jobs not complete whose latest SLURM job may still run (slurm_queue.Standing): queued,
         running, just submitted, or of a state the scheduler could not tell."""
-        ledger = Ledger.read(self.layout.store)
-        on_slurm = [job for job in jobs if not checks[job].complete and (entry := ledger.latest(job)) and entry.get("backend") == "slurm"]
-        if not on_slurm:
-            return {}
-        if not slurm_queue.slurm_available():
-            raise UsageError(f"{len(on_slurm)} stage job(s) of this grid were submitted to SLURM, but no SLURM commands are here to "
+        live = ask(Ledger.read(self.layout.store), [job for job in jobs if not checks[job].complete])
+        if live.no_slurm_here:
+            raise UsageError(f"{len(live.job_ids)} stage job(s) of this grid were submitted to SLURM, but no SLURM commands are here to "
                              "tell whether they still run; submit from the cluster, or cancel them there first")
-        view = slurm_queue.ask_about(ledger, on_slurm)
-        return {job: standing for job, standing in view.standings.items() if standing.may_still_run}
+        return live.require().may_still_run()
 
     def executor_parameters(self) -> dict:
         """One GPU per job where there is one, as each job has on the paper's cluster."""

@@ -32,9 +32,10 @@ from submitit.slurm.slurm import _make_sbatch_string
 from dpr_hpc.tracking import slurm_queue
 from dpr_hpc.backends.profile import StageResources
 from dpr_hpc.backends.submit_report import SubmitReport, check_records, rerun_reasons
-from dpr_hpc.errors import DprHpcError, UsageError
+from dpr_hpc.errors import SubmissionError, UsageError
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.tracking.ledger import Ledger
+from dpr_hpc.tracking.live import LiveView, ask
 from dpr_hpc.inputs.hub import job_environment_lines
 from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.planning.plan import ArrayGroup, Plan, StageJob
@@ -45,10 +46,6 @@ from dpr_hpc.stages.runner import stage_job_entry
 
 SUBMIT_ATTEMPTS = 4
 BACKOFF_S = 2.0
-
-
-class SubmissionError(DprHpcError):
-    """sbatch kept failing; what was submitted before it stays in the ledger."""
 
 
 class SlurmBackend:
@@ -81,6 +78,7 @@ class SlurmBackend:
         self._reasons: dict[StageJob, str] = {}
         self._sbatch_count = 0
         self._arrays: dict[str, int] = {}  # array id -> how many tasks, of the arrays this submit queued
+        self._environment = job_environment_lines()  # the same for every job of this submit
 
     def submit(self, grid_file: Path) -> SubmitReport:
         report = SubmitReport()
@@ -93,7 +91,7 @@ class SlurmBackend:
             tagged = slurm_queue.queued_by_tag()
             self._adopt_tagged(jobs, ledger, tagged)
             self._adopt_tagged_arrays(ledger, tagged)
-            view = slurm_queue.ask_about(ledger, jobs)
+            view = ask(ledger, jobs).require()
             save_plan(self.layout, self.plan, grid_file)
             self.capacity = slurm_queue.submit_capacity()
             queued: dict[StageJob, str] = {}
@@ -107,7 +105,7 @@ class SlurmBackend:
         self.echo(f"slurm: {report.summary('submitted')}")
         return report
 
-    def _place(self, job: StageJob, ledger: Ledger, view: slurm_queue.StageJobsView, queued: dict[StageJob, str], report: SubmitReport) -> None:
+    def _place(self, job: StageJob, ledger: Ledger, view: LiveView, queued: dict[StageJob, str], report: SubmitReport) -> None:
         dependencies = self._ready(job, ledger, view, queued, report)
         if dependencies is None:
             return
@@ -121,7 +119,7 @@ class SlurmBackend:
         after = f" after {','.join(dependencies)}" if dependencies else ""
         self.echo(f"{job.id}: submitted as job {job_id}{after}")
 
-    def _place_array(self, group: ArrayGroup, ledger: Ledger, view: slurm_queue.StageJobsView, queued: dict[StageJob, str], report: SubmitReport) -> None:
+    def _place_array(self, group: ArrayGroup, ledger: Ledger, view: LiveView, queued: dict[StageJob, str], report: SubmitReport) -> None:
         """The group's tasks that need to run, as one array after the union of their upstream
         jobs (a shard waits on its cell's training, afterok, as a plain job does)."""
         ready = {job: deps for job in self._members(group) if (deps := self._ready(job, ledger, view, queued, report)) is not None}
@@ -144,7 +142,7 @@ class SlurmBackend:
         self.echo(f"{group.name}: submitted {len(tasks)} tasks as job array {array_id} "
                   f"(--array=0-{len(tasks) - 1}%{min(len(tasks), group.parallel)}){after}")
 
-    def _ready(self, job: StageJob, ledger: Ledger, view: slurm_queue.StageJobsView, queued: dict[StageJob, str], report: SubmitReport) -> list[str] | None:
+    def _ready(self, job: StageJob, ledger: Ledger, view: LiveView, queued: dict[StageJob, str], report: SubmitReport) -> list[str] | None:
         """The SLURM job ids `job` must wait on (afterok) when it is to be submitted now; None
         when it is not (complete, still queued, failed, or its upstream job is not queued), with
         the job put in the report's list that says why."""
@@ -314,7 +312,7 @@ class SlurmBackend:
             "time": r.time_min,
             "cpus_per_task": r.cpus_per_task,
             # The job acts on the warning this long before its end, however early SLURM sends it.
-            "setup": list(r.setup) + [f"export DPR_HPC_SIGNAL_DELAY_S={r.signal_delay_s}"] + job_environment_lines(),
+            "setup": list(r.setup) + [f"export DPR_HPC_SIGNAL_DELAY_S={r.signal_delay_s}"] + self._environment,
             "signal_delay_s": r.signal_delay_s,
         }
         optional = {"partition": r.partition, "gres": r.gres, "account": r.account, "qos": r.qos,

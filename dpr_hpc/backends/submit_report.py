@@ -6,17 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dpr_hpc.errors import DprHpcError
+from dpr_hpc.errors import RecordUnreadableError
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.store.records import RecordCheck, Records, promote
-
-
-class RecordUnreadableError(DprHpcError):
-    """A record, or a file it is checked against (an artifact, an input, an upstream record),
-    exists but cannot be read (EIO, ESTALE, permissions, broken JSON). Nothing is submitted:
-    rerunning would overwrite outputs on a guess."""
-
-    exit_code = 1
 
 
 def check_records(plan: Plan, records: Records) -> dict[StageJob, RecordCheck]:

@@ -154,7 +154,7 @@ def run_gpu_check(smoke: bool = False, budget_s: float = 480.0, echo: Callable[[
 
     from dpr_hpc.modeling.precision import resolve_precision
     from dpr_hpc.provenance import node_tags, now_iso
-    from dpr_hpc.stages.common import pick_device
+    from dpr_hpc.modeling.device import pick_device
 
     device = pick_device()
     if device.type != "cuda" and not smoke:
@@ -216,7 +216,8 @@ def probe_batch_size(name: str, shape: EncoderShape, size: CheckSize, device, pr
     CUDA's out-of-memory error (at the 24 GB cap) and by a peak within (1 - margin) of the free
     memory it sees, which on a bigger card is more than 24 GB: the pick as on the paper's card
     is therefore also given, the largest probe whose peak is within (1 - margin) of 24 GB."""
-    from dpr_hpc.modeling.batch_probe import SAFETY_MARGIN, largest_fitting_power_of_two, release_memory
+    from dpr_hpc.modeling.batch_probe import SAFETY_MARGIN, largest_fitting_power_of_two
+    from dpr_hpc.modeling.device import release_memory
 
     towers = build_tower(shape, device), build_tower(shape, device, seed=1)
     probe = _probe_step(towers, shape, size, device, precision)
@@ -276,11 +277,11 @@ def time_train_steps(shape: EncoderShape, size: CheckSize, batch: int, chunk: in
 
     from dpr_hpc.bench.stages import nq_like_texts, optimiser_label, profiling
     from dpr_hpc.grid.config import TrainConfig
-    from dpr_hpc.modeling.batch_probe import release_memory
+    from dpr_hpc.modeling.device import release_memory
     from dpr_hpc.modeling.batching import rows_of
     from dpr_hpc.modeling.precision import grad_scaler
     from dpr_hpc.modeling.train_step import backward_batch, clip_and_step
-    from dpr_hpc.stages.common import synchronize
+    from dpr_hpc.modeling.device import synchronize
 
     towers = build_tower(shape, device), build_tower(shape, device, seed=1)
     parameters = [p for tower in towers for p in tower.parameters()]
@@ -333,7 +334,7 @@ def pei_encoding(shape: EncoderShape, size: CheckSize, device, precision: str, r
     """Encoding time of the pool, the paper's way and ours, each timed on the same sample of
     `encode_sample` passages and extrapolated linearly to the 935,159 of NQ's dev pool."""
     from dpr_hpc.bench.stages import encode_batch_shapes, nq_like_texts
-    from dpr_hpc.modeling.batch_probe import release_memory
+    from dpr_hpc.modeling.device import release_memory
     from dpr_hpc.modeling.encoding import PAD_MULTIPLE, encode
 
     encoder = build_tower(shape, device)
@@ -410,7 +411,7 @@ def fraction_of_peak(report: dict[str, Any], shape: EncoderShape, size: CheckSiz
     way) against the card's peak for the precision that ran, the paper's way against the fp32
     peak, and a profiled run of each saying where the time goes."""
     from dpr_hpc.bench.stages import encode_batch_shapes, nq_like_texts, profile_call, profile_words, with_peak
-    from dpr_hpc.modeling.batch_probe import release_memory
+    from dpr_hpc.modeling.device import release_memory
     from dpr_hpc.modeling.encoding import PAD_MULTIPLE, encode
 
     peaks = {p: card_peak(device, p, echo) for p in dict.fromkeys((precision, PAPER_PRECISION))}

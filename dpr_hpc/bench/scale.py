@@ -427,7 +427,7 @@ def table(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # The children: one phase each, run as `python -m dpr_hpc.bench.scale PHASE PARAMS WORK RESULT`.
 
-class Meter:
+class PhaseTimer:
     """Times a phase's work and notes the RSS when it begins (after imports and setup)."""
 
     def __init__(self) -> None:
@@ -488,7 +488,7 @@ def _prepared_cache(work: Path) -> Path:
     return StageStore(_runs_root(work)).prepared_cache
 
 
-def _phase_generate(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+def _phase_generate(params: dict[str, Any], work: Path, meter: PhaseTimer) -> dict[str, Any]:
     from dpr_hpc.demo.nq_shape import write_nq_shaped
 
     fraction = float(params["fraction"])
@@ -501,7 +501,7 @@ def _phase_generate(params: dict[str, Any], work: Path, meter: Meter) -> dict[st
                                   f"pool of {summary['dev']['pool_with_duplicates']:,}", "summary": summary}}
 
 
-def _phase_prepare(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+def _phase_prepare(params: dict[str, Any], work: Path, meter: PhaseTimer) -> dict[str, Any]:
     """The first job's load (parse the JSON, write the columns), or with `expect_hit` a later
     job's (map them): the stages' own load_train / load_dev."""
     from dpr_hpc.inputs import prepared
@@ -522,7 +522,7 @@ def _phase_prepare(params: dict[str, Any], work: Path, meter: Meter) -> dict[str
                         "entry_bytes": disk_usage(data.folder)}}
 
 
-def _phase_tokenise_train(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+def _phase_tokenise_train(params: dict[str, Any], work: Path, meter: PhaseTimer) -> dict[str, Any]:
     """The train stage's tokenising (hard_negative: first): every question, its first positive
     and its first hard negative, read from the mapped columns."""
     from dpr_hpc.modeling.batching import tokenize_passages, tokenize_questions
@@ -545,7 +545,7 @@ def _phase_tokenise_train(params: dict[str, Any], work: Path, meter: Meter) -> d
                         "mean_passage_tokens": float(parts["positives"].lengths.mean())}}
 
 
-def _phase_tokenise_pool(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+def _phase_tokenise_pool(params: dict[str, Any], work: Path, meter: PhaseTimer) -> dict[str, Any]:
     """The index stage's tokenising: the whole evaluation pool, read from the mapped columns."""
     from dpr_hpc.modeling.batching import tokenize_passages
     from dpr_hpc.inputs.prepared import load_dev
@@ -562,7 +562,7 @@ def _phase_tokenise_pool(params: dict[str, Any], work: Path, meter: Meter) -> di
                         "mean_passage_tokens": float(texts.lengths.mean())}}
 
 
-def _phase_encode(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+def _phase_encode(params: dict[str, Any], work: Path, meter: PhaseTimer) -> dict[str, Any]:
     """The index stage's encoding (length-sorted, per-batch padding, precision auto, the grid's
     default batch 512) of the pool's first `sample` passages with a tiny 2-layer BERT projected
     to 768, so the embeddings have the paper's size."""
@@ -575,7 +575,7 @@ def _phase_encode(params: dict[str, Any], work: Path, meter: Meter) -> dict[str,
     from dpr_hpc.modeling.encoder import DprEncoder
     from dpr_hpc.modeling.encoding import encode
     from dpr_hpc.modeling.precision import resolve_precision
-    from dpr_hpc.stages.common import pick_device
+    from dpr_hpc.modeling.device import pick_device
 
     tokenizer = _tokenizer(work, float(params["dev_fraction"]))
     pool = TokenizedTexts.load(_tokens(work) / "pool.npz")
@@ -631,7 +631,7 @@ def _token_bytes(texts) -> int:
     return int(texts.ids.nbytes + texts.offsets.nbytes + (texts.types.nbytes if texts.types is not None else 0))
 
 
-def _phase_hnsw_build(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+def _phase_hnsw_build(params: dict[str, Any], work: Path, meter: PhaseTimer) -> dict[str, Any]:
     """The index stage's build: random unit vectors on disk, added a chunk at a time by the
     stage's own build_index_from_file, so the child holds the index and one chunk, as the stage does."""
     import numpy as np
@@ -656,7 +656,7 @@ def _phase_hnsw_build(params: dict[str, Any], work: Path, meter: Meter) -> dict[
                         "note": "wall is the build from the vectors on disk (chunks read and added); disk is the serialised index"}}
 
 
-def _phase_search(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+def _phase_search(params: dict[str, Any], work: Path, meter: PhaseTimer) -> dict[str, Any]:
     import numpy as np
 
     from dpr_hpc.grid.config import IndexConfig
@@ -678,7 +678,7 @@ def _corpus_vectors(work: Path, dtype: str) -> Path:
     return work / "corpus" / f"shard-vectors-{dtype}.npy"
 
 
-def _phase_corpus_encode_shard(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+def _phase_corpus_encode_shard(params: dict[str, Any], work: Path, meter: PhaseTimer) -> dict[str, Any]:
     """An encode-shard task on a synthetic shard: token ids of 100-word passages' lengths (a real
     task reads its shard's tokenised passages), encoded by a tiny BERT projected to 768 with the
     stages' own encode (length-sorted, per-batch padding, precision auto, batch 512), then
@@ -734,7 +734,7 @@ def write_fp16(path: Path, vectors, block: int = 65536) -> None:
             vectors[start : start + block].astype(np.float16).tofile(handle)
 
 
-def _phase_corpus_search_shard(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+def _phase_corpus_search_shard(params: dict[str, Any], work: Path, meter: PhaseTimer) -> dict[str, Any]:
     """A search-shard task: an exact IndexFlatIP over the shard's fp32 vectors, read from disk
     and added a chunk at a time (the task holds the index and one chunk), and the questions'
     top 100 searched in one batch and written."""
@@ -762,7 +762,7 @@ def _phase_corpus_search_shard(params: dict[str, Any], work: Path, meter: Meter)
                         "rss_per_passage_bytes": INDEX_DIM * 4}}  # the index; the chunk read and the questions are fixed
 
 
-def _phase_corpus_merge(params: dict[str, Any], work: Path, meter: Meter) -> dict[str, Any]:
+def _phase_corpus_merge(params: dict[str, Any], work: Path, meter: PhaseTimer) -> dict[str, Any]:
     """The merge job: every question's top-k over all shards by score (merge_top_k), on
     generated per-shard results (each shard's scores sorted best first, ids global)."""
     import numpy as np
@@ -811,7 +811,7 @@ def random_unit_vectors(rng, n: int, dim: int = INDEX_DIM):
     return block / np.linalg.norm(block, axis=1, keepdims=True)
 
 
-PHASES: dict[str, Callable[[dict[str, Any], Path, Meter], dict[str, Any]]] = {
+PHASES: dict[str, Callable[[dict[str, Any], Path, PhaseTimer], dict[str, Any]]] = {
     "generate": _phase_generate,
     "prepare-train": _phase_prepare,
     "prepare-dev": _phase_prepare,
@@ -830,9 +830,9 @@ PHASES: dict[str, Callable[[dict[str, Any], Path, Meter], dict[str, Any]]] = {
 
 def child_main(argv: list[str]) -> int:
     name, params, work, result_file = argv
-    meter = Meter()
-    measured = PHASES[name](json.loads(params), Path(work), meter)
-    measured["rss_before_bytes"] = meter.rss_before
+    timer = PhaseTimer()
+    measured = PHASES[name](json.loads(params), Path(work), timer)
+    measured["rss_before_bytes"] = timer.rss_before
     measured["peak_rss_bytes"] = _memory_status("VmHWM")
     Path(result_file).write_text(json.dumps(measured))
     return 0

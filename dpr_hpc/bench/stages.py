@@ -58,7 +58,7 @@ def run_benchmark(quick: bool = False, echo: Callable[[str], None] = print, seed
 
     from dpr_hpc.modeling.precision import resolve_precision
     from dpr_hpc.provenance import node_tags, now_iso
-    from dpr_hpc.stages.common import pick_device
+    from dpr_hpc.modeling.device import pick_device
 
     device = pick_device()
     size = size or (QUICK if quick else (FULL_GPU if device.type == "cuda" else FULL_CPU))

@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("results"), help="where the JSON report goes (default: results/)")
     bench.add_argument(
         "--control-path", action="store_true",
-        help="instead: wall time of plan, status and a submit with every job already queued, on generated grids of "
-        "100 and 2,000 cells (the scheduler's answers simulated); about a minute",
+        help="instead: wall time of the commands plan, submit --dry-run, submit with every job already queued, and status, "
+        "each in its own process, on generated grids of 100 and 2,000 cells (a fake squeue/sacct on PATH lists every job pending)",
     )
     bench.add_argument(
         "--scale", action="store_true",

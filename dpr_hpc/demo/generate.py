@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpr_hpc.errors import DprHpcError
+from dpr_hpc.errors import PretrainedMissing
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SYLLABLES = ["ka", "lo", "mi", "ze", "ru", "tan", "vor", "el", "dri", "so", "quin", "bar", "fe", "nu", "gal", "to", "shi", "por", "da", "wen"]
@@ -137,11 +137,6 @@ def write_demo_corpus(folder: Path, names: list[str], facts: list[dict[str, str]
     questions = [CorpusQuestion(r["question"], tuple(r["answers"]), (r["positive_ctxs"][0]["passage_id"],)) for r in dev_records]
     write_questions(folder / "questions.qa.csv", questions)
     return {"passages": len(rows), "questions": len(questions)}
-
-
-class PretrainedMissing(DprHpcError):
-    """The package that ships the demo's pre-trained checkpoint is not installed, or lacks it:
-    the CLI says so in one line (dpr_hpc.errors)."""
 
 
 def pretrained_archive() -> Path:

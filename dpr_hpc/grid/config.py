@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dpr_hpc.grid.sources import is_name, local_path
+from dpr_hpc.fsutil import resolved
 
 STAGES = ("train", "index", "infer")
 # A corpus evaluation's stages (dpr_hpc.stages.corpus): one encode-shard and one search-shard job
@@ -32,11 +33,42 @@ HARD_NEGATIVES = ("first", "shuffle")  # dpr_hpc.stages.train
 PADDINGS = ("longest", "max_length")  # TextConfig.pad_to
 
 
+def settings_dict(section: Any) -> dict[str, Any]:
+    """`dataclasses.asdict` of a settings section, the same dict without asdict's deep copy of
+    every scalar: a plan of 2,000 cells takes some 20,000 of them (cell ids and stage keys)."""
+    return {name: _plain(getattr(section, name)) for name in _field_names(type(section))}
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any) -> Any:
+    if type(value) in _SCALARS:
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return settings_dict(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(cls: type) -> Any:
+    return cls()
+
+
 def _without_defaults(section: Any, fields: tuple[str, ...]) -> dict[str, Any]:
     """A section's identity: every field, except that `fields` (settings added after cells had
     ids) are left out at their defaults, so the ids and stage keys of existing cells stand."""
-    values = dataclasses.asdict(section)
-    defaults = type(section)()
+    values = settings_dict(section)
+    defaults = _defaults(type(section))
     return {k: v for k, v in values.items() if k not in fields or v != getattr(defaults, k)}
 
 
@@ -81,7 +113,7 @@ class TextConfig:
     def token_settings(self) -> dict[str, Any]:
         """What decides the tokens themselves (the token cache's key): padding is applied per
         batch, after the cache, so both paddings share one entry."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "padding"}
+        return {k: v for k, v in settings_dict(self).items() if k != "padding"}
 
     @property
     def pad_to(self) -> int | None:
@@ -256,7 +288,7 @@ class CellConfig:
     def _local_file(self, written: str) -> Path:
         if is_name(written):
             return local_path(written)
-        return (self.base_dir / Path(written).expanduser()).resolve()
+        return resolved(self.base_dir / Path(written).expanduser())
 
     def model_path(self, name: str) -> str:
         """A local folder's resolved path, or a hub name as it is."""
@@ -267,8 +299,10 @@ class CellConfig:
         """'./x', '../x', '/x' and '~/x' are local folders; so is 'org/x' when the grid's folder
         holds one by that name (a job's working directory is not the grid's); None for a hub
         name. (Compare with None, not the name: an absolute path resolves to itself.)"""
-        if name.startswith(("./", "../", "/", "~")) or (self.base_dir / name).is_dir():
-            return (self.base_dir / Path(name).expanduser()).resolve()
+        if name.startswith("~"):
+            return resolved(self.base_dir / Path(name).expanduser())
+        if name.startswith(("./", "../", "/")) or (self.base_dir / name).is_dir():
+            return _local_folder(self.base_dir, name) if self.base_dir.is_absolute() else resolved(self.base_dir / name)
         return None
 
     @property
@@ -303,18 +337,18 @@ class CellConfig:
             "question_encoder": self.question_encoder,
             "passage_encoder": self.passage_encoder,
             "embedding_size": self.embedding_size,
-            "train": None if self.train is None else dataclasses.asdict(self.train),
+            "train": None if self.train is None else settings_dict(self.train),
             "text": self.text.identity(),
             "index": self.index.identity(),
             "encode_batch_size": self.encode_batch_size,
             "top_k": self.top_k,
-            "precision": dataclasses.asdict(self.precision),
-            "data": dataclasses.asdict(self.data),
+            "precision": settings_dict(self.precision),
+            "data": settings_dict(self.data),
         }
         if self.train is not None and self.grad_cache.chunk_size:  # absent when off, so older ids stand
-            identity["grad_cache"] = dataclasses.asdict(self.grad_cache)
+            identity["grad_cache"] = settings_dict(self.grad_cache)
         if self.timing != TimingConfig():  # absent at our timers, so older ids stand
-            identity["timing"] = dataclasses.asdict(self.timing)
+            identity["timing"] = settings_dict(self.timing)
         if self.corpus is not None:  # absent without one, so older ids stand
             identity["corpus"] = self.corpus.identity()
         return identity
@@ -335,13 +369,13 @@ class CellConfig:
     def to_json(self) -> dict[str, Any]:
         record = self.identity()
         record["group"] = self.group
-        record["repeats"] = dataclasses.asdict(self.repeats)
-        record["checkpoint"] = dataclasses.asdict(self.checkpoint)
-        record["index"] = dataclasses.asdict(self.index)
-        record["text"] = dataclasses.asdict(self.text)
-        record["timing"] = dataclasses.asdict(self.timing)
+        record["repeats"] = settings_dict(self.repeats)
+        record["checkpoint"] = settings_dict(self.checkpoint)
+        record["index"] = settings_dict(self.index)
+        record["text"] = settings_dict(self.text)
+        record["timing"] = settings_dict(self.timing)
         if self.corpus is not None:
-            record["corpus"] = dataclasses.asdict(self.corpus)
+            record["corpus"] = settings_dict(self.corpus)
         record["cell_id"] = self.cell_id
         record["base_dir"] = str(self.base_dir)
         return record
@@ -374,3 +408,9 @@ def cell_from_json(record: dict[str, Any]) -> CellConfig:
         base_dir=Path(record["base_dir"]),
         checkpoint=CheckpointConfig(**record.get("checkpoint", {})),
     )
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _local_folder(base_dir: Path, name: str) -> Path:
+    """A local model folder named in a grid, resolved once per process however many cells name it."""
+    return resolved(base_dir / name)

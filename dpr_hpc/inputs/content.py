@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
 
-from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.fsutil import read_json, resolved, write_json_atomic
 
 HASH_CHUNK = 1 << 22
 # A file changed (mtime or ctime) less than this long ago is not remembered: a coarse timestamp
@@ -55,7 +55,7 @@ class ContentHashes:
         return self._remembered(path, os.fstat(handle.fileno()), lambda: sha256_handle(handle))
 
     def _remembered(self, path: Path, stat: os.stat_result, digest: Callable[[], str]) -> str:
-        stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
+        stamp = f"{resolved(path)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
         memo = self._load()
         if stamp in memo:
             return memo[stamp]

@@ -16,6 +16,8 @@ from typing import Any, BinaryIO, Iterator
 
 import ijson
 
+from dpr_hpc.errors import DataFormatError
+
 
 @dataclass(frozen=True)
 class Passage:
@@ -47,10 +49,6 @@ class DevQuestion:
     # Its position in the dev file: a question id that stays the same whichever questions are
     # skipped, so run and qrels files written by different stages agree.
     record_index: int = -1
-
-
-class DataFormatError(ValueError):
-    """The file is not in DPR's biencoder format; the message names the record and key."""
 
 
 def iter_records(path: Path, handle: BinaryIO | None = None) -> Iterator[dict[str, Any]]:

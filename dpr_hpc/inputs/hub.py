@@ -20,8 +20,8 @@ import shlex
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from dpr_hpc.errors import UsageError
-from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.errors import HubUnreachableError, UsageError
+from dpr_hpc.fsutil import read_json, resolved, write_json_atomic
 from dpr_hpc.locks import LockFile
 from dpr_hpc.provenance import now_iso
 
@@ -31,16 +31,6 @@ REACH_TIMEOUT_S = 10.0
 # The files of a model repository a stage reads: configs, vocabularies, sentencepiece models
 # (weights are picked apart, one format only; TF, Flax, ONNX and Rust files are never read).
 TEXT_SUFFIXES = (".json", ".txt", ".model")
-
-
-class HubUnreachableError(Exception):
-    """A hub model that cannot be fetched from here; the message says why."""
-
-    def __init__(self, model: str, reason: str, pinned: str | None = None) -> None:
-        self.model = model
-        self.reason = reason
-        self.pinned = pinned  # the commit the runs root pins it to, when that was what failed
-        super().__init__(f"{model}: {reason}")
 
 
 def hub_offline() -> bool:
@@ -193,7 +183,7 @@ def files_to_fetch(listed: Iterable[str]) -> list[str]:
 def job_environment() -> dict[str, str]:
     """The variables every stage job runs with: the hub offline, and this machine's cache,
     where prefetch put the models (SLURM passes the submitter's other variables on)."""
-    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache_dir().resolve())}
+    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(resolved(hub_cache_dir()))}
 
 
 def job_environment_lines() -> list[str]:

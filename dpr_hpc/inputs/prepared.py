@@ -42,6 +42,7 @@ from typing import Any, BinaryIO, Callable, Sequence, TypeVar
 
 import numpy as np
 
+from dpr_hpc.errors import DataChangedError
 from dpr_hpc.inputs.content import ContentHashes
 from dpr_hpc.inputs.data import (FAST_JSON_PARSER, DevQuestion, Passage, TrainingExample, dev_entry, iter_records, json_parser_backend,
                           training_example)
@@ -355,10 +356,6 @@ def _open(folder: Path, kind: str, sha256: str, hit: bool, open_entry) -> Prepar
     if manifest.get("format") != PREPARED_FORMAT[kind] or manifest.get("kind") != kind or manifest.get("sha256") != sha256:
         raise ValueError(f"{folder}: manifest of another entry ({manifest.get('kind')}, format {manifest.get('format')})")
     return open_entry(folder, hit, manifest)
-
-
-class DataChangedError(ValueError):
-    """The data file was rewritten in place while it was parsed: nothing is filed."""
 
 
 def _changed(before: os.stat_result, after: os.stat_result) -> bool:

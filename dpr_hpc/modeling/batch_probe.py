@@ -10,10 +10,11 @@ probes, so the training that follows starts from a clean allocator.
 
 from __future__ import annotations
 
-import gc
 from typing import Any, Callable
 
 import torch
+
+from dpr_hpc.modeling.device import release_memory
 
 SAFETY_MARGIN = 0.10  # of the memory free before the probe: fragmentation, longer real batches
 MAX_BATCH = 4096
@@ -48,12 +49,6 @@ def _probe(try_step: Callable[[int], dict[str, Any] | None], size: int) -> tuple
         return False, {"reason": reason}
     finally:
         release_memory()  # the failed step's tensors, freed now that the exception is gone
-
-
-def release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def gpu_step_probe(question_tower, passage_tower, max_length: int, vocab_size: int, device: torch.device,

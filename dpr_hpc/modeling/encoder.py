@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpr_hpc.errors import CheckpointError
 from dpr_hpc.inputs.hub import checkpoint_here, hub_cache_dir
 
 ENCODER_META = "dpr_encoder.json"
@@ -28,11 +29,6 @@ DPR_ENCODER_CLASSES = ("DPRQuestionEncoder", "DPRContextEncoder")
 # Buffers that recent transformers versions rebuild instead of storing.
 _REBUILT_BUFFER = re.compile(r"(^|\.)position_ids$")
 _POOLER = re.compile(r"(^|\.)pooler\.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as it is: weights missing or not the model's, or a
-    DPR config whose class cannot be told. The message names the checkpoint and the weights."""
 
 
 class DprEncoder(nn.Module):

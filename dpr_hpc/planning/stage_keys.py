@@ -37,6 +37,7 @@ from typing import Any
 from dpr_hpc.inputs.content import ContentHashes, model_identity
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.grid.config import ALL_STAGES
+from dpr_hpc.grid.config import settings_dict
 
 # A plan names each of a cell's stage jobs by a slot: the stage itself, or for a shard stage the
 # stage and the shard ("encode-shard#3"), since each shard has its own key.
@@ -52,7 +53,7 @@ def key_of(identity: dict[str, Any]) -> str:
 
 
 def _section(value: Any) -> Any:
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return settings_dict(value) if dataclasses.is_dataclass(value) else value
 
 
 def encoder_identities(cell: CellConfig, hashes: ContentHashes) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from dpr_hpc.tracking.slurm_queue import JobAccounting, SchedulerError, accounting, memory_mb
+from dpr_hpc.tracking.live import accounting
+from dpr_hpc.tracking.slurm_queue import JobAccounting, memory_mb
 from dpr_hpc.tracking.ledger import Ledger
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.provenance import node_label
@@ -36,29 +37,10 @@ class CostTable:
 
 def cost_table(plan: Plan, records: Records, ledger: Ledger) -> CostTable:
     jobs = [job for job in plan.jobs() if records.check(job).complete or ledger.latest(job)]
-    slurm_ids = {job: _slurm_job_id(records.check(job).record, ledger.latest(job)) for job in jobs}
-    measured, note = _ask_sacct([i for i in slurm_ids.values() if i], ledger.first_submission(), ledger.users())
-    rows = [_job_row(plan, job, records.check(job).record, measured.get(slurm_ids[job] or "")) for job in jobs]
+    sacct = accounting(ledger, records, jobs)
+    rows = [_job_row(plan, job, records.check(job).record, sacct.of(job)) for job in jobs]
     table = pd.DataFrame(rows, columns=JOB_COLUMNS)
-    return CostTable(table, _per_cell(plan, table, jobs), _total(table), note)
-
-
-def _ask_sacct(job_ids: list[str], since: datetime | None, users: list[str]) -> tuple[dict[str, JobAccounting], str]:
-    if not job_ids:
-        return {}, "no SLURM job: every figure from the records"
-    try:
-        found = accounting(job_ids, since, users)
-    except SchedulerError as exc:
-        return {}, f"sacct did not answer ({exc}): every figure from the records"
-    return found, f"sacct: {len(found)} of {len(job_ids)} SLURM jobs, in one call"
-
-
-def _slurm_job_id(record: dict[str, Any] | None, submitted: dict[str, Any] | None) -> str | None:
-    if record and record.get("node", {}).get("slurm_job_id"):
-        return str(record["node"]["slurm_job_id"])
-    if submitted and submitted.get("backend", "slurm") == "slurm":
-        return str(submitted["job_id"])
-    return None
+    return CostTable(table, _per_cell(plan, table, jobs), _total(table), sacct.note)
 
 
 def _job_row(plan: Plan, job: StageJob, record: dict[str, Any] | None, sacct: JobAccounting | None) -> dict[str, Any]:

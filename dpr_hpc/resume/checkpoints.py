@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 import torch
 
-from dpr_hpc.errors import DprHpcError
 from dpr_hpc.fsutil import file_digest, read_json, write_json_atomic
 from dpr_hpc.provenance import now_iso
 
@@ -41,11 +40,6 @@ _NAME = re.compile(r"step-(\d+)\.pt$")
 # "kill-during-write:<n>" SIGKILLs this process, as a node failure or an OOM killer would;
 # "enospc-during-write:<n>" fails the write as a full disk would.
 FAULT_ENV = "DPR_HPC_FAULT"
-
-
-class CheckpointWriteError(DprHpcError):
-    """A checkpoint the stage cannot go on without (at a stop signal, or the final save) was
-    not written; periodic ones that fail only log a warning."""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,9 @@
-"""What every stage shares: its output type, the device, seeding and peak-memory readings."""
+"""What every stage shares: its output type, its inputs, seeding and the tokenized data
+(the device and its memory are dpr_hpc.modeling.device's)."""
 
 from __future__ import annotations
 
-import gc
 import random
-import resource
-import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -58,37 +56,10 @@ class StageIO:
         return self.hub_revisions.get(name_or_path)
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a wall-clock reading covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def release_memory(device: torch.device) -> None:
-    """Give back what the objects a stage just dropped held (a model, token arrays) before its
-    next memory-hungry step, on the GPU too."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def peak_memory(device: torch.device) -> dict[str, float]:
-    """Peak resident memory of this process (each stage job runs in its own) and of the GPU."""
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = {"peak_rss_mb": round(rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20, 1)}
-    if device.type == "cuda":
-        peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return peak
 
 
 def encoder_source(cell: CellConfig, io: StageIO, tower: str) -> str:

@@ -14,18 +14,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from dpr_hpc.fsutil import save_array, write_file_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.tracking.progress import Meter
 from dpr_hpc.modeling.batching import tokenize_passages
+from dpr_hpc.modeling.device import peak_memory, pick_device, release_memory
 from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
 from dpr_hpc.modeling.searcher import build_index_from_file, save_index
 from dpr_hpc.inputs.prepared import load_dev
-from dpr_hpc.stages.common import (StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, prepared_details, progress,
-                                   release_memory, tokenized, tokenized_fresh)
+from dpr_hpc.stages.common import (StageIO, StageOutput, load_trained_tower, prepared_details, progress, tokenized,
+                                   tokenized_fresh)
 
 
 def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
@@ -71,7 +70,7 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     encode_s, reused_shards, encode_nodes = encoded.encode_s, encoded.reused_shards, encoded.nodes
     tokens_hit, tokens_key = texts.hit, texts.key
     del encoded, texts, encoder
-    release_memory(device)
+    release_memory()
     built = build_index_from_file(cell.index, paths.embeddings)
     faiss_index, index_build_s = built.index, built.add_s
     progress(f"encoded in {encode_s:.2f}s, {cell.index.type} index built in {index_build_s:.2f}s")

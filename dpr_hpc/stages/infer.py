@@ -12,20 +12,19 @@ code scored it; the TREC run file still lists distinct passages, as trec_eval re
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from dpr_hpc.fsutil import save_array, write_file_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.scoring.metrics import answer_accuracy, retrieval_metrics
 from dpr_hpc.modeling.batching import tokenize_questions
+from dpr_hpc.modeling.device import peak_memory, pick_device
 from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
 from dpr_hpc.modeling.searcher import load_index, search_one_at_a_time
 from dpr_hpc.planning.plan import SEARCHED_INDEX_REPEAT
 from dpr_hpc.inputs.prepared import load_dev
-from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, prepared_details, progress, tokenized
+from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, prepared_details, progress, tokenized
 from dpr_hpc.scoring.trec import question_id, write_qrels, write_run
 
 

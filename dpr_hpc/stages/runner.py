@@ -12,8 +12,8 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from dpr_hpc.store.claims import ClaimLostError, StageClaim, StageClaimedError, claim_stage
-from dpr_hpc.errors import DprHpcError
+from dpr_hpc.store.claims import StageClaim, claim_stage
+from dpr_hpc.errors import ClaimLostError, StageClaimedError, StageInputError
 from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid.config import cell_from_json
 from dpr_hpc.planning.plan import StageJob
@@ -34,10 +34,6 @@ EXIT_CLAIMED = 4
 if TYPE_CHECKING:  # the stages import torch; submitting jobs should not wait for that
     from dpr_hpc.grid import CellConfig
     from dpr_hpc.stages.common import StageIO, StageOutput
-
-
-class StageInputError(DprHpcError):
-    """An upstream output this job reads is not complete (or its record cannot be read)."""
 
 
 def _stage_functions() -> dict[str, Callable[..., "StageOutput"]]:

@@ -12,7 +12,6 @@ tokenization, model loading, checkpoint writes, queue waits and restarts are tim
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from dpr_hpc.grid import CellConfig
 from dpr_hpc.tracking.progress import Meter
 from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device, tokenize_passages, tokenize_questions
 from dpr_hpc.modeling.batch_probe import CPU_FALLBACK, MAX_BATCH, gpu_step_probe, largest_fitting_power_of_two
+from dpr_hpc.modeling.device import peak_memory, pick_device, synchronize
 from dpr_hpc.modeling.encoding import PAD_MULTIPLE
 from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
 from dpr_hpc.modeling.precision import autocast, grad_scaler, resolve_precision
@@ -35,9 +35,9 @@ from dpr_hpc.provenance import now_iso
 from dpr_hpc.resume.rng import capture_rng, restore_rng
 from dpr_hpc.resume.segments import FINISHED, Segment, SegmentLog
 from dpr_hpc.resume.signals import NeverStop, Stopper, TrainingInterrupted, wait_while_held
-from dpr_hpc.resume.checkpoints import CheckpointStore, CheckpointWriteError
-from dpr_hpc.stages.common import (StageIO, StageOutput, peak_memory, pick_device, prepared_details, progress, seed_everything,
-                                  synchronize, tokenized)
+from dpr_hpc.resume.checkpoints import CheckpointStore
+from dpr_hpc.errors import CheckpointWriteError
+from dpr_hpc.stages.common import StageIO, StageOutput, prepared_details, progress, seed_everything, tokenized
 
 # What the record lists (a folder stands for every file in it) and index and infer read.
 ARTIFACTS = ["checkpoint", "losses.json"]

@@ -15,25 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpr_hpc.errors import DprHpcError
-from dpr_hpc.locks import LockFile, LockHeldError, describe_holder, holder_is_stale
+from dpr_hpc.errors import ClaimLostError, LockHeldError, StageClaimedError
+from dpr_hpc.locks import LockFile, describe_holder, holder_is_stale
 from dpr_hpc.planning.plan import StageJob
 from dpr_hpc.store.paths import JobFolder
 
 CLAIM_HEARTBEAT_S = 60.0
 CLAIM_STALE_AFTER_S = 600.0
-
-
-class StageClaimedError(DprHpcError):
-    """Another process holds this stage job's claim; this copy did nothing."""
-
-    exit_code = 4
-
-
-class ClaimLostError(DprHpcError):
-    """Another copy took this job's claim while this one ran; this one stops, writing nothing more."""
-
-    exit_code = 4
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from dpr_hpc.inputs.content import ContentHashes
-from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.fsutil import read_json, resolved, write_json_atomic
 from dpr_hpc.planning.plan import StageJob
 
 _ATTEMPT = re.compile(r"a(\d+)")
@@ -255,7 +255,7 @@ class StageStore:
 
     @classmethod
     def at(cls, runs_root: Path) -> "StageStore":
-        return cls(Path(runs_root).resolve())
+        return cls(resolved(runs_root))  # once per distinct path: every job of a grid asks
 
     @property
     def root(self) -> Path:

@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from dpr_hpc.errors import DprHpcError, UsageError
-from dpr_hpc.fsutil import append_line
+from dpr_hpc.errors import LedgerWriteError, UsageError
+from dpr_hpc.fsutil import append_line, resolved
 from dpr_hpc.store.paths import StageStore
 from dpr_hpc.locks import HEARTBEAT_S, LockFile
 from dpr_hpc.planning.plan import StageJob
@@ -89,7 +89,7 @@ class Ledger:
         recorded, so a submit killed between sbatch and this ledger's write finds the job it
         queued by its tag, and adopts it instead of queueing a second copy."""
         attempt = len(self.entries.get(job.id, []))
-        return hashlib.sha256(f"{self.path.resolve()}|{job.id}|{attempt}".encode()).hexdigest()[:NONCE_LENGTH]
+        return hashlib.sha256(f"{resolved(self.path)}|{job.id}|{attempt}".encode()).hexdigest()[:NONCE_LENGTH]
 
     def array_tag(self, jobs: list[StageJob]) -> str:
         """The tag a job array carries, made of its tasks' nonces in index order: the same until
@@ -129,10 +129,6 @@ class Ledger:
                 f"{self.path}: could not record {backend} job {job_id} of {job.id} ({exc.strerror or exc}); nothing half-written "
                 "was left, and the next submit finds the queued job by its tag and records it") from None
         self.entries.setdefault(job.id, []).append(entry)
-
-
-class LedgerWriteError(DprHpcError):
-    """A submission could not be recorded (ENOSPC, EDQUOT, EIO): the submit stops (exit 1)."""
 
 
 # (ledger file, line) already warned about by this process: status --watch reads it every redraw.

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from dpr_hpc.errors import DprHpcError
+from dpr_hpc.errors import SchedulerError, SchedulerUnreachableError
 
 if TYPE_CHECKING:
     from dpr_hpc.tracking.ledger import Ledger
@@ -65,13 +65,6 @@ ACTIVE_STATUSES = ("PENDING", "RUNNING", "REQUEUED", "HELD")
 UNKNOWN_STATE_STATUS = "HELD"  # a state newer than this table: left alone rather than resubmitted
 # sacct's -S: before the first submission by this much, for clocks that differ between hosts.
 SINCE_MARGIN = timedelta(hours=1)
-
-
-class SchedulerUnreachableError(DprHpcError):
-    """Neither sacct nor squeue answered: job states are unknown, so nothing may be inferred."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"scheduler unreachable: {message}")
 
 
 @dataclass(frozen=True)
@@ -365,10 +358,6 @@ def submit_capacity() -> int | None:
 def cancel(job_ids: list[str]) -> None:
     if job_ids:
         _run(["scancel", *job_ids])
-
-
-class SchedulerError(DprHpcError):
-    """A SLURM command failed; its last line of output is the message (exit code 1 if uncaught)."""
 
 
 def _sacct(job_ids: list[str], since: datetime | None, users: list[str]) -> dict[str, JobInfo]:

@@ -21,6 +21,7 @@ from dpr_hpc.tracking import slurm_queue
 from dpr_hpc.store.claims import dead_claim, live_claim
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.tracking.ledger import Ledger
+from dpr_hpc.tracking.live import ask
 from dpr_hpc.locks import DEFAULT_STALE_AFTER_S, LockFile, holder_is_stale, pid_alive
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.planning.stage_keys import stage_of
@@ -112,17 +113,14 @@ def _states_of(layout: RunLayout, plan: Plan, jobs: list[StageJob], records: Rec
     scheduler is asked once, for all of them."""
     store = layout.store
     ledger = Ledger.read(store)
-    ids = {job: entry["job_id"] for job in jobs if (entry := ledger.latest(job))}
-    standings: dict[StageJob, slurm_queue.Standing] = {}
-    source = "store"
-    if ids and slurm_queue.slurm_available():
-        try:
-            view = slurm_queue.ask_about(ledger, jobs)
-            standings, source = view.standings, f"store and {view.source}"
-        except slurm_queue.SchedulerUnreachableError as unreachable:
-            return {job: _unknown(job, records, ids.get(job), str(unreachable)) for job in jobs}, f"store only: {unreachable}"
+    live = ask(ledger, jobs)
+    ids, standings, source = live.job_ids, live.standings, "store"
+    if live.no_slurm_here:
+        source += f" ({live.unanswered})"
+    elif live.unanswered:
+        return {job: _unknown(job, records, ids.get(job), live.unanswered) for job in jobs}, f"store only: {live.unanswered}"
     elif ids:
-        source += " (SLURM jobs in the ledger, but no SLURM commands here)"
+        source = f"store and {live.source}"
     states: dict[StageJob, StageState] = {}
     history = cell_history(layout)
     for job in jobs:
