@@ -692,7 +692,7 @@ def _phase_corpus_encode_shard(params: dict[str, Any], work: Path, meter: PhaseT
     from dpr_hpc.modeling.encoder import DprEncoder
     from dpr_hpc.modeling.encoding import encode
     from dpr_hpc.modeling.precision import resolve_precision
-    from dpr_hpc.stages.common import pick_device
+    from dpr_hpc.modeling.device import pick_device
 
     n = int(params["passages"])
     libraries = _memory_status("VmRSS")

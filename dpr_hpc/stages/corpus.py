@@ -32,7 +32,8 @@ from dpr_hpc.planning.stage_keys import shard_of, stage_of
 from dpr_hpc.scoring.merge import merge_top_k
 from dpr_hpc.scoring.metrics import CORPUS_KS, answer_accuracy, retrieval_metrics
 from dpr_hpc.scoring.trec import question_id, write_run
-from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, peak_memory, pick_device, progress, release_memory
+from dpr_hpc.modeling.device import peak_memory, pick_device, release_memory
+from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, progress
 from dpr_hpc.tracking.progress import Meter
 
 VECTOR_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -66,7 +67,7 @@ def encode_shard(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     write_file_atomic(paths.passage_ids, lambda tmp: save_array(tmp, ids))
     progress(f"encoded {len(found)} passages in {encoded.encode_s:.2f}s; {paths.vectors.stat().st_size / 1e6:.1f} MB of {corpus.vectors} vectors")
     del encoder
-    release_memory(device)
+    release_memory()
     return StageOutput(
         metrics={"num_passages": len(found), "dim": int(encoded.embeddings.shape[1]), "shard": shard, "shards": corpus.shards,
                  "vector_bytes": paths.vectors.stat().st_size},
@@ -93,7 +94,7 @@ def search_shard(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     tokens = tokenize_questions(tokenizer, [q.question for q in questions], cell.text.max_length)
     queries = encode(encoder, tokens, tokenizer.pad_token_id, cell.encode_batch_size, device, precision, pad_to=cell.text.pad_to)
     del encoder
-    release_memory(device)
+    release_memory()
 
     vectors = np.load(encoded.vectors)
     offsets = np.load(encoded.offsets)
