@@ -256,7 +256,7 @@ def run_in_order(layout, plan) -> dict[str, list[str]]:
 
 def test_a_corpus_evaluation_runs_through_the_store_and_a_failed_shard_reruns_alone(demo_assets, tmp_path, monkeypatch, capsys):
     from dpr_hpc.store.layout import RunLayout
-    from dpr_hpc.store.runs import save_plan
+    from dpr_hpc.store.bindings import save_plan
     import dpr_hpc.stages.corpus as corpus_stages
 
     grid_file = write_grid(tmp_path, EVAL_GRID.format(demo=demo_assets), "corpus-eval.yaml")
