@@ -224,6 +224,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quick", action="store_true", help="small sizes (a minute on 2 CPU cores); for a smoke test, not for figures")
     bench.add_argument("--out", type=Path, default=Path("results"), help="where the JSON report goes (default: results/)")
+    bench.add_argument("--compile", action="store_true",
+                       help="also the encoders eager against compiled (torch.compile), side by side: compile time, encoding and "
+                       "training speed, and the work from which compiling pays (what compute.compile: auto weighs)")
     bench.add_argument(
         "--control-path", action="store_true",
         help="instead: wall time of plan, status and a submit with every job already queued, on generated grids of "
@@ -712,7 +715,7 @@ def _bench(args: argparse.Namespace) -> int:
         report = run_control_benchmark(echo=lambda line: print(line, flush=True))
         _write_report(report, args.out, "bench-control")
         return 0
-    report = run_benchmark(quick=args.quick, echo=lambda line: print(line, flush=True))
+    report = run_benchmark(quick=args.quick, echo=lambda line: print(line, flush=True), compile=args.compile)
     report["goals"] = [{"goal": goal, "met": met, "measured": measured} for goal, met, measured in goals(report)]
     _print_goals(report["goals"])
     _write_report(report, args.out, "bench")

@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # dpr_hpc.modeling.precision; kep
 PASSAGE_FORMATS = ("paper", "dpr")  # dpr_hpc.modeling.batching.tokenize_passages
 HARD_NEGATIVES = ("first", "shuffle")  # dpr_hpc.stages.train
 PADDINGS = ("longest", "max_length")  # TextConfig.pad_to
+COMPILE_CHOICES = ("auto", True, False)  # ComputeConfig.compile; dpr_hpc.modeling.compute
 
 
 def _without_defaults(section: Any, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -151,6 +152,19 @@ class PrecisionConfig:
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    """How the stages compute, not what: changes no result beyond float rounding (pinned by
+    tests/test_compile.py), so it is not part of the cell id or any stage key, but every
+    record says what ran (dpr_hpc.modeling.compute).
+
+    compile: true compiles the encoders with torch.compile (inductor) and fails the stage if
+    that fails; false never compiles; auto compiles where the stage's expected work repays the
+    compile time, and a failed compile then runs eager and says why in the record."""
+
+    compile: bool | str = "auto"
+
+
+@dataclass(frozen=True)
 class Repeats:
     """How many times each timing stage runs; training runs once because its checkpoint feeds the rest."""
 
@@ -193,6 +207,7 @@ class CellConfig:
     timing: TimingConfig = TimingConfig()
     base_dir: Path = field(default=Path("."), compare=False)
     checkpoint: CheckpointConfig = field(default=CheckpointConfig(), compare=False)
+    compute: ComputeConfig = field(default=ComputeConfig(), compare=False)
 
     def data_path(self, split: str) -> Path:
         """The train or dev file on this machine, relative paths taken from the grid's folder."""
@@ -239,8 +254,8 @@ class CellConfig:
         return f"{self.question_encoder} | {self.passage_encoder}"
 
     def identity(self) -> dict[str, Any]:
-        """Everything that changes a result; group, repeats and checkpoint intervals do not, so
-        they are left out."""
+        """Everything that changes a result; group, repeats, checkpoint intervals and how the
+        stages compute (compute.compile) do not, so they are left out."""
         identity = {
             "question_encoder": self.question_encoder,
             "passage_encoder": self.passage_encoder,
@@ -277,6 +292,7 @@ class CellConfig:
         record["group"] = self.group
         record["repeats"] = dataclasses.asdict(self.repeats)
         record["checkpoint"] = dataclasses.asdict(self.checkpoint)
+        record["compute"] = dataclasses.asdict(self.compute)
         record["index"] = dataclasses.asdict(self.index)
         record["text"] = dataclasses.asdict(self.text)
         record["timing"] = dataclasses.asdict(self.timing)
@@ -310,4 +326,5 @@ def cell_from_json(record: dict[str, Any]) -> CellConfig:
         timing=TimingConfig(**(record.get("timing") or {})),
         base_dir=Path(record["base_dir"]),
         checkpoint=CheckpointConfig(**record.get("checkpoint", {})),
+        compute=ComputeConfig(**record.get("compute", {})),
     )
