@@ -166,25 +166,35 @@ def test_compiled_training_takes_eagers_losses_step_by_step(demo_assets, chunk):
     (eager_losses, eager_weights), (compiled_losses, compiled_weights) = runs
     np.testing.assert_allclose(compiled_losses, eager_losses, rtol=0, atol=FP32_TOLERANCE)
     assert eager_losses[0] != eager_losses[-1]  # it trained
+    # The weights agree far less closely than the losses: Adam divides each step by the root of
+    # the gradient's running square, so where a gradient is near zero (the attention key biases,
+    # whose true gradient is zero) a rounding difference becomes a step of up to the learning rate.
+    learning_rate, steps = 1e-3, 5
     for a, b in zip(compiled_weights, eager_weights):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=FP32_TOLERANCE)
+        torch.testing.assert_close(a, b, rtol=0, atol=learning_rate * steps)
 
 
 @pytest.mark.slow
 def test_a_compiled_training_resumes_bitwise_and_its_record_says_what_ran(demo_assets, tmp_path):
     """Stopped at step 10 and resumed, a compiled training ends with the same losses, bitwise,
-    as one never stopped: the compile's warm-up batch leaves no gradient or random draw behind."""
+    as one never stopped: the compile's warm-up batch leaves no gradient or random draw behind.
+    Each run starts with dynamo's caches empty, as each stage job is a process of its own (in one
+    process, a later run may pick up a graph that an earlier one recompiled, which rounds otherwise)."""
     compiled = "    compute: {compile: true}\n"
-    torch._dynamo.reset()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     plain_layout, plain_id = run_folder(tmp_path / "a", demo_assets, "plain", extra=compiled)
+    torch._dynamo.reset()
     output = train_in_process(plain_layout, plain_id)
     compute = output.details["compute"]
     assert compute["compile"]["compiled"] and compute["compile"]["requested"] is True and compute["compile"]["compile_s"] > 0
     assert (compute["attention"], compute["optimizer"]) == ("sdpa", "adamw (fused)")
 
     layout, cell_id = run_folder(tmp_path / "b", demo_assets, "stopped", extra=compiled)
+    torch._dynamo.reset()
     with pytest.raises(TrainingInterrupted):
         train_in_process(layout, cell_id, StopAfter(10))
+    torch._dynamo.reset()
     train_in_process(layout, cell_id)
     losses = [json.loads(train_attempt(lay, cid).losses.read_text())["step_losses"] for lay, cid in ((plain_layout, plain_id), (layout, cell_id))]
     assert losses[0] == losses[1]
