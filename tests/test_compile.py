@@ -16,7 +16,7 @@ from dpr_hpc.errors import GridError
 from dpr_hpc.grid import load_grid
 from dpr_hpc.grid.config import cell_from_json
 from dpr_hpc.modeling.batching import TokenizedTexts, pad_batch
-from dpr_hpc.modeling.compute import (COMPILE_OPTIONS, CompileError, adamw, attention_implementation, compile_decision, compile_encoders,
+from dpr_hpc.modeling.compute import (COMPILE_OPTIONS, TRAIN_COMPILE_GAIN, CompileError, adamw, attention_implementation, compile_decision, compile_encoders,
                                       encoder_flops_per_token, expected_eager_s)
 from dpr_hpc.modeling.encoder import DprEncoder
 from dpr_hpc.resume.signals import TrainingInterrupted
@@ -62,6 +62,7 @@ def test_auto_compiles_only_work_that_repays_the_compile(demo_assets):
     assert compile_decision("auto", nq_s, 1)[0] and "repays" in compile_decision("auto", nq_s, 1)[1]
     assert not compile_decision("auto", nq_s, 1000)[0]  # more graphs, more compile time to repay
     assert compile_decision(True, 0.0, 1)[0] and not compile_decision(False, 1e9, 1)[0]
+    assert not compile_decision("auto", nq_s, 2, gain=TRAIN_COMPILE_GAIN)[0]  # no gain measured for training yet: auto leaves it eager
 
 
 @pytest.mark.parametrize("requested", ["auto", True])
@@ -168,10 +169,11 @@ def test_compiled_training_takes_eagers_losses_step_by_step(demo_assets, chunk):
     assert eager_losses[0] != eager_losses[-1]  # it trained
     # The weights agree far less closely than the losses: Adam divides each step by the root of
     # the gradient's running square, so where a gradient is near zero (the attention key biases,
-    # whose true gradient is zero) a rounding difference becomes a step of up to the learning rate.
-    learning_rate, steps = 1e-3, 5
+    # whose true gradient is zero) a rounding difference becomes a step of up to Adam's bound on
+    # one step, lr * (1 - beta1) / sqrt(1 - beta2) = 3.2 lr (measured: up to 5.5 lr in 5 steps).
+    learning_rate, steps, adam_step_bound = 1e-3, 5, 0.1 / 0.001 ** 0.5
     for a, b in zip(compiled_weights, eager_weights):
-        torch.testing.assert_close(a, b, rtol=0, atol=learning_rate * steps)
+        torch.testing.assert_close(a, b, rtol=0, atol=adam_step_bound * learning_rate * steps)
 
 
 @pytest.mark.slow

@@ -96,7 +96,7 @@ def _train(device, precision: str, size: BenchSize, rng, echo) -> dict[str, Any]
             clip_and_step(params, optimizer, None, TrainConfig.max_grad_norm)
             _sync(device)
             seconds[way].append(time.perf_counter() - start)
-            losses[way].append(float(loss))
+            losses[way].append(float(loss.detach()))
     t_eager, t_compiled = statistics.median(seconds["eager"]), statistics.median(seconds["compiled"])
     compile_s = runs["compiled"][3]
     result = {"steps": steps, "batch": TRAIN_BATCH, "compile_s": compile_s, "eager_triples_per_s": TRAIN_BATCH / t_eager,

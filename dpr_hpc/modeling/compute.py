@@ -29,6 +29,9 @@ COMPILE_OPTIONS = {"fallback_random": True}
 # expected saving is twice the expected cost: ~10 minutes of eager work per graph.
 COMPILE_S_PER_GRAPH = 60.0
 COMPILE_GAIN = 0.2
+# Training: the one run on a busy machine (2 timed steps) measured no gain (0.97x after a 190 s
+# compile), so `auto` does not compile a training until a quiet `bench --compile` shows one.
+TRAIN_COMPILE_GAIN = 0.0
 REPAY_MARGIN = 2.0
 # Eager FLOP rates at the high end of what the stages reach, so that the eager time (and with it
 # the saving) errs low: encoding reached 342 GFLOP/s on the 2-core Sapphire Rapids (bf16, AMX);
@@ -67,7 +70,7 @@ def expected_eager_s(forward_flops: float, device: torch.device) -> float:
     return forward_flops / EAGER_FLOPS_PER_S.get(device.type, EAGER_FLOPS_PER_S["cpu"])
 
 
-def compile_decision(requested: bool | str, eager_s: float, graphs: int) -> tuple[bool, str]:
+def compile_decision(requested: bool | str, eager_s: float, graphs: int, gain: float = COMPILE_GAIN) -> tuple[bool, str]:
     """Whether to compile, and why. `eager_s`: the stage's expected eager compute time;
     `graphs`: how many graphs it compiles (a training's forward and backward, the gradient
     cache's no-grad forward)."""
@@ -76,19 +79,19 @@ def compile_decision(requested: bool | str, eager_s: float, graphs: int) -> tupl
     if requested is True:
         return True, "compute.compile: true"
     cost = COMPILE_S_PER_GRAPH * graphs
-    saved = COMPILE_GAIN * eager_s
+    saved = gain * eager_s
     if saved >= REPAY_MARGIN * cost:
         return True, f"auto: ~{saved:.0f}s saved of ~{eager_s:.0f}s eager repays ~{cost:.0f}s of compiling"
     return False, f"auto: ~{saved:.0f}s saved of ~{eager_s:.0f}s eager would not repay ~{cost:.0f}s of compiling"
 
 
 def compile_encoders(encoders: list[torch.nn.Module], requested: bool | str, eager_s: float, graphs: int,
-                     warm_up: Callable[[], None], log: Callable[[str], None] = print) -> CompileReport:
+                     warm_up: Callable[[], None], log: Callable[[str], None] = print, gain: float = COMPILE_GAIN) -> CompileReport:
     """Compile each encoder's backbone if the decision says so, then run `warm_up()` (which
     must call every graph the stage will use, so the compile happens here, timed apart from
     the stage's work). A failed compile raises CompileError under `true`; under `auto` the
     encoders go back to eager and the report says why."""
-    compile_now, reason = compile_decision(requested, eager_s, graphs)
+    compile_now, reason = compile_decision(requested, eager_s, graphs, gain)
     report = CompileReport(requested, False, reason, expected_eager_s=round(eager_s, 1))
     if not compile_now:
         return report

@@ -25,7 +25,8 @@ from dpr_hpc.fsutil import atomic_folder, read_json, write_json_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.tracking.progress import Meter
 from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device, tokenize_passages, tokenize_questions
-from dpr_hpc.modeling.compute import adamw, attention_implementation, compile_encoders, encoder_flops_per_token, expected_eager_s
+from dpr_hpc.modeling.compute import (TRAIN_COMPILE_GAIN, adamw, attention_implementation, compile_encoders, encoder_flops_per_token,
+                                      expected_eager_s)
 from dpr_hpc.modeling.batch_probe import CPU_FALLBACK, MAX_BATCH, gpu_step_probe, largest_fitting_power_of_two
 from dpr_hpc.modeling.encoding import PAD_MULTIPLE
 from dpr_hpc.modeling.encoder import DprEncoder, load_tokenizer
@@ -254,7 +255,8 @@ def _compile_towers(cell: CellConfig, question_encoder, passage_encoder, batches
         clear_gradients()
         restore_rng(rng)
 
-    return compile_encoders([question_encoder, passage_encoder], cell.compute.compile, eager_s, 3 if chunk_size else 2, warm_up, progress)
+    return compile_encoders([question_encoder, passage_encoder], cell.compute.compile, eager_s, 3 if chunk_size else 2, warm_up, progress,
+                            TRAIN_COMPILE_GAIN)
 
 
 def _batch_size(cell: CellConfig, chosen_file, question_encoder, passage_encoder, tokenizer, device, precision: str, examples: int) -> tuple[int, dict[str, Any]]:
