@@ -53,7 +53,9 @@ FULL_CPU = BenchSize(passages=1024, train_steps=4, index_vectors=20000, queries=
 FULL_GPU = BenchSize(passages=32768, train_steps=30, index_vectors=100000, queries=2000, repeats=3)
 
 
-def run_benchmark(quick: bool = False, echo: Callable[[str], None] = print, seed: int = 0, size: BenchSize | None = None) -> dict[str, Any]:
+def run_benchmark(quick: bool = False, echo: Callable[[str], None] = print, seed: int = 0, size: BenchSize | None = None,
+                  compile: bool = False) -> dict[str, Any]:
+    """`compile`: also the encoders eager against compiled (dpr_hpc.bench.compiled)."""
     import torch
 
     from dpr_hpc.modeling.precision import resolve_precision
@@ -76,6 +78,10 @@ def run_benchmark(quick: bool = False, echo: Callable[[str], None] = print, seed
     passages = nq_like_texts(rng, size.passages, mean=140, sd=45, low=24, high=256)
     report["encode"] = _bench_encoding(encoder, passages, device, precision, size.repeats, report["matmul_peak_gflops"], echo)
     report["train"] = _bench_training(device, precision, size, rng, echo, report["matmul_peak_gflops"])
+    if compile:
+        from dpr_hpc.bench.compiled import bench_compile
+
+        report["compile"] = bench_compile(device, precision, size, rng, echo)
     report["search"] = _bench_search(size, rng, echo)
     report["token_cache"] = _bench_token_cache(rng, echo)
     report["finished_at"] = now_iso()
@@ -217,6 +223,7 @@ def _bench_training(device, precision, size: BenchSize, rng, echo, peaks: dict[s
 
     from dpr_hpc.grid.config import TrainConfig
     from dpr_hpc.modeling.batching import pad_batch, padded_width, rows_of, to_device
+    from dpr_hpc.modeling.compute import adamw
     from dpr_hpc.modeling.encoding import PAD_MULTIPLE
     from dpr_hpc.modeling.precision import grad_scaler
     from dpr_hpc.modeling.train_step import backward_batch, clip_and_step
@@ -236,7 +243,8 @@ def _bench_training(device, precision, size: BenchSize, rng, echo, peaks: dict[s
         torch.manual_seed(0)
         q_tower, p_tower = _bert_encoder(device).train(), _bert_encoder(device).train()
         params = list(q_tower.parameters()) + list(p_tower.parameters())
-        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        # The train stage's AdamW (fused where PyTorch has it); the paper's way, torch's default.
+        optimizer = adamw(params, 1e-5, TrainConfig.weight_decay, device)[0] if way == "ours" else torch.optim.AdamW(params, lr=1e-5)
         fmt = precision if way == "ours" else "fp32"
         scaler = grad_scaler(fmt, device)
         pad = padding[way]

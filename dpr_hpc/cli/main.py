@@ -163,6 +163,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     _quiet_libraries()
     fit_threads_to_allocation()
+    if args.compile and (args.control_path or args.scale):
+        raise UsageError("--compile goes with the stage benchmark, not with --control-path or --scale")
     if args.scale:
         return _bench_scale(args)
     if (args.train_fraction, args.dev_fraction, args.work) != (None, None, None):
@@ -175,7 +177,7 @@ def _bench(args: argparse.Namespace) -> int:
         report = run_control_benchmark(echo=render.echo)
         _write_report(report, args.out, "bench-control")
         return 0
-    report = run_benchmark(quick=args.quick, echo=render.echo)
+    report = run_benchmark(quick=args.quick, echo=render.echo, compile=args.compile)
     report["goals"] = [{"goal": goal, "met": met, "measured": measured} for goal, met, measured in goals(report)]
     render.goals(report["goals"])
     _write_report(report, args.out, "bench")

@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--quick", action="store_true", help="small sizes (a minute on 2 CPU cores); for a smoke test, not for figures")
     bench.add_argument("--out", type=Path, default=Path("results"), help="where the JSON report goes (default: results/)")
+    bench.add_argument("--compile", action="store_true",
+                       help="also the encoders eager against compiled (torch.compile), side by side: compile time, encoding and "
+                       "training speed, and the work from which compiling pays (what compute.compile: auto weighs)")
     bench.add_argument(
         "--control-path", action="store_true",
         help="instead: wall time of the commands plan, submit --dry-run, submit with every job already queued, and status, "

@@ -31,6 +31,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # dpr_hpc.modeling.precision; kep
 PASSAGE_FORMATS = ("paper", "dpr")  # dpr_hpc.modeling.batching.tokenize_passages
 HARD_NEGATIVES = ("first", "shuffle")  # dpr_hpc.stages.train
 PADDINGS = ("longest", "max_length")  # TextConfig.pad_to
+COMPILE_CHOICES = ("auto", True, False)  # ComputeConfig.compile; dpr_hpc.modeling.compute
 
 
 def settings_dict(section: Any) -> dict[str, Any]:
@@ -192,6 +193,19 @@ class PrecisionConfig:
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    """How the stages compute, not what: changes no result beyond float rounding (pinned by
+    tests/test_compile.py), so it is not part of the cell id or any stage key, but every
+    record says what ran (dpr_hpc.modeling.compute).
+
+    compile: true compiles the encoders with torch.compile (inductor) and fails the stage if
+    that fails; false never compiles; auto compiles where the stage's expected work repays the
+    compile time, and a failed compile then runs eager and says why in the record."""
+
+    compile: bool | str = "auto"
+
+
+@dataclass(frozen=True)
 class Repeats:
     """How many times each timing stage runs; training runs once because its checkpoint feeds the rest."""
 
@@ -270,6 +284,7 @@ class CellConfig:
     corpus: CorpusConfig | None = None
     base_dir: Path = field(default=Path("."), compare=False)
     checkpoint: CheckpointConfig = field(default=CheckpointConfig(), compare=False)
+    compute: ComputeConfig = field(default=ComputeConfig(), compare=False)
 
     def data_path(self, split: str) -> Path:
         """The train or dev file on this machine: a named source's file in the data folder
@@ -331,8 +346,8 @@ class CellConfig:
         return f"{self.question_encoder} | {self.passage_encoder}"
 
     def identity(self) -> dict[str, Any]:
-        """Everything that changes a result; group, repeats and checkpoint intervals do not, so
-        they are left out."""
+        """Everything that changes a result; group, repeats, checkpoint intervals and how the
+        stages compute (compute.compile) do not, so they are left out."""
         identity = {
             "question_encoder": self.question_encoder,
             "passage_encoder": self.passage_encoder,
@@ -371,6 +386,7 @@ class CellConfig:
         record["group"] = self.group
         record["repeats"] = settings_dict(self.repeats)
         record["checkpoint"] = settings_dict(self.checkpoint)
+        record["compute"] = settings_dict(self.compute)
         record["index"] = settings_dict(self.index)
         record["text"] = settings_dict(self.text)
         record["timing"] = settings_dict(self.timing)
@@ -407,6 +423,7 @@ def cell_from_json(record: dict[str, Any]) -> CellConfig:
         corpus=CorpusConfig(**record["corpus"]) if record.get("corpus") else None,
         base_dir=Path(record["base_dir"]),
         checkpoint=CheckpointConfig(**record.get("checkpoint", {})),
+        compute=ComputeConfig(**record.get("compute", {})),
     )
 
 

@@ -10,7 +10,8 @@ runs. Settings merge in three levels: `defaults` <- block <- cell.
                checkpoint: {every_minutes: 30, every_steps: 0},
                timing: {pei_includes_tokenization: false, ita_includes_fetch: false},
                corpus: {passages: psgs_w100.tsv, questions: nq-test.qa.csv, shards: 50, parallel: 8,
-                        top_k: 100, vectors: fp32, index: flat}}   # optional; null turns it off
+                        top_k: 100, vectors: fp32, index: flat},   # optional; null turns it off
+               compute: {compile: auto}}                # or true / false
     blocks:
       - name: table1-bert
         encoder: bert-base-uncased
@@ -43,7 +44,9 @@ from dpr_hpc.grid.config import (
     PASSAGE_FORMATS,
     PRECISIONS,
     CellConfig,
+    COMPILE_CHOICES,
     CheckpointConfig,
+    ComputeConfig,
     CorpusConfig,
     GradCacheConfig,
     DataConfig,
@@ -66,6 +69,7 @@ SECTIONS: dict[str, type] = {
     "grad_cache": GradCacheConfig,
     "precision": PrecisionConfig,
     "timing": TimingConfig,
+    "compute": ComputeConfig,
 }
 SCALARS = ("encode_batch_size", "top_k")
 SCALAR_TYPES: dict[str, type] = {"encode_batch_size": int, "top_k": int}
@@ -259,9 +263,17 @@ def _parse_section(raw: Any, cls: type, section: str, where: str, key_path: str)
     _check_mapping(raw, where, key_path, tuple(fields))
     return {
         key: value if (section, key, value) == ("train", "batch_size", "auto")
+        else _compile_choice(value, where, _join(key_path, key)) if (section, key) == ("compute", "compile")
         else _typed(value, type(fields[key].default), f"{section}.{key}", where, _join(key_path, key))
         for key, value in raw.items()
     }
+
+
+def _compile_choice(value: Any, where: str, key_path: str) -> bool | str:
+    """compute.compile: YAML's true/false, or the string auto."""
+    if any(value is choice or (isinstance(value, str) and value == choice) for choice in COMPILE_CHOICES):
+        return value
+    raise GridError(where, key_path, f"expected auto, true or false (auto: compile where the stage's work repays the compile time), got {value!r}")
 
 
 def _typed(value: Any, kind: type, field_key: str, where: str, key_path: str) -> Any:
@@ -394,6 +406,7 @@ def _build_cell(
         corpus=_corpus(settings, where, at),
         base_dir=base_dir,
         checkpoint=CheckpointConfig(**settings.get("checkpoint", {})),
+        compute=ComputeConfig(**settings.get("compute", {})),
     )
 
 

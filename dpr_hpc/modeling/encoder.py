@@ -42,6 +42,18 @@ class DprEncoder(nn.Module):
         self.embedding_size = embedding_size
         self.projection = nn.Linear(self.native_size, embedding_size) if embedding_size != self.native_size else None
         self._inputs = set(inspect.signature(backbone.forward).parameters)
+        self.dynamic_shapes = False  # set by compile_backbone (dpr_hpc.modeling.compute)
+
+    def compile_backbone(self, options: dict) -> None:
+        """torch.compile the backbone in place (its weights and state dict keys stay as they
+        are, so checkpoints do not change); from now on the batch and sequence dimensions of
+        its inputs are marked dynamic, so padding each batch to its own length reuses one graph."""
+        self.backbone.compile(options=options)
+        self.dynamic_shapes = True
+
+    def uncompile_backbone(self) -> None:
+        self.backbone._compiled_call_impl = None  # what nn.Module.compile set
+        self.dynamic_shapes = False
 
     @property
     def projected(self) -> bool:
@@ -51,6 +63,10 @@ class DprEncoder(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and "token_type_ids" in self._inputs:
             inputs["token_type_ids"] = token_type_ids
+        if self.dynamic_shapes:
+            for tensor in inputs.values():
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
         output = self.backbone(**inputs)
         vector = output.pooler_output if self.uses_pooler else output.last_hidden_state[:, 0]
         return self.projection(vector) if self.projection is not None else vector

@@ -96,6 +96,13 @@ def _encode_rows(encoder, texts, rows, pad_id, batch_size, device, precision, pa
     return vectors
 
 
+def warm_up(encoder, texts: TokenizedTexts, pad_id: int, device: torch.device, precision: str, pad_to: int | None = None) -> None:
+    """`encode`'s untimed first batch on its own: what compiles an encoder's inference graph
+    before the timed encoding (dpr_hpc.modeling.compute)."""
+    encoder.eval()
+    _warm_up(encoder, texts, np.argsort(-texts.lengths, kind="stable"), pad_id, device, precision, pad_to)
+
+
 @torch.inference_mode()
 def _warm_up(encoder, texts, order, pad_id, device, precision, pad_to) -> None:
     """One small untimed batch first: CUDA context, cuBLAS handles and oneDNN kernels are set

@@ -6,7 +6,7 @@ one small chunk.
 2. Compute the loss over the whole batch from those embeddings; backward gives the gradient of
    the loss with respect to each embedding, which is all the towers need to know of the loss.
 3. Re-encode each chunk, with its RNG state restored so dropout draws the same masks, and
-   backpropagate the surrogate <embedding, cached gradient> (in fp32) through the tower.
+   backpropagate its cached gradient through the tower.
 
 The parameter gradients equal those of the full-batch step up to float rounding; the price is a
 second forward pass, about a third more compute per step (Gao et al. report ~20% more time).
@@ -31,13 +31,11 @@ def grad_cache_backward(
 ) -> torch.Tensor:
     """Accumulate the full batch's parameter gradients chunk by chunk; returns the (unscaled)
     loss. `scale` is the grad scaler's (fp16), applied to the loss before the first backward."""
-    question_vectors, question_states = _encode_without_graph(question_tower, question_chunks, autocast)
-    passage_vectors, passage_states = _encode_without_graph(passage_tower, passage_chunks, autocast)
+    questions, question_states = _encode_without_graph(question_tower, question_chunks, autocast)
+    passages, passage_states = _encode_without_graph(passage_tower, passage_chunks, autocast)
     end_state = _rng_state()
 
-    questions = torch.cat(question_vectors).requires_grad_()
-    passages = torch.cat(passage_vectors).requires_grad_()
-    loss = dpr_nll_loss(questions, passages)
+    loss = dpr_nll_loss(questions.requires_grad_(), passages.requires_grad_())
     scale(loss).backward()
 
     _backward_chunks(question_tower, question_chunks, question_states, questions.grad, autocast)
@@ -46,25 +44,34 @@ def grad_cache_backward(
     return loss.detach()
 
 
-def _encode_without_graph(tower, chunks: list[Batch], autocast) -> tuple[list[torch.Tensor], list[tuple]]:
-    vectors, states = [], []
+def _encode_without_graph(tower, chunks: list[Batch], autocast) -> tuple[torch.Tensor, list[tuple]]:
+    """Every chunk's vectors written, in fp32, straight into one batch tensor (one copy each,
+    the cast included; no per-chunk fp32 copy and no concatenation after)."""
+    rows = [len(chunk["input_ids"]) for chunk in chunks]
+    vectors, states, start = None, [], 0
     with torch.no_grad():
-        for chunk in chunks:
+        for chunk, count in zip(chunks, rows):
             states.append(_rng_state())
             with autocast():
-                vectors.append(tower(**chunk).float())
+                chunk_vectors = tower(**chunk)
+            if vectors is None:
+                vectors = torch.empty(sum(rows), chunk_vectors.shape[1], dtype=torch.float32, device=chunk_vectors.device)
+            vectors[start : start + count] = chunk_vectors
+            start += count
     return vectors, states
 
 
 def _backward_chunks(tower, chunks: list[Batch], states: list[tuple], gradient: torch.Tensor, autocast) -> None:
+    """Backpropagate each chunk's cached gradient through its re-encoding: `vectors.backward
+    (gradient)` is the gradient of the surrogate <vectors, gradient>, without forming it (the
+    cast to the vectors' format is what the fp32 product's backward would have done)."""
     start = 0
     for chunk, state in zip(chunks, states):
         rows = len(chunk["input_ids"])
         _set_rng_state(state)  # the dropout masks of this chunk's first pass
         with autocast():
             vectors = tower(**chunk)
-        surrogate = (vectors.float() * gradient[start : start + rows]).sum()  # d(surrogate)/d(vectors) = cached gradient
-        surrogate.backward()
+        vectors.backward(gradient[start : start + rows].to(vectors.dtype))
         start += rows
 
 

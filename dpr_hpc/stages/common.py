@@ -82,6 +82,24 @@ def load_trained_tower(cell: CellConfig, io: StageIO, tower: str, device: torch.
     return DprEncoder.from_pretrained(source, cell.embedding_size, revision=revision).to(device), load_tokenizer(source, revision)
 
 
+def compile_for_encoding(cell: CellConfig, encoder, texts, pad_id: int, device: torch.device, precision: str):
+    """Compile the encoder where `compute.compile` says so, before the timed encoding of
+    `texts` (PEI and the question encoding time leave the compile out; the record has it)."""
+    from dpr_hpc.modeling.compute import compile_encoders, encoder_flops_per_token, expected_eager_s
+    from dpr_hpc.modeling.encoding import warm_up
+
+    eager_s = expected_eager_s(float(texts.lengths.sum()) * encoder_flops_per_token(encoder), device)
+    return compile_encoders([encoder], cell.compute.compile, eager_s, 1,
+                            lambda: warm_up(encoder, texts, pad_id, device, precision, cell.text.pad_to), progress)
+
+
+def encoding_compute(encoder, compiled) -> dict[str, Any]:
+    """The record's `compute` entry of an encoding stage."""
+    from dpr_hpc.modeling.compute import attention_implementation
+
+    return {"compile": compiled.to_json(), "attention": attention_implementation(encoder)}
+
+
 def tokenized(io: StageIO, cell: CellConfig, what: str, data, tokenizer, build):
     """`build()`'s tokens of the prepared `data` (a PreparedTrain or PreparedDev) through the
     runs root's token cache: tokenized once per tokenizer, data content and settings, whichever

@@ -23,8 +23,8 @@ from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
 from dpr_hpc.modeling.searcher import build_index_from_file, save_index
 from dpr_hpc.inputs.prepared import load_dev
-from dpr_hpc.stages.common import (StageIO, StageOutput, load_trained_tower, prepared_details, progress, tokenized,
-                                   tokenized_fresh)
+from dpr_hpc.stages.common import (StageIO, StageOutput, compile_for_encoding, encoding_compute, load_trained_tower, prepared_details,
+                                   progress, tokenized, tokenized_fresh)
 
 
 def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
@@ -50,6 +50,8 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         tokenize_s = time.perf_counter() - started
     progress(f"encoding {len(pool)} passages ({precision}, {'cached' if texts.hit else 'fresh'} tokens, padding: {text.padding})")
 
+    compiled = compile_for_encoding(cell, encoder, texts.texts, tokenizer.pad_token_id, device, precision)
+    compute = encoding_compute(encoder, compiled)
     paths = io.out
     meter = Meter(paths.meter, "encoding", "passages", len(texts.texts), before_write=io.check_claim)
     # A shard is kept only if made from these very weights at this precision: a training rerun
@@ -100,6 +102,7 @@ def index(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         },
         artifacts=[str(p.relative_to(paths.dir)) for p in artifacts],
         details={"device": device.type, "index_type": cell.index.type, "precision": precision, "precision_requested": cell.precision.encode,
+                 "compute": compute,
                  "passage_format": cell.text.passage_format,
                  "tokens_cached": tokens_hit, "prepared_data": prepared_details(dev), "reused_shards": reused_shards,
                  "encode_nodes": list(encode_nodes), "index_file_kept": kept,

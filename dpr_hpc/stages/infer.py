@@ -24,7 +24,8 @@ from dpr_hpc.modeling.precision import resolve_precision
 from dpr_hpc.modeling.searcher import load_index, search_one_at_a_time
 from dpr_hpc.planning.plan import SEARCHED_INDEX_REPEAT
 from dpr_hpc.inputs.prepared import load_dev
-from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, prepared_details, progress, tokenized
+from dpr_hpc.stages.common import (StageIO, StageOutput, compile_for_encoding, encoding_compute, load_trained_tower, prepared_details,
+                                   progress, tokenized)
 from dpr_hpc.scoring.trec import question_id, write_qrels, write_run
 
 
@@ -43,6 +44,7 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     precision = resolve_precision(cell.precision.encode, device)
     tokens = tokenized(io, cell, "dev-questions", dev, tokenizer,
                       lambda: tokenize_questions(tokenizer, [q.question for q in questions], cell.text.max_length))
+    compiled = compile_for_encoding(cell, encoder, tokens.texts, tokenizer.pad_token_id, device, precision)
     encoded = encode(encoder, tokens.texts, tokenizer.pad_token_id, cell.encode_batch_size, device, precision, pad_to=cell.text.pad_to)
     query_vectors, question_encode_s = encoded.embeddings, encoded.encode_s
 
@@ -88,7 +90,7 @@ def infer(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         },
         artifacts=[io.out.rankings.name, io.out.trec_run.name, io.out.trec_qrels.name],
         details={"device": device.type, "searched_index_repeat": SEARCHED_INDEX_REPEAT, "precision": precision,
-                 "precision_requested": cell.precision.encode, "ita_sd_ddof": ITA_SD_DDOF, "tokens_cached": tokens.hit,
+                 "precision_requested": cell.precision.encode, "compute": encoding_compute(encoder, compiled), "ita_sd_ddof": ITA_SD_DDOF, "tokens_cached": tokens.hit,
                  "prepared_data": prepared_details(dev),
                  # The timing and scoring protocol (README, Fidelity).
                  "ita_includes_fetch": cell.timing.ita_includes_fetch, "padding": cell.text.padding, "pad_to": cell.text.pad_to,

@@ -24,6 +24,8 @@ from dpr_hpc.fsutil import atomic_folder, read_json, write_json_atomic
 from dpr_hpc.grid import CellConfig
 from dpr_hpc.tracking.progress import Meter
 from dpr_hpc.modeling.batching import pad_batch, rows_of, to_device, tokenize_passages, tokenize_questions
+from dpr_hpc.modeling.compute import (TRAIN_COMPILE_GAIN, adamw, attention_implementation, compile_encoders, encoder_flops_per_token,
+                                      expected_eager_s)
 from dpr_hpc.modeling.batch_probe import CPU_FALLBACK, MAX_BATCH, gpu_step_probe, largest_fitting_power_of_two
 from dpr_hpc.modeling.device import peak_memory, pick_device, synchronize
 from dpr_hpc.modeling.encoding import PAD_MULTIPLE
@@ -84,7 +86,7 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
     batch_size, batch_choice = _batch_size(cell, paths.batch_size, question_encoder, passage_encoder, question_tokenizer, device, precision, len(examples))
     parameters = list(question_encoder.parameters()) + list(passage_encoder.parameters())
     # Decay on every parameter, biases and LayerNorm too, as the paper's AdamW(model.parameters()).
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, eps=1e-8, weight_decay=cfg.weight_decay)
+    optimizer, optimizer_impl = adamw(parameters, cfg.learning_rate, cfg.weight_decay, device)
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = linear_schedule(optimizer, cfg.warmup_steps, total_steps, cfg.lr_floor)
@@ -108,6 +110,8 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
         segments = SegmentLog.from_json(loaded.state["segments"])
         segments.current.checkpoint_s += loaded.write_s
         progress(f"resuming from {loaded.path.name}: epoch {position.epoch + 1}/{cfg.epochs}, step {position.step}/{total_steps}, {len(segments.segments)} earlier segment(s)")
+    compiled = _compile_towers(cell, question_encoder, passage_encoder, batches, batch_size, total_steps - position.step,
+                               position.epoch, device, precision, lambda: optimizer.zero_grad(set_to_none=True))
     segments.segments.append(Segment.start(position.step, torch.cuda.get_device_name(device) if device.type == "cuda" else None))
     segment = segments.current
 
@@ -222,11 +226,37 @@ def train(cell: CellConfig, io: StageIO, repeat: int = 0, stop: Stopper | None =
             "batch_size": batch_size,
             "batch_size_choice": batch_choice,
             "grad_cache": {"chunk_size": chunk_size} if chunk_size else None,
+            # This job's compute (a resumed training's earlier segments may have run another).
+            "compute": {"compile": compiled.to_json(), "attention": attention_implementation(question_encoder),
+                        "passage_attention": attention_implementation(passage_encoder), "optimizer": f"adamw ({optimizer_impl})"},
             "restarts": segments.restarts,
             "segments": segments.to_json(),
         },
         discard=[paths.resume],
     )
+
+
+def _compile_towers(cell: CellConfig, question_encoder, passage_encoder, batches: "_TokenizedExamples", batch_size: int, steps_left: int,
+                    epoch: int, device, precision: str, clear_gradients):
+    """Compile both towers where `compute.compile` says so, and compile every graph the
+    training uses now, on one untimed batch whose gradients and random draws are then thrown
+    away: the training's steps, losses and resume points are those of an uncompiled run."""
+    chunk_size = cell.grad_cache.chunk_size
+    lengths = [batches.questions.texts.lengths, batches.positives.texts.lengths, batches.negatives.texts.lengths]
+    tokens_per_step = batch_size * sum(float(x.mean()) if len(x) else 0.0 for x in lengths)
+    passes = 3 + (1 if chunk_size else 0)  # forward and backward (twice the forward), and the gradient cache's first pass
+    eager_s = expected_eager_s(steps_left * tokens_per_step * encoder_flops_per_token(question_encoder) * passes, device)
+
+    def warm_up() -> None:
+        rng = capture_rng()
+        rows = list(range(min(batch_size, len(batches.questions.texts))))
+        question_batches, passage_batches = batches.chunks(rows, chunk_size, device, epoch)
+        backward_batch(question_encoder, passage_encoder, question_batches, passage_batches, bool(chunk_size), precision, device, None)
+        clear_gradients()
+        restore_rng(rng)
+
+    return compile_encoders([question_encoder, passage_encoder], cell.compute.compile, eager_s, 3 if chunk_size else 2, warm_up, progress,
+                            TRAIN_COMPILE_GAIN)
 
 
 def _batch_size(cell: CellConfig, chosen_file, question_encoder, passage_encoder, tokenizer, device, precision: str, examples: int) -> tuple[int, dict[str, Any]]:
