@@ -75,7 +75,7 @@ def test_real_shapes_have_the_published_parameter_counts(name, millions):
 @pytest.mark.parametrize("name, precision, tflops", [
     ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.5), ("NVIDIA H100 NVL", "fp16", 835.5),
     ("NVIDIA H200", "bf16", 989.4), ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA A100-PCIE-40GB", "fp32", 19.5),
-    ("NVIDIA A10", "bf16", 125.0), ("NVIDIA L4", "bf16", 121.0), ("NVIDIA L40S", "bf16", 366.0), ("Tesla V100-SXM2-32GB", "fp16", 125.0),
+    ("NVIDIA A10", "bf16", 125.0), ("NVIDIA L4", "bf16", 121.0), ("NVIDIA L40S", "bf16", 362.05), ("Tesla V100-SXM2-32GB", "fp16", 125.0),
     ("NVIDIA GeForce RTX 4090", "bf16", 165.2), ("NVIDIA GeForce RTX 3090", "fp16", 71.0), ("NVIDIA TITAN RTX", "fp16", 130.5),
 ])
 def test_a_known_card_is_held_to_its_dense_datasheet_peak(name, precision, tflops):

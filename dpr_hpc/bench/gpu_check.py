@@ -94,7 +94,7 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float], str], ...] = (
     (r"h200.*nvl", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}, "NVIDIA H200 datasheet (H200 NVL column, *halved)"),
     (r"h200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}, "NVIDIA H200 datasheet (H200 SXM column, *halved)"),
     (r"a100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}, "NVIDIA A100 datasheet (dense figures; 40 and 80 GB alike)"),
-    (r"l40s", {"fp32": 91.6, "tf32": 183.0, "bf16": 366.0, "fp16": 366.0}, "NVIDIA L40S datasheet (*halved)"),
+    (r"l40s", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.05, "fp16": 362.05}, "NVIDIA L40S datasheet (*halved: 366 TF32, 733 BF16/FP16 sparse)"),
     (r"\bl4\b", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0}, "NVIDIA L4 datasheet (*halved)"),
     (r"\ba40\b", {"fp32": 37.4, "tf32": 74.8, "bf16": 149.7, "fp16": 149.7}, "NVIDIA A40 datasheet (*halved)"),
     (r"\ba10\b", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0}, "NVIDIA A10 datasheet (*halved)"),
