@@ -336,3 +336,25 @@ def test_the_demo_corpus_grid_runs_on_the_local_backend(demo_assets, tmp_path):
     rows = [dict(zip(header, line.split(","))) for line in table[1:]]
     assert sorted(r["corpus_vectors"] for r in rows) == ["fp16", "fp32"] and {r["corpus_shards"] for r in rows} == {"3"}
     assert all(0 <= float(r["corpus_acc@100"]) <= 1 for r in rows)
+
+
+def test_a_shard_searched_a_block_at_a_time_gives_the_whole_shards_exact_top_k(tmp_path):
+    """search-shard never holds a shard's vectors: it reads them in blocks and keeps a running
+    top-k, which must be what one IndexFlatIP over the whole shard returns."""
+    import faiss
+
+    from dpr_hpc.modeling.searcher import exact_search_streamed
+
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((5_000, 32)).astype(np.float32)
+    queries = rng.standard_normal((40, 32)).astype(np.float32)
+    np.save(tmp_path / "vectors.npy", vectors)
+    whole = faiss.IndexFlatIP(32)
+    whole.add(vectors)
+    want_scores, want_rows = whole.search(queries, 100)
+    scores, rows = exact_search_streamed(tmp_path / "vectors.npy", queries, 100, chunk_rows=777)
+    assert np.array_equal(rows, want_rows)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-6)
+    np.save(tmp_path / "few.npy", vectors[:30])  # fewer rows than k: the rest are -1, as FAISS leaves them
+    scores, rows = exact_search_streamed(tmp_path / "few.npy", queries, 100, chunk_rows=7)
+    assert (rows[:, 30:] == -1).all() and sorted(rows[0, :30]) == list(range(30))

@@ -143,3 +143,36 @@ def search_batch(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.nd
     (scores, row ids), row id -1 where the index holds fewer than k rows."""
     scores, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return scores.astype(np.float32), rows.astype(np.int64)
+
+
+def exact_search_streamed(vectors_file: Path, queries: np.ndarray, k: int, chunk_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of every query over a shard's .npy vectors (fp32 or fp16), read a
+    block of rows at a time: the task holds one block and the running top-k, never the shard's
+    vectors (nor FAISS's copy of them), so a shard's search needs a fraction of its vectors' size
+    in memory. The same ids and scores as one IndexFlatIP over the whole shard: each block's top-k
+    holds every row that can be in the shard's, and `merge_top_k` keeps the k best (ties by the
+    lower row). Reads with plain file reads, not a memory map, whose touched pages would count
+    towards the task's resident memory. (scores, row ids), row id -1 past the shard's rows."""
+    from dpr_hpc.scoring.merge import merge_top_k
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_rows = np.full((len(queries), 0), -1, dtype=np.int64)
+    with open(vectors_file, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(handle)
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{vectors_file}: expected a C-ordered (rows, dim) array, got shape {shape}")
+        rows, dim = shape
+        for start in range(0, rows, chunk_rows):
+            count = min(chunk_rows, rows - start)
+            block = np.fromfile(handle, dtype=dtype, count=count * dim).reshape(count, dim).astype(np.float32, copy=False)
+            scores, found = faiss.knn(queries, np.ascontiguousarray(block), min(k, count), metric=faiss.METRIC_INNER_PRODUCT)
+            del block
+            best_scores, best_rows = merge_top_k([best_scores, scores], [best_rows, np.where(found >= 0, found + start, -1)], k)
+    if best_scores.shape[1] < k:  # fewer rows than k: pad as FAISS does
+        pad = k - best_scores.shape[1]
+        best_scores = np.concatenate([best_scores, np.full((len(queries), pad), -np.inf, dtype=np.float32)], axis=1)
+        best_rows = np.concatenate([best_rows, np.full((len(queries), pad), -1, dtype=np.int64)], axis=1)
+    return best_scores.astype(np.float32), best_rows.astype(np.int64)

@@ -27,7 +27,7 @@ from dpr_hpc.inputs.corpus import read_passages_at, read_questions, read_shard
 from dpr_hpc.modeling.batching import tokenize_passages, tokenize_questions
 from dpr_hpc.modeling.encoding import encode
 from dpr_hpc.modeling.precision import resolve_precision
-from dpr_hpc.modeling.searcher import search_batch, shard_index
+from dpr_hpc.modeling.searcher import exact_search_streamed, search_batch, shard_index
 from dpr_hpc.planning.stage_keys import shard_of, stage_of
 from dpr_hpc.scoring.merge import merge_top_k
 from dpr_hpc.scoring.metrics import CORPUS_KS, answer_accuracy, retrieval_metrics
@@ -96,14 +96,18 @@ def search_shard(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     del encoder
     release_memory()
 
-    vectors = np.load(encoded.vectors)
     offsets = np.load(encoded.offsets)
-    started = time.perf_counter()
-    index = shard_index(vectors, corpus.index, cell.index)
-    build_s = time.perf_counter() - started
-    del vectors
-    started = time.perf_counter()
-    scores, rows = search_batch(index, queries.embeddings, corpus.top_k)
+    if corpus.index == "flat":  # exact: streamed over the vectors file, which is never held whole
+        build_s, started = 0.0, time.perf_counter()
+        scores, rows = exact_search_streamed(encoded.vectors, queries.embeddings, corpus.top_k)
+    else:
+        vectors = np.load(encoded.vectors)
+        started = time.perf_counter()
+        index = shard_index(vectors, corpus.index, cell.index)
+        build_s = time.perf_counter() - started
+        del vectors
+        started = time.perf_counter()
+        scores, rows = search_batch(index, queries.embeddings, corpus.top_k)
     search_s = time.perf_counter() - started
     hits = np.where(rows >= 0, offsets[np.clip(rows, 0, None)] if len(offsets) else -1, -1).astype(np.int64)
     progress(f"searched {len(questions)} questions against shard {shard + 1}/{corpus.shards} ({len(offsets)} passages, "
