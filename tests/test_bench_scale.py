@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from dpr_hpc.bench.scale import BERT_BASE_BYTES, NQ_POOL, PhaseRun, corpus_summary, gpu_encode_rate, hnsw_scaling, phase_runs, summarise
+from dpr_hpc.bench.scale import NQ_POOL, PhaseRun, hnsw_scaling, phase_runs, summarise
+from dpr_hpc.bench.scale_corpus import BERT_BASE_BYTES, corpus_summary, gpu_encode_rate
 from dpr_hpc.errors import UsageError
 from dpr_hpc.cli.main import main
 

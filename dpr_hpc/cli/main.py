@@ -187,7 +187,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _bench_scale(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from dpr_hpc.bench.scale import FULL_CPU, QUICK, corpus_summary, hnsw_summary, run_scale_benchmark, table
+    from dpr_hpc.bench.scale import FULL_CPU, QUICK, hnsw_summary, run_scale_benchmark, table
+    from dpr_hpc.bench.scale_corpus import corpus_summary
 
     size = QUICK if args.quick else FULL_CPU
     for flag, value in (("--train-fraction", args.train_fraction), ("--dev-fraction", args.dev_fraction)):
