@@ -227,5 +227,12 @@ def assert_every_job_done_once(work: Path, jobs: list[dict]) -> list[dict]:
     ledger = Ledger.read(StageStore.at(work / "runs")).entries
     assert len(ledger) == len(jobs) and all(len(history) == 1 for history in ledger.values()), ledger
     done = records(work)
-    assert sorted(r["node"]["slurm_job_id"] for r in done) == sorted(h[0]["job_id"] for h in ledger.values())
+    assert sorted(map(written_by, done)) == sorted(h[0]["job_id"] for h in ledger.values())
     return done
+
+
+def written_by(record: dict) -> str:
+    """The job id the ledger records for the SLURM job that wrote `record`: an array task's is
+    <array id>_<task> (its own SLURM_JOB_ID is another number), a plain job's its id."""
+    node = record["node"]
+    return f"{node['slurm_array_job_id']}_{node['slurm_array_task_id']}" if "slurm_array_task_id" in node else node["slurm_job_id"]

@@ -94,6 +94,34 @@ def test_a_corpus_cell_plans_a_job_per_shard_and_stage_each_with_its_own_key_aft
     assert [(g.name.split("/")[0], g.jobs, g.parallel) for g in groups] == [("encode-shard", tuple(encode), 2), ("search-shard", tuple(search), 2)]
 
 
+def test_logs_shows_the_log_of_the_shard_asked_for_and_names_the_shards_there_are(tmp_path, capsys):
+    """A shard stage has one job per shard, each an array task on SLURM with its own log:
+    `logs CELL --stage encode-shard --shard 2` prints shard 2's, and a shard out of range, or
+    --shard with a stage that has no shards, is a one-line usage error."""
+    from dpr_hpc.store.layout import RunLayout
+    from dpr_hpc.store.bindings import save_plan
+
+    corpus_files(tmp_path, 10)
+    grid_file = corpus_grid(tmp_path)
+    plan = make_plan(load_grid(grid_file))
+    layout = RunLayout(tmp_path / "runs" / "c")
+    save_plan(layout, plan, grid_file)
+    cell = plan.cells[0].cell_id
+    for shard, job in enumerate(plan.cell_jobs(cell, "encode-shard")):
+        jobs = layout.store.job(job).jobs
+        jobs.mkdir(parents=True)
+        (jobs / f"77_{shard}_0_log.out").write_text(f"encoding shard {shard}\n")
+
+    code, out, err = run_cli(capsys, "logs", cell, "--stage", "encode-shard", "--shard", "2", "--runs-root", tmp_path / "runs")
+    assert code == 0 and "encoding shard 2" in out and "shard 0" not in out, out + err
+    code, out, _ = run_cli(capsys, "logs", cell, "--stage", "encode-shard", "--runs-root", tmp_path / "runs")
+    assert code == 0 and "encoding shard 0" in out
+    code, _, err = run_cli(capsys, "logs", cell, "--stage", "encode-shard", "--shard", "4", "--runs-root", tmp_path / "runs")
+    assert code != 0 and f"--shard 4: cell {cell}'s corpus has the shards 0 to 3" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "logs", cell, "--stage", "train", "--shard", "1", "--runs-root", tmp_path / "runs")
+    assert code != 0 and "--shard 1: only with --stage encode-shard or --stage search-shard" in err
+
+
 def test_a_saved_plan_lists_the_shards_in_dependency_and_shard_order(tmp_path):
     """plan.json is written with sorted keys ('encode-shard#10' before 'encode-shard#2', 'merge'
     before 'train'); the plan read back runs its jobs in the same order as the one planned."""
@@ -280,6 +308,8 @@ def test_a_corpus_evaluation_runs_through_the_store_and_a_failed_shard_reruns_al
 
     code, out, _ = run_cli(capsys, "status", "--runs-root", layout.runs_root)
     assert "FAILED" in out and "BLOCKED" in out and "RuntimeError: node lost" in out
+    # The table lists no shard task; the failed one has a line under its array's, with why (and its log where it has one).
+    assert "  shard 1 FAILED: RuntimeError: node lost" in out.splitlines(), out
 
     monkeypatch.setattr(corpus_stages, "encode_shard", real)
     second = run_in_order(layout, plan)

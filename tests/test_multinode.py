@@ -7,6 +7,7 @@ nothing lost and nothing run twice."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import pytest
 from dpr_hpc.store.paths import StageStore
 from dpr_hpc.tracking.ledger import Ledger
 from slurmtools import (PROFILE, REPO, HeldTraining, assert_every_job_done_once, cli, grid_with_training, records, running_on, status,
-                        wait_for, wait_until_settled)
+                        wait_for, wait_until_settled, written_by)
 
 pytestmark = pytest.mark.slow
 ARRAY_PLAN = REPO / "tests" / "array_plan.py"
@@ -201,6 +202,103 @@ def assert_every_job_done_once_but(work, jobs: list[dict], rerun: str) -> None:
     ledger = Ledger.read(StageStore.at(work / "runs")).entries
     twice = {key: [e["job_id"] for e in history] for key, history in ledger.items() if len(history) > 1}
     assert len(ledger) == len(jobs) and len(twice) == 1 and [h[0] for h in twice.values()] == [rerun] and len(list(twice.values())[0]) == 2, ledger
-    written_by = sorted(f"{r['node']['slurm_array_job_id']}_{r['node']['slurm_array_task_id']}" if "slurm_array_task_id" in r["node"]
-                        else r["node"]["slurm_job_id"] for r in records(work))
-    assert written_by == sorted(history[-1]["job_id"] for history in ledger.values())
+    assert sorted(map(written_by, records(work))) == sorted(history[-1]["job_id"] for history in ledger.values())
+
+
+def test_a_corpus_grid_queues_each_shard_stage_as_one_array_over_several_nodes_and_merges_after_every_search(three_nodes, demo_assets, tmp_path):
+    """jobs/demo-corpus.yaml's corpus evaluation (3,000 passages in 3 shards, 3 at once) after a
+    one-epoch training, on SLURM: encode-shard and search-shard each go out as one sbatch array
+    (`--array=0-2%3`), encode's after the training, search's after encode's, and the merge after
+    the search array. The encode tasks, held before their work until all three run, take at
+    least two nodes (three 1-CPU tasks, two CPUs a node). Every stage job completes once; status
+    shows each array as one line; collect has the corpus columns."""
+    from conftest import write_grid
+
+    held = HeldTraining(tmp_path, stages=("encode-shard",))
+    held.release()  # the training runs freely; the encode tasks wait at their gate
+    grid = write_grid(tmp_path, f"""
+        name: corpus-slurm
+        data: {{train: {demo_assets}/train.json, dev: {demo_assets}/dev.json}}
+        defaults:
+          train: {{epochs: 1, learning_rate: 1.0e-3, dropout: 0.0, warmup_steps: 2, seed: 7, batch_size: 16}}
+          text: {{max_length: 64}}
+          encode_batch_size: 128
+          corpus:
+            passages: {demo_assets}/corpus/passages.tsv
+            questions: {demo_assets}/corpus/questions.qa.csv
+            shards: 3
+            parallel: 3
+            top_k: 100
+            index: flat
+        blocks:
+          - {{name: bert, encoder: {demo_assets}/models/tiny-bert, embedding_sizes: [64]}}
+    """, "corpus-slurm.yaml")
+    out = submit(tmp_path, grid, held)
+    assert "10 submitted" in out, out
+    arrays = {line.split(":")[0].split("/")[0]: line for line in out.splitlines() if "as job array" in line}
+    assert sorted(arrays) == ["encode-shard", "search-shard"] and all("submitted 3 tasks" in line and "(--array=0-2%3) after " in line
+                                                                      for line in arrays.values()), out
+    ledger = Ledger.read(StageStore.at(tmp_path / "runs")).entries
+    first = {key.split("/")[0]: history[0] for key, history in sorted(ledger.items())}
+    array_of = {stage: {h[0]["job_id"].split("_")[0] for k, h in ledger.items() if k.startswith(f"{stage}/")} for stage in arrays}
+    assert all(len(ids) == 1 for ids in array_of.values()), ledger
+    encode_array, search_array = array_of["encode-shard"].pop(), array_of["search-shard"].pop()
+    assert sorted(h[0]["job_id"] for k, h in ledger.items() if k.startswith("encode-shard/")) == [f"{encode_array}_{i}" for i in range(3)]
+    assert arrays["encode-shard"].endswith(f" after {first['train']['job_id']}"), out
+    assert arrays["search-shard"].endswith(f" after {encode_array}"), out  # the whole encode array, not its tasks
+    merge_line = next(line for line in out.splitlines() if line.startswith("merge/"))
+    assert merge_line.endswith(f"submitted as job {first['merge']['job_id']} after {search_array}"), out
+    for stage, array_id in (("encode-shard", encode_array), ("search-shard", search_array)):
+        (script,) = (tmp_path / "runs" / "store" / "arrays" / stage).glob(f"*/{array_id}_submission.sh")
+        assert "#SBATCH --array=0-2%3" in script.read_text().splitlines()
+
+    def encoding_together() -> list[dict] | None:
+        running = [j for j in status(tmp_path, grid) if j["stage"] == "encode-shard" and j["state"] == "RUNNING" and j["node"]]
+        return running if len(running) == 3 else None
+
+    running = wait_for(encoding_together, 900, "all three encode-shard tasks to run at once (held at their gate)")
+    assert len({j["node"] for j in running}) >= 2, running
+    held.release("encode-shard")
+    done = assert_every_job_done_once(tmp_path, wait_until_settled(tmp_path, grid))
+
+    shards = sorted((r for r in done if r["stage"] in ("encode-shard", "search-shard")), key=lambda r: (r["stage"], r["metrics"]["shard"]))
+    assert [(r["stage"], r["metrics"]["shard"]) for r in shards] == [(s, i) for s in ("encode-shard", "search-shard") for i in range(3)]
+    assert {r["node"]["slurm_array_job_id"] for r in shards} == {encode_array, search_array}
+    assert sorted(r["node"]["slurm_array_task_id"] for r in shards) == ["0", "0", "1", "1", "2", "2"]
+    assert len({r["node"]["slurm_node"] for r in shards if r["stage"] == "encode-shard"}) >= 2
+    assert sum(r["metrics"]["num_passages"] for r in shards if r["stage"] == "encode-shard") == 3000
+    # afterok on an array's id waits for every task: each search began after the last encode
+    # ended, and the merge after the last search.
+    (merge,) = [r for r in done if r["stage"] == "merge"]
+    ended = {stage: max(r["finished_at"] for r in shards if r["stage"] == stage) for stage in ("encode-shard", "search-shard")}
+    assert min(r["started_at"] for r in shards if r["stage"] == "search-shard") >= ended["encode-shard"]
+    assert merge["started_at"] >= ended["search-shard"], (merge["started_at"], ended)
+
+    shown = cli("status", grid, cwd=tmp_path, check=True).stdout
+    array_lines = [line for line in shown.splitlines() if line.startswith(("encode-shard ", "search-shard "))]
+    groups = sorted({h[0]["group"] for h in ledger.values() if "group" in h[0]})  # "<stage>/<its first shard's key>"
+    assert array_lines == [f"{stage} {key[:8]} 3/3 done" for stage, _, key in (g.partition("/") for g in groups)], shown
+    assert f" {encode_array}_" not in shown and "10 stage jobs: 10 COMPLETED" in shown, shown
+    # A task's log, written in its array's folder, is its shard job's log.
+    log = cli("logs", "*", "--grid", grid, "--stage", "encode-shard", "--shard", "2", cwd=tmp_path, check=True)
+    assert f"{encode_array}_2_0_log.out" in log.stdout + log.stderr and "encoded 1000 passages" in log.stdout + log.stderr, log.stdout + log.stderr
+
+    assert cli("collect", grid, "--out", tmp_path / "results", cwd=tmp_path).returncode == 0
+    table = (tmp_path / "results" / "corpus-slurm.csv").read_text().splitlines()
+    header = table[0].split(",")
+    (row,) = [dict(zip(header, line.split(","))) for line in table[1:]]
+    merged = merge["metrics"]
+    assert row["corpus_shards"] == "3" and row["corpus_vectors"] == "fp32"
+    assert 0 <= float(row["corpus_acc@100"]) <= 1 and float(row["corpus_acc@20"]) == pytest.approx(merged["answer_acc@20"])
+
+    print("\n--- dpr-hpc submit ---\n" + out.rstrip())
+    print("--- dpr-hpc status ---\n" + shown.rstrip())
+    print("--- shard task records ---")
+    for r in shards:
+        path = next(p for p in tmp_path.glob(f"runs/store/{r['stage']}/*/*/result.json") if json.loads(p.read_text()) == r)
+        print(f"{path.relative_to(tmp_path)}: node {r['node']['slurm_node']}, job {r['node']['slurm_array_job_id']}_{r['node']['slurm_array_task_id']}, "
+              f"shard {r['metrics']['shard']}, num_passages {r['metrics']['num_passages']}, attempt {r.get('attempt')}")
+    print("--- merged ---\n" + "  ".join(f"{k} {merged[k]:.3f}" for k in sorted((k for k in merged if k.startswith(("answer_acc@", "mrr@"))),
+                                                       key=lambda k: (k.startswith("mrr"), int(k.split("@")[1]))))
+          + f"  ({merged['num_questions']} questions, {merged['num_passages']} passages, {merged['shards']} shards)")
+

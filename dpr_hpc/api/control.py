@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dpr_hpc.errors import UsageError
+from dpr_hpc.grid.config import SHARD_STAGES
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.store.layout import RunLayout
 
@@ -135,24 +136,32 @@ class StageLogs:
 
 
 def logs(cell: str, *, grid: Target = None, stage: str | None = None, repeat: int = 0, attempt: int | None = None,
-         runs_root: "str | Path | None" = None) -> StageLogs:
+         runs_root: "str | Path | None" = None, shard: int | None = None) -> StageLogs:
     """The logs of one stage job of one cell (a cell id, or a glob matching one cell): of
-    `stage`, or of the cell's last stage that has a log."""
+    `stage` (of its `shard` for a corpus's shard stage), or of the cell's last stage that has a log."""
     from dpr_hpc.tracking.logs import chosen_logs
 
     layout, plan, cell_id = one_cell(cell, find_runs(grid, runs_root))
-    job = logged_job(layout, plan, cell_id, stage, repeat)
+    job = logged_job(layout, plan, cell_id, stage, repeat, shard)
     return StageLogs(layout, plan, cell_id, job, attempt, chosen_logs(layout.store.job(job), attempt))
 
 
-def logged_job(layout: RunLayout, plan: Plan, cell_id: str, stage: str | None, repeat: int) -> StageJob:
+def logged_job(layout: RunLayout, plan: Plan, cell_id: str, stage: str | None, repeat: int, shard: int | None = None) -> StageJob:
     """The stage job `logs` shows: of `stage`, or of the cell's last stage with a log for this
-    repeat (else its first stage, whose log comes first)."""
+    repeat (else its first stage, whose log comes first). A shard stage's jobs are one per
+    shard, each run once (an array task on SLURM): `shard` picks one, shard 0 by default."""
     from dpr_hpc.tracking.logs import job_logs
 
     cell = plan.cell(cell_id)
     if stage is not None and stage not in cell.stages:
         raise UsageError(f"--stage {stage}: cell {cell_id} has the stages {', '.join(cell.stages)}")
+    if shard is not None:
+        if stage not in SHARD_STAGES:
+            raise UsageError(f"--shard {shard}: only with --stage {' or --stage '.join(SHARD_STAGES)}, whose jobs are one per shard")
+        shards = plan.cell_jobs(cell_id, stage)
+        if shard not in range(len(shards)):
+            raise UsageError(f"--shard {shard}: cell {cell_id}'s corpus has the shards 0 to {len(shards) - 1}")
+        return shards[shard]
     stages = [stage] if stage else list(reversed(cell.stages))
     jobs = [plan.cell_jobs(cell_id, s)[repeat] for s in stages if repeat in range(cell.repeats.of(s))]
     if not jobs:

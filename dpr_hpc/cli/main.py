@@ -122,7 +122,8 @@ def _status(args: argparse.Namespace) -> int:
 def _logs(args: argparse.Namespace) -> int:
     from dpr_hpc.tracking.logs import LogPrinter, follow
 
-    found = api.logs(args.cell, grid=args.grid, stage=args.stage, repeat=args.repeat, attempt=args.attempt, runs_root=args.runs_root)
+    found = api.logs(args.cell, grid=args.grid, stage=args.stage, repeat=args.repeat, attempt=args.attempt, runs_root=args.runs_root,
+                     shard=args.shard)
     printer = LogPrinter()
     if args.follow:
         try:

@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--grid", metavar="TARGET", help="grid file or run folder (default: every run under --runs-root)")
     logs.add_argument("--stage", choices=STAGES, help="default: the last stage of the cell that has a log")
     logs.add_argument("--repeat", type=int, default=0, help="the repeat (default 0)")
+    logs.add_argument("--shard", type=int, help="with --stage encode-shard or search-shard: the shard, an array task on SLURM (default 0)")
     logs.add_argument("--attempt", type=int, help="the store attempt (default: the newest); status shows it in column A")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing what the job writes until it is no longer queued or running")
 

@@ -23,6 +23,7 @@ from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.tracking.ledger import Ledger
 from dpr_hpc.tracking.live import ask
 from dpr_hpc.locks import DEFAULT_STALE_AFTER_S, LockFile, holder_is_stale, pid_alive
+from dpr_hpc.grid.config import SHARD_STAGES
 from dpr_hpc.planning.plan import Plan, StageJob
 from dpr_hpc.planning.stage_keys import stage_of
 from dpr_hpc.provenance import node_label
@@ -356,19 +357,32 @@ def summary_line(states: list[StageState]) -> str:
     return f"{len(states)} stage jobs: " + ", ".join(parts)
 
 
+# An array task in one of these states is named on a line of its own under its array's line, with
+# why and its log: the table does not list the tasks, and these are the ones a user acts on.
+_TASK_NEEDS_A_LOOK = ("FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "UNREADABLE")
+
+
 def array_lines(plan: Plan, report: StatusReport) -> list[str]:
     """One line per job array of the plan (plan.ArrayGroup), e.g. 'encode-shard 3f2a9c1d 37/50
-    done, 5 running, 8 pending': its tasks' states counted, for the tasks this report covers."""
+    done, 5 running, 8 pending': its tasks' states counted, for the tasks this report covers;
+    under it, one indented line per task that ended without a result (_TASK_NEEDS_A_LOOK)."""
     lines = []
     for group in plan.array_groups():
-        states = [report.jobs[job].state for job in group.jobs if job in report.jobs]
-        if not states:
+        tasks = [(index, report.jobs[job]) for index, job in enumerate(group.jobs) if job in report.jobs]
+        if not tasks:
             continue
-        counts = Counter(states)
+        counts = Counter(state.state for _, state in tasks)
         others = [f"{counts[state]} {state.lower()}" for state in STATES if state != "COMPLETED" and counts[state]]
         head, _, key = group.name.partition("/")
-        lines.append(f"{head}{' ' + key[:8] if key else ''} {counts['COMPLETED']}/{len(states)} done" + "".join(f", {part}" for part in others))
+        lines.append(f"{head}{' ' + key[:8] if key else ''} {counts['COMPLETED']}/{len(tasks)} done" + "".join(f", {part}" for part in others))
+        lines.extend(_task_line(index, state) for index, state in tasks if state.state in _TASK_NEEDS_A_LOOK)
     return lines
+
+
+def _task_line(index: int, state: StageState) -> str:
+    """'  shard 1 FAILED: RuntimeError: node lost  log: ...': a corpus array's task i is shard i."""
+    which = f"shard {index}" if state.job.stage in SHARD_STAGES else f"r{state.job.repeat}"
+    return f"  {which} {state.state}" + (f": {state.detail}" if state.detail else "") + (f"  log: {state.log}" if state.log else "")
 
 
 def array_members(plan: Plan) -> frozenset[StageJob]:
