@@ -97,14 +97,9 @@ def status_json(runs: "list[RunStatus]") -> str:
                         "arrays": array_lines(run.plan, run.report), "left_cells": run.report.left_cells} for run in runs], indent=2)
 
 
-# An array task in one of these states keeps its own row (its detail and log) under the array's line.
-NEEDS_A_LOOK = frozenset({"FAILED", "TIMEOUT", "CANCELLED", "INTERRUPTED", "UNREADABLE", "STALE", "UNKNOWN"})
-
-
 def status_lines(run: "RunStatus", verbose: bool = False) -> list[str]:
-    """The status table; a job array's tasks are counted on one line per array under it
-    (`verbose`: a row each too), except a task that needs a look (failed, unreadable...),
-    whose row stays with its reason and log."""
+    """The status table; a job array's tasks are counted on one line per array under it, with a
+    line for each task that ended without a result (`verbose`: a row for every task too)."""
     from dpr_hpc.tracking.status import array_lines, array_members, summary_line
 
     report = run.report
@@ -113,7 +108,7 @@ def status_lines(run: "RunStatus", verbose: bool = False) -> list[str]:
         [row.cell_id, s.job.stage, str(s.job.repeat), "" if s.attempt is None else str(s.attempt),
          s.job.key[:8] + ("*" if row.shared_by > 1 else ""), s.state, s.job_id, s.node,
          s.detail + (f"  log: {s.log}" if s.state in ("FAILED", "TIMEOUT") and s.log else "")]
-        for row in report.rows for s in [row.state] if s.job not in hidden or s.state in NEEDS_A_LOOK
+        for row in report.rows for s in [row.state] if s.job not in hidden
     ]
     lines = [f"grid {run.plan.grid_name} ({run.layout.root}); states from the {report.source}",
              columns(["CELL", "STAGE", "R", "A", "KEY", "STATE", "JOB", "NODE", "DETAIL"], rows), *array_lines(run.plan, report),
