@@ -56,9 +56,12 @@ DEFAULT_STALE_AFTER_S = 300.0
 class LockFile:
     def __init__(
         self, path: Path, *, purpose: str, stale_after_s: float = DEFAULT_STALE_AFTER_S,
-        heartbeat_s: float | None = None, timeout_s: float = 0.0,
+        heartbeat_s: float | None = None, timeout_s: float = 0.0, holder_ended: Callable[[dict], bool] | None = None,
     ) -> None:
-        """`timeout_s` is what `with LockFile(...)` waits; `acquire` takes its own."""
+        """`timeout_s` is what `with LockFile(...)` waits; `acquire` takes its own. `holder_ended`,
+        where given, says whether a holder's job is known to have ended (the scheduler lists its
+        SLURM job as finished): such a holder is dead at once, on any host, instead of after
+        `stale_after_s` of watching its heartbeat. It is asked once per holder."""
         if heartbeat_s is not None and heartbeat_s >= stale_after_s:
             raise ValueError("heartbeat_s must be shorter than stale_after_s, or the lock reads stale while held")
         self.path = Path(path)
@@ -66,6 +69,8 @@ class LockFile:
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s
         self.timeout_s = timeout_s
+        self.holder_ended = holder_ended
+        self._ended_verdicts: dict[str, bool] = {}  # holder token -> holder_ended's answer
         self._token: str | None = None
         self._created = 0.0
         self._beats = 0
@@ -195,7 +200,18 @@ class LockFile:
         if earlier_run_of_this_job(holder):
             log.warning("%s: taking over the lock left by an earlier run of this SLURM job (%s)", self.path, describe_holder(holder))
             return DEAD
+        if self._holder_ended(holder):
+            log.warning("%s: taking over the lock of a job the scheduler lists as ended (%s)", self.path, describe_holder(holder))
+            return DEAD
         return watch.judge(holder)
+
+    def _holder_ended(self, holder: dict) -> bool:
+        if self.holder_ended is None:
+            return False
+        token = str(holder.get("token"))
+        if token not in self._ended_verdicts:
+            self._ended_verdicts[token] = bool(self.holder_ended(holder))
+        return self._ended_verdicts[token]
 
     def _break(self, stale: dict | None) -> None:
         """Remove the stale lock `stale` unless someone else already did and took a new one."""

@@ -176,3 +176,66 @@ def test_a_lost_claim_stops_the_next_index_shard_and_the_record_before_they_are_
     assert not attempt.record.exists() and not folder.result.exists()
     claim.release()
     assert LockFile.read_holder(folder.claim)["token"] == "the-other-copy"
+
+
+def _sacct_says(monkeypatch, line: str) -> list[list[str]]:
+    """SLURM here, and sacct answering with `line` (unit test of the runner's question)."""
+    from dpr_hpc.tracking import slurm_queue
+
+    asked: list[list[str]] = []
+    monkeypatch.setattr(slurm_queue, "slurm_available", lambda: True)
+    monkeypatch.setattr(slurm_queue, "_run", lambda command: asked.append(command) or line + "\n")
+    return asked
+
+
+def test_a_claim_left_by_an_array_task_slurm_lists_as_ended_is_taken_at_once_on_another_node(tmp_path, monkeypatch):
+    """A shard task killed on node7 (scancel) leaves its claim with a fresh heartbeat; its rerun,
+    another SLURM job on this node, asks the scheduler, which lists the holder CANCELLED: the claim
+    is taken at once instead of after 600 s of watching a heartbeat that will never beat again."""
+    from dpr_hpc.stages.runner import slurm_job_ended
+
+    job = StageJob("encode-shard", "k" * 16, 0)
+    folder = StageStore.at(tmp_path).job(job)
+    _claim_left_on_another_node(folder, slurm_job_id="190", slurm_array_job_id="187", slurm_array_task_id="3")
+    monkeypatch.setenv("SLURM_JOB_ID", "192")
+    asked = _sacct_says(monkeypatch, "190|CANCELLED by 0|0:9|node7|00:00:05|None|187_3")
+    began = time.monotonic()
+    claim = claim_stage(folder, job, holder_ended=slurm_job_ended)
+    try:
+        assert time.monotonic() - began < 5
+        assert LockFile.read_holder(folder.claim)["host"] == socket.gethostname()
+    finally:
+        claim.release()
+    assert any("-j" in command and "187" in command for command in asked)  # the array asked for by its id
+
+
+def test_a_claim_whose_slurm_job_still_runs_is_not_taken(tmp_path, monkeypatch):
+    from dpr_hpc.stages.runner import slurm_job_ended
+
+    job = StageJob("encode-shard", "k" * 16, 0)
+    folder = StageStore.at(tmp_path).job(job)
+    folder.dir.mkdir(parents=True)
+    monkeypatch.setenv("SLURM_JOB_ID", "192")
+    _sacct_says(monkeypatch, "190|RUNNING|0:0|node7|00:01:05|None|187_3")
+    holder = {"slurm_job_id": "190", "slurm_array_job_id": "187", "slurm_array_task_id": "3"}
+    assert slurm_job_ended({**holder, "host": "node7"}) is False
+    with held_elsewhere(folder.claim, host="node7", **holder), pytest.raises(StageClaimedError, match="node7"):
+        claim_stage(folder, job, holder_ended=slurm_job_ended)
+
+
+def test_no_slurm_or_no_answer_leaves_the_claim_to_its_heartbeat(monkeypatch):
+    from dpr_hpc.errors import SchedulerError
+    from dpr_hpc.stages.runner import slurm_job_ended
+    from dpr_hpc.tracking import slurm_queue
+
+    holder = {"slurm_job_id": "190", "host": "node7"}
+    monkeypatch.setattr(slurm_queue, "slurm_available", lambda: False)
+    assert slurm_job_ended(holder) is False
+    monkeypatch.setattr(slurm_queue, "slurm_available", lambda: True)
+
+    def unreachable(command):
+        raise SchedulerError("sacct: Unable to contact slurm controller")
+
+    monkeypatch.setattr(slurm_queue, "_run", unreachable)
+    assert slurm_job_ended(holder) is False
+    assert slurm_job_ended({"host": "node7"}) is False  # a local job's claim names no SLURM job

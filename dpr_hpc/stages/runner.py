@@ -80,7 +80,7 @@ def run_stage_job(runs_root: str, stage: str, key: str, repeat: int) -> dict[str
     folder = store.job(job)
     folder.dir.mkdir(parents=True, exist_ok=True)
     try:
-        claim = claim_stage(folder, job)
+        claim = claim_stage(folder, job, holder_ended=slurm_job_ended)
     except StageClaimedError as held:
         print(f"dpr-hpc: {held}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CLAIMED) from None
@@ -91,6 +91,24 @@ def run_stage_job(runs_root: str, stage: str, key: str, repeat: int) -> dict[str
         raise SystemExit(EXIT_CLAIMED) from None
     finally:
         claim.release()
+
+
+def slurm_job_ended(holder: dict) -> bool:
+    """Whether the SLURM job (or array task) that holds a claim is listed by the scheduler as
+    ended. False whenever that is not known (no SLURM job named, no SLURM here, no answer, not
+    listed): the claim's heartbeat then decides, as before."""
+    from dpr_hpc.errors import SchedulerError, SchedulerUnreachableError
+    from dpr_hpc.tracking import slurm_queue
+
+    array, task = holder.get("slurm_array_job_id"), holder.get("slurm_array_task_id")
+    job_id = f"{array}_{task}" if array and task is not None else holder.get("slurm_job_id")
+    if not job_id or not slurm_queue.slurm_available():
+        return False
+    try:
+        info = slurm_queue.query([str(job_id)]).jobs.get(str(job_id))
+    except (SchedulerError, SchedulerUnreachableError):
+        return False
+    return info is not None and not info.active
 
 
 def _run_claimed(store: StageStore, job: StageJob, threads: int | None, claim: StageClaim) -> dict[str, Any]:

@@ -14,6 +14,7 @@ taken over at once (dpr_hpc.locks.earlier_run_of_this_job).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from dpr_hpc.errors import ClaimLostError, LockHeldError, StageClaimedError
 from dpr_hpc.locks import LockFile, describe_holder, holder_is_stale
@@ -45,8 +46,12 @@ class StageClaim:
         self.lock.release()
 
 
-def claim_stage(folder: JobFolder, job: StageJob) -> StageClaim:
-    lock = LockFile(folder.claim, purpose=job.id, stale_after_s=CLAIM_STALE_AFTER_S, heartbeat_s=CLAIM_HEARTBEAT_S)
+def claim_stage(folder: JobFolder, job: StageJob, holder_ended: Callable[[dict], bool] | None = None) -> StageClaim:
+    """Claim the job's folder, or raise StageClaimedError naming a live holder. `holder_ended`
+    (the runner asks SLURM) makes a holder whose SLURM job has ended dead at once, wherever it ran:
+    a shard killed on one node and rerun on another need not watch a heartbeat for 600 s."""
+    lock = LockFile(folder.claim, purpose=job.id, stale_after_s=CLAIM_STALE_AFTER_S, heartbeat_s=CLAIM_HEARTBEAT_S,
+                    holder_ended=holder_ended)
     try:
         return StageClaim(job, lock.acquire(timeout_s=0))
     except LockHeldError as held:
