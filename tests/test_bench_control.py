@@ -21,6 +21,21 @@ def test_control_benchmark_runs_each_command_on_generated_grids_and_reports_grow
     json.dumps(report)  # written as the JSON report as it is
 
 
+def test_the_commands_timed_are_the_code_asked_for_whatever_the_working_directory(demo_assets, tmp_path, monkeypatch):
+    """`--code DIR` times DIR's commands: `python -m` would put the harness's working directory
+    (another checkout) first on sys.path, so the commands run in their grid's folder."""
+    import shutil
+    from pathlib import Path
+
+    import dpr_hpc
+
+    other = tmp_path / "other-checkout"
+    shutil.copytree(Path(dpr_hpc.__file__).parent, other / "dpr_hpc")
+    monkeypatch.chdir(Path(dpr_hpc.__file__).parents[1])  # run from this checkout, as `cd repo && bench` does
+    report = run_control_benchmark((2, 3), echo=lambda line: None, demo=demo_assets, code=other)
+    assert report["imports_from"] == str(other / "dpr_hpc" / "__init__.py")
+
+
 def test_a_command_that_does_not_do_its_work_stops_the_benchmark(demo_assets, tmp_path, monkeypatch):
     """A figure is never the time of a command that failed early: here the grid's data file is
     missing, so the set-up submit fails and the benchmark says which step and why."""

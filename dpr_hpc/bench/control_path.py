@@ -97,6 +97,9 @@ def run_control_benchmark(sizes: tuple[int, ...] = SIZES, echo: Callable[[str], 
             demo = work / "demo"
             generate_demo(demo, pretrained=False)
         env = _environment(work, code)
+        report["imports_from"] = _imported_package(env, work)
+        _expect(Path(report["imports_from"]).resolve().is_relative_to(code), "the code under test",
+                f"the commands import dpr_hpc from {report['imports_from']}, not from {code}")
         for cells in sizes:
             row = _measure(work / f"cells-{cells}", cells, demo, env)
             report["rows"].append(row)
@@ -112,6 +115,12 @@ def run_control_benchmark(sizes: tuple[int, ...] = SIZES, echo: Callable[[str], 
     echo(f"growth {first['cells']} -> {last['cells']} cells (x{report['cells_ratio']:g}): "
          + ", ".join(f"{phase.removesuffix('_s')} x{ratio}" for phase, ratio in report["growth"].items()))
     return report
+
+
+def _imported_package(env: dict[str, str], cwd: Path) -> str:
+    """Where the timed commands import dpr_hpc from, as they will run."""
+    done = subprocess.run([sys.executable, "-c", "import dpr_hpc; print(dpr_hpc.__file__)"], env=env, capture_output=True, text=True, cwd=cwd)
+    return done.stdout.strip()
 
 
 def _environment(work: Path, code: Path) -> dict[str, str]:
@@ -144,33 +153,35 @@ def _measure(folder: Path, cells: int, demo: Path, env: dict[str, str]) -> dict[
     jobs = 3 * cells
     env = {**env, "DPR_HPC_RUNS_ROOT": str(folder / "runs"), "DPR_BENCH_QUEUE": str(folder / "queue")}
 
-    first_plan_s, _ = _timed(env, "plan", grid, *runs)  # fills what a later plan may remember
-    plan_s, out = _timed(env, "plan", grid, *runs)
+    first_plan_s, _ = _timed(env, folder, "plan", grid, *runs)  # fills what a later plan may remember
+    plan_s, out = _timed(env, folder, "plan", grid, *runs)
     _expect(f"{cells} cells, {jobs} stage jobs" in out, "plan", out)
-    dry_s, out = _timed(env, "submit", grid, "--dry-run", *runs)
+    dry_s, out = _timed(env, folder, "submit", grid, "--dry-run", *runs)
     _expect(out.count("# ---- ") == jobs, "submit --dry-run", out)
 
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _QUEUE_EVERYTHING, str(folder / "queue"), "submit", str(grid), "--backend", "slurm", *runs],
-                          env=env, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True, cwd=folder)
     setup_s = time.perf_counter() - started
     _expect(done.returncode == 0 and f"{jobs} submitted" in done.stdout, "the set-up submit", done.stdout + done.stderr)
     queued = (folder / "queue").read_text().splitlines()
     _expect(len(queued) == jobs, "the set-up submit", f"{len(queued)} jobs queued, expected {jobs}")
 
-    submit_s, out = _timed(env, "submit", grid, "--backend", "slurm", *runs)
+    submit_s, out = _timed(env, folder, "submit", grid, "--backend", "slurm", *runs)
     _expect(f"0 submitted, 0 already complete (skipped), {jobs} already queued or running (left alone)" in out, "submit (all queued)", out)
-    status_s, out = _timed(env, "status", grid, *runs)
+    status_s, out = _timed(env, folder, "status", grid, *runs)
     _expect(f"{jobs} stage jobs: {jobs} PENDING" in out, "status", out)
     return {"cells": cells, "jobs": jobs, "first_plan_s": round(first_plan_s, 3), "plan_s": round(plan_s, 3),
             "submit_dry_run_s": round(dry_s, 3), "submit_queued_s": round(submit_s, 3), "status_s": round(status_s, 3),
             "setup_s": round(setup_s, 3)}
 
 
-def _timed(env: dict[str, str], *args: Any) -> tuple[float, str]:
-    """One `dpr-hpc` command in its own process: its wall time and its output (exit 0 required)."""
+def _timed(env: dict[str, str], cwd: Path, *args: Any) -> tuple[float, str]:
+    """One `dpr-hpc` command in its own process: its wall time and its output (exit 0 required).
+    It runs in the grid's folder: `python -m` puts its working directory first on sys.path, so
+    run from a checkout it would import that checkout's code, not `--code`'s."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "dpr_hpc", *map(str, args)], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "dpr_hpc", *map(str, args)], env=env, capture_output=True, text=True, cwd=cwd)
     seconds = time.perf_counter() - started
     _expect(done.returncode == 0, f"dpr-hpc {args[0]}", f"exit {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     return seconds, done.stdout
