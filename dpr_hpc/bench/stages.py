@@ -533,14 +533,17 @@ def profile_words(phase: str, profile: dict[str, Any], precision: str | None) ->
 
 
 def goals(report: dict[str, Any]) -> list[tuple[str, bool, str]]:
-    """Each goal of issue 5 with whether this run met it."""
+    """Each goal of issue 25 (which raised issue 5's) with whether this run met it; the peak
+    goal is for a CPU or GPU with native bf16, and reads the fraction of the peak that ran."""
     enc, train, search = report["encode"], report["train"], report["search"]
+    peak_words = (f"{_range_words(enc['fraction_of_peak'], enc['fraction_of_peak_range'])} of {enc['peak_used']}" if "fraction_of_peak_range" in enc
+                  else f"{enc['fraction_of_peak']:.0%} of {enc['peak_used']}")
+    cache_cost = train["grad_cache_time_cost"]
     return [
-        ("encoding >= 3x the paper's way", enc["speedup"] >= 3, f"{enc['speedup']:.2f}x (padding alone: {enc['flop_ratio']:.2f}x the FLOPs)"),
-        ("encoding >= 55% of matmul peak", enc["fraction_of_peak"] >= 0.55,
-         f"{_range_words(enc['fraction_of_peak'], enc['fraction_of_peak_range'])} of {enc['peak_used']}" if "fraction_of_peak_range" in enc
-         else f"{enc['fraction_of_peak']:.0%} of {enc['peak_used']}"),
-        ("training >= 3x the paper's way", train["speedup"] >= 3, f"{train['speedup']:.2f}x (padding alone: {train['flop_ratio']:.2f}x the FLOPs)"),
+        ("encoding >= 5x the paper's way", enc["speedup"] >= 5, f"{enc['speedup']:.2f}x (padding alone: {enc['flop_ratio']:.2f}x the FLOPs)"),
+        ("encoding >= 70% of the bf16 matmul peak", enc["peak_used"] == "bf16" and enc["fraction_of_peak"] >= 0.70, peak_words),
+        ("training >= 4x the paper's way", train["speedup"] >= 4, f"{train['speedup']:.2f}x (padding alone: {train['flop_ratio']:.2f}x the FLOPs)"),
+        ("gradient cache's time cost <= 20%", cache_cost <= 0.20, f"{cache_cost:+.0%}"),
         ("search overhead <= 10%", search["overhead"] <= 0.10, f"{search['overhead']:+.1%}"),
         ("second cell tokenizes in ~0 s", report["token_cache"]["second_cell_s"] < 0.05 * report["token_cache"]["first_cell_s"],
          f"{report['token_cache']['second_cell_s']:.3f}s vs {report['token_cache']['first_cell_s']:.2f}s"),
