@@ -320,6 +320,8 @@ def test_a_corpus_evaluation_runs_through_the_store_and_a_failed_shard_reruns_al
     assert sum(records[j]["metrics"]["num_passages"] for j in encode) == 3000
     assert [records[j]["metrics"]["shard"] for j in encode] == [0, 1, 2]
     assert all(records[j]["node"] for j in encode + search + merge)
+    for j in encode + search:  # what ran is recorded: compute.compile (auto: the demo never compiles) and the attention kernel
+        assert records[j]["details"]["compute"]["compile"]["compiled"] is False and records[j]["details"]["compute"]["attention"] == "sdpa"
     shard_0 = layout.store.job(encode[0]).attempt(1)
     assert np.load(shard_0.vectors).dtype == np.float32 and len(np.load(shard_0.offsets)) == records[encode[0]]["metrics"]["num_passages"]
     merged = records[merge[0]]["metrics"]

@@ -240,9 +240,39 @@ def test_a_named_file_copied_over_with_the_same_bytes_is_hashed_once_and_then_tr
     hashed: list[Path] = []
     digest = sources._digest
     monkeypatch.setattr(sources, "_digest", lambda p, md5=False: hashed.append(p) or digest(p, md5))
+    monkeypatch.setattr(sources, "settled", lambda stat: True)  # as it reads once its last change is 2 s old
     assert sources.resolve("dpr:nq-test") == path
     assert sources.resolve("dpr:nq-test") == path
     assert hashed == [path]
+
+
+def test_a_named_file_changed_in_the_last_seconds_is_hashed_every_time_never_trusted_by_its_stat(data_env, server, monkeypatch):
+    """As the content-hash memo: a same-size rewrite within one timestamp tick keeps size and
+    mtime, so a stat taken while the file may still change is not remembered."""
+    sources.fetch("dpr:nq-test", echo=lambda line: None)
+    path = local_path("dpr:nq-test")
+    path.write_bytes(PLAIN["dpr:nq-test"])  # rewritten in place just now
+    hashed: list[Path] = []
+    digest = sources._digest
+    monkeypatch.setattr(sources, "_digest", lambda p, md5=False: hashed.append(p) or digest(p, md5))
+    assert sources.resolve("dpr:nq-test") == path
+    assert sources.resolve("dpr:nq-test") == path
+    assert hashed == [path, path]
+
+
+def test_a_read_only_data_folder_is_still_verified_and_only_the_remembering_is_skipped(data_env, server, monkeypatch, caplog):
+    sources.fetch("dpr:nq-test", echo=lambda line: None)
+    path = local_path("dpr:nq-test")
+    path.unlink()
+    path.write_bytes(PLAIN["dpr:nq-test"])
+    monkeypatch.setattr(sources, "settled", lambda stat: True)
+
+    def read_only(self, name, pin):
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(sources.DataPins, "update", read_only)
+    assert sources.resolve("dpr:nq-test") == path  # no traceback: verified by its bytes
+    assert "could not be remembered" in caplog.text and "Permission denied" in caplog.text
 
 
 def test_a_grid_naming_an_unknown_source_is_a_grid_error_listing_the_known_ones(data_env, tmp_path, capsys):

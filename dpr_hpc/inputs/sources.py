@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -37,8 +38,11 @@ from typing import Callable, Iterable
 from dpr_hpc.errors import DprHpcError
 from dpr_hpc.fsutil import read_json, write_json_atomic
 from dpr_hpc.grid.sources import Source, SourceError, base_url, data_dir, is_name, local_path, source
+from dpr_hpc.inputs.content import settled
 from dpr_hpc.locks import LockFile
 from dpr_hpc.provenance import now_iso
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0  # per connection attempt and per read: a stalled server is an error, not a hang
@@ -283,20 +287,30 @@ def _install(part: Path, target: Path, download: _Digest, gunzip: bool) -> _Dige
 
 def _mismatch(name: str, path: Path, pin: Pin) -> str | None:
     """Why the file is not the pinned one (None: it is). Unchanged since last verified: one
-    stat; touched or copied but the same bytes: hashed once, and its new stat remembered."""
-    stat = _stat(path)
-    if stat == pin.verified_stat:
+    stat; touched or copied but the same bytes: hashed once, and its new stat remembered, as the
+    content-hash memo remembers (inputs.content: ctime too, and never a file changed within the
+    last two seconds). A data folder the user cannot write (a shared read-only copy) is still
+    verified; only the remembering is skipped."""
+    stat = path.stat()
+    if _stamp(stat) == pin.verified_stat:
         return None
     got = _digest(path)
     if (got.sha256, got.size) == (pin.sha256, pin.size):
-        DataPins(data_dir()).update(name, dataclasses.replace(pin, verified_stat=stat))
+        if settled(stat):
+            try:
+                DataPins(data_dir()).update(name, dataclasses.replace(pin, verified_stat=_stamp(stat)))
+            except OSError as error:
+                log.warning("%s: verified, but its stat could not be remembered in %s (%s)", path, DataPins(data_dir()).path, error)
         return None
     return f"{path} has sha256 {got.sha256} ({got.size} bytes), but its pin is sha256 {pin.sha256} ({pin.size} bytes)"
 
 
+def _stamp(stat: os.stat_result) -> str:
+    return f"{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
+
+
 def _stat(path: Path) -> str:
-    stat = path.stat()
-    return f"{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    return _stamp(path.stat())
 
 
 def _total_from(content_range: str) -> int | None:

@@ -33,7 +33,7 @@ from dpr_hpc.scoring.merge import merge_top_k
 from dpr_hpc.scoring.metrics import CORPUS_KS, answer_accuracy, retrieval_metrics
 from dpr_hpc.scoring.trec import question_id, write_run
 from dpr_hpc.modeling.device import peak_memory, pick_device, release_memory
-from dpr_hpc.stages.common import StageIO, StageOutput, load_trained_tower, progress
+from dpr_hpc.stages.common import StageIO, StageOutput, compile_for_encoding, encoding_compute, load_trained_tower, progress
 from dpr_hpc.tracking.progress import Meter
 
 VECTOR_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -54,6 +54,7 @@ def encode_shard(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     tokens = tokenize_passages(tokenizer, found.passages, text.max_length, text.embed_title, text.passage_format)
     tokenize_s = time.perf_counter() - started
 
+    compiled = compile_for_encoding(cell, encoder, tokens, tokenizer.pad_token_id, device, precision)  # compute.compile, untimed
     paths = io.out
     meter = Meter(paths.meter, "encoding", "passages", len(found), before_write=io.check_claim)
     made_from = {"upstream": dict(sorted(io.upstream_digests.items())), "precision": precision}
@@ -66,6 +67,7 @@ def encode_shard(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     ids = np.array([p.passage_id.encode("utf-8") for p in found.passages], dtype=bytes) if len(found) else np.array([], dtype="S1")
     write_file_atomic(paths.passage_ids, lambda tmp: save_array(tmp, ids))
     progress(f"encoded {len(found)} passages in {encoded.encode_s:.2f}s; {paths.vectors.stat().st_size / 1e6:.1f} MB of {corpus.vectors} vectors")
+    compute = encoding_compute(encoder, compiled)
     del encoder
     release_memory()
     return StageOutput(
@@ -76,7 +78,7 @@ def encode_shard(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
         artifacts=[paths.vectors.name, paths.offsets.name, paths.passage_ids.name],
         details={"device": device.type, "precision": precision, "precision_requested": cell.precision.encode, "vectors": corpus.vectors,
                  "passages_file": str(passages_file), "reused_shards": encoded.reused_shards, "encode_nodes": list(encoded.nodes),
-                 "passage_format": text.passage_format, "padding": text.padding},
+                 "passage_format": text.passage_format, "padding": text.padding, "compute": compute},
         discard=[paths.shards],
     )
 
@@ -92,7 +94,9 @@ def search_shard(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
     precision = resolve_precision(cell.precision.encode, device)
     encoder, tokenizer = load_trained_tower(cell, io, "question", device)
     tokens = tokenize_questions(tokenizer, [q.question for q in questions], cell.text.max_length)
+    compiled = compile_for_encoding(cell, encoder, tokens, tokenizer.pad_token_id, device, precision)
     queries = encode(encoder, tokens, tokenizer.pad_token_id, cell.encode_batch_size, device, precision, pad_to=cell.text.pad_to)
+    compute = encoding_compute(encoder, compiled)
     del encoder
     release_memory()
 
@@ -121,7 +125,7 @@ def search_shard(cell: CellConfig, io: StageIO, repeat: int = 0) -> StageOutput:
                  "search_mean_ms": search_s * 1000.0 / max(1, len(questions)), **peak_memory(device)},
         artifacts=[io.out.hit_scores.name, io.out.hit_offsets.name],
         details={"device": device.type, "precision": precision, "index": corpus.index, "top_k": corpus.top_k,
-                 "questions_file": str(questions_file)},
+                 "questions_file": str(questions_file), "compute": compute},
     )
 
 
