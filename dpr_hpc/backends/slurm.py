@@ -107,8 +107,12 @@ class SlurmBackend:
 
     def _place(self, job: StageJob, ledger: Ledger, view: LiveView, queued: dict[StageJob, str], report: SubmitReport) -> None:
         dependencies = self._ready(job, ledger, view, queued, report)
-        if dependencies is None:
-            return
+        if dependencies is not None:
+            self._queue_one(job, dependencies, ledger, queued, report)
+
+    def _queue_one(self, job: StageJob, dependencies: list[str], ledger: Ledger, queued: dict[StageJob, str], report: SubmitReport) -> None:
+        """sbatch one job found ready (`_ready`, which is asked once: it cancels orphans and says
+        why a job waits), unless the submit limit is reached."""
         if self.capacity is not None and len(report.ran) >= self.capacity:
             report.deferred.append(job)
             return
@@ -128,7 +132,7 @@ class SlurmBackend:
         report.deferred.extend(list(ready)[room:])
         if len(tasks) <= 1:
             for job in tasks:
-                self._place(job, ledger, view, queued, report)
+                self._queue_one(job, ready[job], ledger, queued, report)
             return
         dependencies = self._afterok([dep for job in tasks for dep in ready[job]])
         tag = ledger.array_tag(tasks)
