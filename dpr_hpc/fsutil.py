@@ -205,3 +205,9 @@ def resolved(path: str | Path) -> Path:
 @functools.lru_cache(maxsize=1 << 16)
 def _resolved(absolute: str) -> Path:
     return Path(absolute).resolve()
+
+
+def user_cache_dir() -> Path:
+    """dpr-hpc's folder in the user's cache: $XDG_CACHE_HOME/dpr-hpc, or ~/.cache/dpr-hpc where
+    that is unset or empty (an empty one would make the cache relative to the working directory)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dpr-hpc"

@@ -101,3 +101,15 @@ def test_an_append_that_os_write_takes_in_pieces_lands_whole(tmp_path, monkeypat
     append_line(log, '{"job": "index/def/r0", "job_id": "102"}')
     monkeypatch.setattr(os, "write", real_write)
     assert log.read_text() == '{"job": "train/abc/r0", "job_id": "101"}\n{"job": "index/def/r0", "job_id": "102"}\n'
+
+
+def test_the_user_cache_is_never_relative_to_the_working_directory(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from dpr_hpc.fsutil import user_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # set but empty: as unset
+    assert user_cache_dir() == tmp_path / ".cache" / "dpr-hpc"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_dir() == Path(tmp_path / "xdg" / "dpr-hpc")

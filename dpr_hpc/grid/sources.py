@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpr_hpc.fsutil import user_cache_dir
+
 DATA_DIR_VARIABLE = "DPR_HPC_DATA_DIR"
 MIRROR_VARIABLE = "DPR_HPC_DATA_MIRROR"
 CATALOG_VARIABLE = "DPR_HPC_DATA_CATALOG"
@@ -98,7 +100,7 @@ def data_dir() -> Path:
     call; compute nodes must see the same folder, as they see the Hugging Face cache)."""
     if os.environ.get(DATA_DIR_VARIABLE):
         return Path(os.environ[DATA_DIR_VARIABLE]).expanduser().resolve()
-    return (Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dpr-hpc" / "data").resolve()
+    return (user_cache_dir() / "data").resolve()
 
 
 def base_url() -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dpr_hpc.errors import GridError
-from dpr_hpc.fsutil import read_json, write_json_atomic
+from dpr_hpc.fsutil import read_json, write_json_atomic, user_cache_dir
 from dpr_hpc.inputs.content import ContentHashes
 from dpr_hpc.inputs.hub import cached_revision, checkpoint_here
 from dpr_hpc.provenance import now_iso
@@ -34,7 +34,7 @@ CHECK_VERSION = 1
 def cache_dir() -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dpr-hpc"
+    return user_cache_dir()
 
 
 class CheckedCheckpoints:

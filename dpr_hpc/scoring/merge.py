@@ -28,14 +28,7 @@ def merge_top_k(shard_scores: Sequence[np.ndarray], shard_ids: Sequence[np.ndarr
         raise ValueError(f"merge_top_k: scores {scores.shape} and ids {ids.shape} differ in shape")
     scores = np.where(ids < 0, -np.inf, scores)
     k = min(k, scores.shape[1])
-    if k < scores.shape[1]:  # keep the k best (and anything tied at the boundary) before the full sort
-        cut = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        threshold = np.take_along_axis(scores, cut, axis=1).min(axis=1, keepdims=True)
-        keep = scores >= threshold
-    else:
-        keep = np.ones_like(scores, dtype=bool)
-    # lexsort: last key first -- by score descending, then by id ascending
-    order = np.lexsort((np.where(keep, ids, np.iinfo(np.int64).max), np.where(keep, -scores, np.inf)), axis=1)[:, :k]
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]  # last key first: by score descending, then by id ascending
     merged_scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
     merged_ids = np.take_along_axis(ids, order, axis=1)
     merged_ids[~np.isfinite(merged_scores)] = -1
