@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from dpr_hpc.store.claims import StageClaim, claim_stage
+from dpr_hpc.store.claims import StageClaim, claim_job_id, claim_stage
 from dpr_hpc.errors import ClaimLostError, StageClaimedError, StageInputError
 from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid.config import cell_from_json
@@ -100,8 +100,7 @@ def slurm_job_ended(holder: dict) -> bool:
     from dpr_hpc.errors import SchedulerError, SchedulerUnreachableError
     from dpr_hpc.tracking import slurm_queue
 
-    array, task = holder.get("slurm_array_job_id"), holder.get("slurm_array_task_id")
-    job_id = f"{array}_{task}" if array and task is not None else holder.get("slurm_job_id")
+    job_id = claim_job_id(holder)
     if not job_id or not slurm_queue.slurm_available():
         return False
     try:

@@ -73,5 +73,14 @@ def dead_claim(folder: JobFolder) -> dict | None:
     return holder if holder is not None and claim_is_dead(holder) else None
 
 
+def claim_job_id(holder: dict) -> str | None:
+    """The SLURM job a claim's holder ran in, as the ledger and the scheduler name it: an array
+    task as '<array>_<task>', else the job id; None for a holder outside SLURM."""
+    array, task = holder.get("slurm_array_job_id"), holder.get("slurm_array_task_id")
+    if array and task is not None:
+        return f"{array}_{task}"
+    return str(holder["slurm_job_id"]) if holder.get("slurm_job_id") else None
+
+
 def claim_is_dead(holder: dict) -> bool:
     return holder_is_stale(holder, CLAIM_STALE_AFTER_S)
