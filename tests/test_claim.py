@@ -189,14 +189,15 @@ def _sacct_says(monkeypatch, line: str) -> list[list[str]]:
 
 
 def test_a_claim_left_by_an_array_task_slurm_lists_as_ended_is_taken_at_once_on_another_node(tmp_path, monkeypatch):
-    """A shard task killed on node7 (scancel) leaves its claim with a fresh heartbeat; its rerun,
-    another SLURM job on this node, asks the scheduler, which lists the holder CANCELLED: the claim
-    is taken at once instead of after 600 s of watching a heartbeat that will never beat again."""
+    """A shard task killed on node7 (scancel) leaves its claim; once it has missed two beats, its
+    rerun, another SLURM job on this node, asks the scheduler, which lists the holder CANCELLED: the
+    claim is taken at once instead of after 600 s of watching a heartbeat that will never beat again."""
     from dpr_hpc.stages.runner import slurm_job_ended
 
     job = StageJob("encode-shard", "k" * 16, 0)
     folder = StageStore.at(tmp_path).job(job)
-    _claim_left_on_another_node(folder, slurm_job_id="190", slurm_array_job_id="187", slurm_array_task_id="3")
+    _claim_left_on_another_node(folder, slurm_job_id="190", slurm_array_job_id="187", slurm_array_task_id="3",
+                                heartbeat=time.time() - 150)  # silent for two beats and more, not yet stale (600 s)
     monkeypatch.setenv("SLURM_JOB_ID", "192")
     asked = _sacct_says(monkeypatch, "190|CANCELLED by 0|0:9|node7|00:00:05|None|187_3")
     began = time.monotonic()

@@ -227,21 +227,25 @@ def test_the_live_view_without_slurm_commands_says_so_and_asks_nothing(run, monk
 
 
 def test_a_claim_whose_slurm_job_ended_reads_as_slurm_says_not_running(fake_slurm, run):
-    """A task killed on another node (scancel) leaves its claim with a heartbeat seconds old; its
-    pid there cannot be checked from here. SLURM lists the job that holds it CANCELLED: status
-    says CANCELLED, not RUNNING until the heartbeat is 600 s old."""
+    """A task killed on another node (scancel) leaves its claim; its pid there cannot be checked
+    from here. Once it has missed two heartbeats and SLURM lists the job that holds it CANCELLED,
+    status says CANCELLED, not RUNNING until the heartbeat is 600 s old. A claim still beating is
+    a requeue's moment (SLURM reads the job as ended briefly, and its next run takes the claim)."""
     from conftest import held_elsewhere
 
     layout, plan = run
     train = next(job for job in plan.jobs() if job.stage == "train")
     folder = layout.store.job(train)
     folder.dir.mkdir(parents=True, exist_ok=True)
+    silent = -150  # its last heartbeat 150 s ago: two beats missed, not yet stale (600 s)
     (fake_slurm / "sacct.out").write_text("5|CANCELLED by 0|0:9|node7|00:00:05|None\n")
-    with held_elsewhere(folder.claim, host="node7", slurm_job_id="5"):
+    with held_elsewhere(folder.claim, clock_offset_s=silent, host="node7", slurm_job_id="5"):
         assert stage_states(layout, plan).jobs[train].state == "CANCELLED"
+    with held_elsewhere(folder.claim, host="node7", slurm_job_id="5"):  # still beating: a requeue's moment, its next run comes
+        assert stage_states(layout, plan).jobs[train].state == "RUNNING"
     (fake_slurm / "sacct.out").write_text("5|RUNNING|0:0|node7|00:00:05|None\n")
-    with held_elsewhere(folder.claim, host="node7", slurm_job_id="5"):
+    with held_elsewhere(folder.claim, clock_offset_s=silent, host="node7", slurm_job_id="5"):
         assert stage_states(layout, plan).jobs[train].state == "RUNNING"  # the job still runs: its claim stands
     (fake_slurm / "sacct.out").write_text("5|CANCELLED by 0|0:9|node7|00:00:05|None\n")
-    with held_elsewhere(folder.claim, host="node7", slurm_job_id="6"):
+    with held_elsewhere(folder.claim, clock_offset_s=silent, host="node7", slurm_job_id="6"):
         assert stage_states(layout, plan).jobs[train].state == "RUNNING"  # another job holds it: not the one SLURM ended

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from dpr_hpc.store.claims import StageClaim, claim_job_id, claim_stage
+from dpr_hpc.store.claims import StageClaim, beats_missed, claim_job_id, claim_stage
 from dpr_hpc.errors import ClaimLostError, StageClaimedError, StageInputError
 from dpr_hpc.fsutil import write_json_atomic
 from dpr_hpc.grid.config import cell_from_json
@@ -94,14 +94,15 @@ def run_stage_job(runs_root: str, stage: str, key: str, repeat: int) -> dict[str
 
 
 def slurm_job_ended(holder: dict) -> bool:
-    """Whether the SLURM job (or array task) that holds a claim is listed by the scheduler as
-    ended. False whenever that is not known (no SLURM job named, no SLURM here, no answer, not
+    """Whether the SLURM job (or array task) that holds a claim has missed two heartbeats and is
+    listed by the scheduler as ended (a requeue reads as ended for a moment, and the job's next
+    run takes its claim back within seconds). False whenever that is not known (no SLURM job named, no SLURM here, no answer, not
     listed): the claim's heartbeat then decides, as before."""
     from dpr_hpc.errors import SchedulerError, SchedulerUnreachableError
     from dpr_hpc.tracking import slurm_queue
 
     job_id = claim_job_id(holder)
-    if not job_id or not slurm_queue.slurm_available():
+    if not job_id or not beats_missed(holder) or not slurm_queue.slurm_available():
         return False
     try:
         info = slurm_queue.query([str(job_id)]).jobs.get(str(job_id))

@@ -82,5 +82,15 @@ def claim_job_id(holder: dict) -> str | None:
     return str(holder["slurm_job_id"]) if holder.get("slurm_job_id") else None
 
 
+def beats_missed(holder: dict, beats: int = 2) -> bool:
+    """Whether the holder has not refreshed its heartbeat for `beats` beats. A requeued job's
+    earlier run stops beating too, but its next run takes the claim over within seconds; only a
+    holder that stays silent this long, with its SLURM job ended, is taken for dead before the
+    claim goes stale."""
+    import time
+
+    return time.time() - float(holder.get("heartbeat") or 0) > beats * CLAIM_HEARTBEAT_S
+
+
 def claim_is_dead(holder: dict) -> bool:
     return holder_is_stale(holder, CLAIM_STALE_AFTER_S)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 from dpr_hpc.tracking import slurm_queue
-from dpr_hpc.store.claims import claim_job_id, dead_claim, live_claim
+from dpr_hpc.store.claims import beats_missed, claim_job_id, dead_claim, live_claim
 from dpr_hpc.store.layout import RunLayout
 from dpr_hpc.tracking.ledger import Ledger
 from dpr_hpc.tracking.live import ask
@@ -210,8 +210,9 @@ def _state_of(
         return StageState(job, "UNREADABLE", detail=f"{check.reason}; fix or remove it, then submit again", job_id=job_id or "")
     log = _LazyLog(folder)
     holder = live_claim(folder)
-    if holder and standing is not None and standing.info is not None and not standing.info.active and claim_job_id(holder) == standing.job_id:
-        holder = None  # its heartbeat is recent, but SLURM says the job that holds it has ended (scancel, a node lost)
+    if (holder and standing is not None and standing.info is not None and not standing.info.active
+            and claim_job_id(holder) == standing.job_id and beats_missed(holder)):
+        holder = None  # silent for two beats, and SLURM says the job that holds it has ended (scancel, a node lost)
     if holder:
         state = StageState(job, "RUNNING", holder.get("host", ""), f"pid {holder.get('pid')}" + (f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""), log, job_id or "")
         return _with_progress(state, folder)
